@@ -1,0 +1,145 @@
+"""The face-embedding CNN: conv stages -> pooled features -> L2-normalised embedding.
+
+Built only from facetag.layers. The same code builds the torch.nn twin used by
+``facetag bench``: every layer comes from an ``Ops`` namespace, ours by default.
+
+    x (N, C, H, W)
+      -> S stages of [conv3x3 (no bias) -> BatchNorm2d + activation -> max-pool 2x2]
+                                                          # (N, widths[-1], H/2^S, W/2^S)
+      -> global average pool                              # (N, widths[-1])
+      -> dropout -> Linear -> BatchNorm1d                 # (N, D) the embedding
+    classifier (training only): Linear (N, D) -> (N, P) or an ArcFace margin head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+from facetag import layers
+
+
+@dataclass(frozen=True)
+class Ops:
+    """The layer constructors a network is built from (facetag.layers or a torch twin)."""
+
+    Conv2d: Callable[..., nn.Module]
+    BatchNormAct2d: Callable[..., nn.Module]
+    MaxPool2d: Callable[..., nn.Module]
+    GlobalAvgPool2d: Callable[..., nn.Module]
+    Linear: Callable[..., nn.Module]
+    BatchNorm1d: Callable[..., nn.Module]
+    Dropout: Callable[..., nn.Module]
+
+
+OURS = Ops(
+    Conv2d=layers.Conv2d,
+    BatchNormAct2d=layers.BatchNormAct2d,
+    MaxPool2d=layers.MaxPool2d,
+    GlobalAvgPool2d=layers.GlobalAvgPool2d,
+    Linear=layers.Linear,
+    BatchNorm1d=layers.BatchNorm1d,
+    Dropout=layers.Dropout,
+)
+
+
+class ConvStage(nn.Module):
+    """conv3x3 -> BatchNorm2d + activation -> max-pool 2x2: (N, C, H, W) -> (N, F, H/2, W/2)."""
+
+    def __init__(self, C: int, F: int, activation: str, ops: Ops) -> None:
+        super().__init__()
+        self.conv = ops.Conv2d(C, F, kernel_size=3, padding=1, bias=False)  # BN has the bias
+        self.norm_act = ops.BatchNormAct2d(F, activation=activation)
+        self.pool = ops.MaxPool2d(2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pool(self.norm_act(self.conv(x)))  # (N, F, H/2, W/2)
+
+
+class EmbeddingNet(nn.Module):
+    """Image batch (N, C, H, W) -> embedding (N, D), not yet L2-normalised.
+
+    ``embed()`` returns the L2-normalised embedding that tagging compares.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        widths: Sequence[int] = (16, 32, 64, 128),
+        embedding_dim: int = 128,
+        activation: str = "prelu",
+        dropout: float = 0.0,
+        ops: Ops = OURS,
+    ) -> None:
+        super().__init__()
+        if not widths:
+            raise ValueError("EmbeddingNet: expected at least one stage width, got none")
+        stages = []
+        C = in_channels
+        for F in widths:
+            stages.append(ConvStage(C, F, activation, ops))
+            C = F
+        self.stages = nn.Sequential(*stages)
+        self.pool = ops.GlobalAvgPool2d()
+        self.dropout = ops.Dropout(dropout)
+        self.fc = ops.Linear(C, embedding_dim, bias=False)
+        self.bn = ops.BatchNorm1d(embedding_dim)
+        self.in_channels = in_channels
+        self.embedding_dim = embedding_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stages(x)  # (N, F, h, w)
+        x = self.pool(x)  # (N, F)
+        x = self.dropout(x)
+        return self.bn(self.fc(x))  # (N, D)
+
+    def embed(self, x: Tensor) -> Tensor:
+        """L2-normalised embeddings (N, D), the ones galleries and tagging compare."""
+        return layers.l2_normalize(self(x), dim=1)
+
+
+class FaceClassifier(nn.Module):
+    """Embedding net + identity classifier, the training-time model.
+
+    ``forward(x, labels)`` gives logits (N, P). With the ArcFace head the margin applies
+    to the labelled class, so labels are needed in training; without labels the head
+    returns the scaled cosines (the closed-set prediction).
+    """
+
+    def __init__(
+        self,
+        embedder: EmbeddingNet,
+        num_classes: int,
+        head: str = "softmax",
+        arcface_scale: float = 30.0,
+        arcface_margin: float = 0.5,
+        ops: Ops = OURS,
+    ) -> None:
+        super().__init__()
+        self.embedder = embedder
+        self.head_kind = head
+        if head == "softmax":
+            self.head: nn.Module = ops.Linear(embedder.embedding_dim, num_classes)
+        elif head == "arcface":
+            self.head = layers.ArcMarginHead(
+                embedder.embedding_dim, num_classes, scale=arcface_scale, margin=arcface_margin
+            )
+        else:
+            raise ValueError(f"FaceClassifier: expected head 'softmax' or 'arcface', got {head!r}")
+
+    def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
+        z = self.embedder(x)  # (N, D)
+        if self.head_kind == "arcface":
+            return self.head(z, labels)  # (N, P)
+        return self.head(z)  # (N, P)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def describe(model: nn.Module) -> dict[str, Any]:
+    return {"parameters": count_parameters(model), "repr": repr(model)}

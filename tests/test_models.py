@@ -1,0 +1,74 @@
+"""Model-level proofs: no built-in autograd node leaks in, a batch overfits, shapes hold."""
+
+import torch
+
+from facetag import layers
+from facetag.models.embedder import EmbeddingNet, FaceClassifier
+
+
+def _graph_nodes(t: torch.Tensor) -> set[str]:
+    seen: set[str] = set()
+    names: set[str] = set()
+    stack = [t.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        names.add(type(node).__name__)
+        stack.extend(fn for fn, _ in node.next_functions)
+    return names
+
+
+def _allowed() -> set[str]:
+    return {f"{fn.__name__}Backward" for fn in layers.FUNCTIONS} | {"AccumulateGrad"}
+
+
+def _model(head: str = "softmax", in_channels: int = 1, P: int = 5) -> FaceClassifier:
+    torch.manual_seed(0)
+    embedder = EmbeddingNet(in_channels, widths=(8, 16, 16, 32), embedding_dim=16, dropout=0.1)
+    return FaceClassifier(embedder, P, head=head)
+
+
+def test_classifier_graph_has_only_our_functions():
+    model = _model()
+    x = torch.randn(4, 1, 32, 32)
+    y = torch.tensor([0, 1, 2, 3])
+    loss = layers.cross_entropy(model(x), y, label_smoothing=0.1)
+    leaked = _graph_nodes(loss) - _allowed()
+    assert not leaked, f"built-in autograd nodes in the graph: {sorted(leaked)}"
+
+
+def test_arcface_graph_and_embedding_have_only_our_functions():
+    model = _model(head="arcface")
+    x = torch.randn(4, 1, 32, 32)
+    y = torch.tensor([0, 1, 2, 3])
+    loss = layers.cross_entropy(model(x, y), y)
+    emb = model.embedder.embed(x)
+    leaked = (_graph_nodes(loss) | _graph_nodes(emb)) - _allowed()
+    assert not leaked, f"built-in autograd nodes in the graph: {sorted(leaked)}"
+
+
+def test_classifier_overfits_one_batch():
+    model = _model(in_channels=3, P=8)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, 32, 32, generator=g)
+    y = torch.arange(8)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(200):
+        opt.zero_grad()
+        loss = layers.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05, loss.item()
+
+
+def test_classifier_output_shapes():
+    model = _model(in_channels=3, P=7).eval()
+    x = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        assert model(x).shape == (2, 7)
+        emb = model.embedder.embed(x)
+    assert emb.shape == (2, 16)
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(2))
