@@ -1,0 +1,195 @@
+"""Training checkpoints: atomic writes, a format marker, and every RNG state for exact resume.
+
+A checkpoint is a ``torch.save``d dict of plain data (tensors, numbers, strings, lists,
+dicts) that ``torch.load(weights_only=True)`` reads back, so loading a file never runs
+pickled code. ``save_checkpoint`` adds the marker ``"facetag": {"format": 1, ...}``;
+``load_checkpoint`` refuses any file without it. What goes in the state is the training
+loop's choice, e.g.::
+
+    save_checkpoint(run_dir / "last.ckpt", {
+        "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(), "config": config_to_dict(cfg),
+        "rng": capture_rng_state({"loader": loader_generator}), "run_id": run_id,
+    })
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import random
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from facetag import __version__
+from facetag.errors import ModelError
+
+FORMAT = 1  # bump when the layout of a checkpoint changes incompatibly
+MARKER = "facetag"  # the key holding {"format": FORMAT, "version": facetag version}
+
+# What torch.load(weights_only=True) can rebuild without running pickled code.
+_PLAIN_LEAVES = (str, bytes, int, float, bool, type(None), Tensor, torch.dtype, torch.device)
+
+# What torch.load raises on files that are not a torch checkpoint: torch wraps pickle, zip
+# and storage parsing, so any of these can come out of arbitrary bytes.
+_LOAD_ERRORS = (
+    pickle.UnpicklingError,
+    zipfile.BadZipFile,
+    EOFError,
+    RuntimeError,
+    OSError,
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    UnicodeDecodeError,
+)
+
+
+def save_checkpoint(path: Path | str, state: Mapping[str, Any]) -> Path:
+    """Write ``state`` (plus the facetag marker) to ``path`` atomically; returns ``path``.
+
+    The bytes go to a temporary file in the same directory, are flushed and fsynced, and
+    only then replace ``path`` (``os.replace`` is atomic on POSIX and Windows). A crash or
+    kill at any moment leaves either the previous checkpoint or the new one, never a
+    truncated file; at worst a stray ``.<name>.*.tmp`` file remains. Parent directories
+    are created.
+    """
+    path = Path(path)
+    _check_plain(state, "state")
+    payload = {**state, MARKER: {"format": FORMAT, "version": __version__}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)  # make the rename itself survive a power cut
+    return path
+
+
+def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by ``save_checkpoint``; tensors land on ``map_location``.
+
+    Returns the saved state including the ``"facetag"`` marker dict. Raises ModelError
+    for a missing path, a directory, garbage bytes, a torch file that needs unpickling
+    code (e.g. a whole pickled nn.Module) or one without the facetag marker.
+    """
+    path = Path(path)
+    not_ours = f"{path}: not a facetag checkpoint; expected a file written by facetag train"
+    if not path.exists():
+        raise ModelError(f"{path}: no such file; expected a checkpoint written by facetag train")
+    if not path.is_file():
+        raise ModelError(not_ours)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except PermissionError:
+        raise ModelError(f"{path}: cannot read the checkpoint; check its permissions") from None
+    except _LOAD_ERRORS:
+        raise ModelError(not_ours) from None
+    marker = state.get(MARKER) if isinstance(state, dict) else None
+    if not isinstance(marker, dict) or not isinstance(marker.get("format"), int):
+        raise ModelError(not_ours)
+    if marker["format"] > FORMAT:
+        raise ModelError(
+            f"{path}: expected checkpoint format <= {FORMAT}, got {marker['format']} "
+            f"(written by facetag {marker.get('version', '?')}); upgrade facetag "
+            f"(this is {__version__})"
+        )
+    return state
+
+
+def capture_rng_state(generators: Mapping[str, torch.Generator] | None = None) -> dict[str, Any]:
+    """Every random state a training run draws from, as plain data for a checkpoint.
+
+    Python's ``random``, numpy's global generator, torch's CPU generator, the CUDA
+    generators (only when CUDA is initialised: asking would otherwise start CUDA), and
+    the named ``generators`` (e.g. a DataLoader's shuffling generator).
+    """
+    version, mt_state, gauss = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [version, list(mt_state), gauss],
+        "numpy": [
+            np_kind,
+            torch.from_numpy(np_keys.astype(np.int64)),
+            np_pos,
+            np_has_gauss,
+            np_gauss,
+        ],
+        "torch": torch.get_rng_state(),
+        "generators": {name: g.get_state() for name, g in (generators or {}).items()},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(
+    state: Mapping[str, Any], generators: Mapping[str, torch.Generator] | None = None
+) -> None:
+    """Put back what ``capture_rng_state`` captured, so the next draws repeat exactly.
+
+    CUDA states are restored when CUDA is available (a CPU resume of a GPU run skips
+    them). Raises ModelError when a named generator has no saved state.
+    """
+    version, mt_state, gauss = state["python"]
+    random.setstate((version, tuple(mt_state), gauss))
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    keys = np.asarray(np_keys.numpy() if isinstance(np_keys, Tensor) else np_keys, np.uint32)
+    np.random.set_state((np_kind, keys, np_pos, np_has_gauss, np_gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = state.get("generators", {})
+    for name, g in (generators or {}).items():
+        if name not in saved:
+            raise ModelError(
+                f"checkpoint rng state: expected generator '{name}', got only "
+                f"{sorted(saved) or 'none'}; resume with the code that wrote the checkpoint"
+            )
+        g.set_state(saved[name])
+
+
+def _check_plain(obj: Any, where: str) -> None:
+    """Refuse objects that weights_only loading cannot rebuild, naming where they are."""
+    if isinstance(obj, Mapping):
+        for key, value in obj.items():
+            if not isinstance(key, str | int):
+                raise ValueError(
+                    f"save_checkpoint: expected str or int keys, got {key!r} in {where}"
+                )
+            _check_plain(value, f"{where}[{key!r}]")
+    elif isinstance(obj, list | tuple):
+        for i, value in enumerate(obj):
+            _check_plain(value, f"{where}[{i}]")
+    elif not isinstance(obj, _PLAIN_LEAVES):
+        raise ValueError(
+            f"save_checkpoint: expected plain data (tensors, numbers, str, lists, dicts), "
+            f"got {type(obj).__name__} at {where}; store e.g. its state_dict() or a dict"
+        )
+
+
+def _fsync_dir(directory: Path) -> None:
+    # NOTE: directories cannot be opened for fsync on Windows; the rename is still atomic.
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
