@@ -23,7 +23,7 @@ import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -111,7 +111,7 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
             f"(written by facetag {marker.get('version', '?')}); upgrade facetag "
             f"(this is {__version__})"
         )
-    return state
+    return cast(dict[str, Any], state)
 
 
 def capture_rng_state(generators: Mapping[str, torch.Generator] | None = None) -> dict[str, Any]:
@@ -122,7 +122,9 @@ def capture_rng_state(generators: Mapping[str, torch.Generator] | None = None) -
     the named ``generators`` (e.g. a DataLoader's shuffling generator).
     """
     version, mt_state, gauss = random.getstate()
-    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    assert isinstance(np_state, tuple)  # legacy=True: (kind, keys, pos, has_gauss, gauss)
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np_state
     state: dict[str, Any] = {
         "python": [version, list(mt_state), gauss],
         "numpy": [
@@ -135,7 +137,7 @@ def capture_rng_state(generators: Mapping[str, torch.Generator] | None = None) -
         "torch": torch.get_rng_state(),
         "generators": {name: g.get_state() for name, g in (generators or {}).items()},
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 

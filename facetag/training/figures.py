@@ -171,9 +171,9 @@ def misclassified_grid(
     ax.imshow(mosaic.numpy(), interpolation="nearest")
     ax.axis("off")
     for k in range(shown):
-        cx, top = (k % cols) * cell_w + cell_w / 2, (k // cols) * cell_h + band / 2
+        x_mid, y_band = (k % cols + 0.5) * cell_w, (k // cols) * cell_h + band / 2
         label = f"{_short(true_names[k], 14)}\n-> {_short(pred_names[k], 14)}"
-        ax.text(cx, top, label, ha="center", va="center", fontsize=6)
+        ax.text(x_mid, y_band, label, ha="center", va="center", fontsize=6)
     what = f"first {shown} of {N}" if shown < N else f"{N}"
     fig.suptitle(f"{what} misclassified faces (true -> predicted)", fontsize=9)
     return fig
