@@ -15,8 +15,8 @@ from torch import nn
 
 from facetag.config import Config, config_from_dict, config_to_dict
 from facetag.errors import ModelError
-from facetag.training import checkpoint as ckpt_module
-from facetag.training.checkpoint import (
+from facetag import checkpoint as ckpt_module
+from facetag.checkpoint import (
     FORMAT,
     capture_rng_state,
     load_checkpoint,
@@ -87,7 +87,7 @@ def test_checkpoint_failed_write_keeps_previous(tmp_path, monkeypatch):
 KILL_WRITER = textwrap.dedent(
     """
     import sys, torch
-    from facetag.training.checkpoint import save_checkpoint
+    from facetag.checkpoint import save_checkpoint
     step = 0
     while True:
         step += 1

@@ -16,7 +16,7 @@ from torch import nn
 
 from facetag.config import Config, flatten
 from facetag.errors import ConfigError, ModelError, TrainingError
-from facetag.training.checkpoint import load_checkpoint, save_checkpoint
+from facetag.checkpoint import load_checkpoint, save_checkpoint
 from facetag.training.tracking import (
     DEFAULT_URI,
     ModelRegistration,
