@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from enum import Enum
 from typing import Annotated
 
@@ -147,3 +148,83 @@ def bench_infer(
 ) -> None:
     """Inference batches (eval mode, BatchNorm folded into our convs): ours vs torch.nn."""
     _bench("infer", device, as_json, profile, steps, batch_size, channels_last, memory)
+
+
+data_app = typer.Typer(no_args_is_help=True, help="Inspect and fetch face datasets.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("info")
+def data_info(
+    path: Annotated[Path, typer.Argument(help="A folder of person folders: PATH/<person>/*.jpg")],
+) -> None:
+    """People, images, image sizes and problems found in a person-folder dataset."""
+    from facetag.data.folders import format_info, info
+
+    try:
+        report = info(path)
+    except FacetagError as e:
+        raise _fail(e) from None
+    typer.echo(format_info(report))
+
+
+class FetchName(str, Enum):
+    olivetti = "olivetti"
+    lfw = "lfw"
+
+
+@data_app.command("fetch")
+def data_fetch(
+    name: Annotated[FetchName, typer.Argument(help="Which dataset to download.")],
+    to: Annotated[Path, typer.Option(help="Where to write the person folders.")] = Path("data"),
+) -> None:
+    """Download a public face dataset (needs the internet) as person folders."""
+    from facetag.data.fetch import fetch
+
+    try:
+        out = fetch(name.value, to)
+    except FacetagError as e:
+        raise _fail(e) from None
+    typer.echo(str(out))
+
+
+@app.command()
+def train(
+    config: Annotated[
+        Path | None, typer.Option(exists=True, dir_okay=False, help="A TOML config.")
+    ] = None,
+    data: Annotated[Path | None, typer.Option(help="Dataset root (person folders).")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Passes over the data.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Images per step.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for split, init and order.")] = None,
+    device: Annotated[Device | None, typer.Option(help="auto: CUDA when available.")] = None,
+    resume: Annotated[
+        str | None, typer.Option(help="Continue the run with this MLflow run id.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train the face-embedding network; metrics and model go to MLflow."""
+    from facetag.training.progress import ProgressBar
+    from facetag.training.runner import run_training
+
+    overrides = {
+        k: v for k, v in {
+            "data": str(data) if data else None, "epochs": epochs, "lr": lr,
+            "batch_size": batch_size, "seed": seed, "device": device.value if device else None,
+        }.items() if v is not None
+    }
+    try:
+        with ProgressBar() as bar:
+            result = run_training(config, overrides, resume=resume, progress=bar.update)
+    except FacetagError as e:
+        raise _fail(e) from None
+    typer.echo(json.dumps(result, indent=2) if as_json else _train_summary(result))
+
+
+def _train_summary(r: dict[str, object]) -> str:
+    return (
+        f"test accuracy {float(r['test_accuracy']):.4f} after {r['epochs']} epochs "  # type: ignore[arg-type]
+        f"in {float(r['seconds']):.1f} s on {r['device']}\n"  # type: ignore[arg-type]
+        f"run id {r['run_id']}  model {r['model_path']}"
+    )

@@ -1,0 +1,70 @@
+"""Model files: what ``facetag train`` writes and evaluate, enroll and tag load.
+
+A model file is a facetag checkpoint (facetag.checkpoint) holding the embedder's weights,
+the config it was built from, its input (channels, size), the people it was trained on
+and, after ``facetag evaluate``, the calibrated verification threshold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from facetag.checkpoint import load_checkpoint, save_checkpoint
+from facetag.errors import ModelError
+from facetag.models.embedder import EmbeddingNet
+
+EMBEDDER_FORMAT = "facetag-embedder/1"
+
+
+@dataclass
+class LoadedEmbedder:
+    net: EmbeddingNet
+    path: Path
+    in_channels: int
+    image_size: tuple[int, int]  # (H, W)
+    people: list[str]
+    threshold: float | None  # cosine distance under which two faces are the same person
+    state: dict[str, Any]  # the whole file, for callers that need more
+
+    @property
+    def version(self) -> str:
+        """Identifies these weights (galleries and manifests record it)."""
+        return str(self.state.get("model_id", self.path.name))
+
+
+def load_embedder(path: Path | str, device: str = "cpu") -> LoadedEmbedder:
+    """Rebuild the embedding network from a model file, in eval mode on ``device``."""
+    path = Path(path)
+    state = load_checkpoint(path)
+    if state.get("format") != EMBEDDER_FORMAT:
+        raise ModelError(
+            f"{path}: expected a facetag embedder model (format {EMBEDDER_FORMAT}), got "
+            f"{state.get('format', 'a checkpoint without a model format')!r}; pass the "
+            "model.pt that facetag train wrote, or a runs:/ or models:/ URI"
+        )
+    m = state["config"]["model"]
+    net = EmbeddingNet(
+        int(state["in_channels"]), tuple(m["widths"]), int(m["embedding_dim"]),
+        m["activation"], dropout=float(m["dropout"]),
+    )
+    net.load_state_dict(state["embedder"])
+    net.to(device).eval()
+    threshold = state.get("threshold")
+    return LoadedEmbedder(
+        net=net, path=path, in_channels=int(state["in_channels"]),
+        image_size=(int(state["image_size"][0]), int(state["image_size"][1])),
+        people=list(state["people"]),
+        threshold=float(threshold) if threshold is not None else None, state=state,
+    )
+
+
+def write_threshold(path: Path | str, threshold: float, extra: dict[str, Any]) -> None:
+    """Store the calibrated threshold (and how it was found) in the model file, atomically."""
+    state = load_checkpoint(path)
+    state = {k: v for k, v in state.items() if k != "facetag"}
+    state["threshold"] = float(threshold)
+    state["calibration"] = extra
+    save_checkpoint(path, state)
+

@@ -1,0 +1,484 @@
+"""Train the face-embedding network on a person-folder dataset.
+
+The loop is plain PyTorch over facetag.layers: forward, our cross-entropy, our backward,
+an optimiser step. Around it: per-layer gradient health, a NaN/inf guard naming the layer,
+an atomic checkpoint every epoch (``--resume`` continues bit-exactly on CPU), MLflow
+tracking through ``facetag.training.tracking`` (rank 0 only under torchrun), and the
+final model file that evaluation, enrolment and tagging load.
+
+Determinism: every epoch re-seeds torch from (seed, epoch) and shuffles with a generator
+seeded the same way, so a resumed run replays exactly the epochs it missed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from facetag import __version__, layers
+from facetag.config import Config, config_to_dict, flatten
+from facetag.data.folders import FaceDataset, FaceFolder, content_hash, scan_folder, split
+from facetag.data.transforms import AugmentConfig
+from facetag.device import resolve_device
+from facetag.errors import DataError, TrainingError
+from facetag.models.embedder import EmbeddingNet, FaceClassifier
+from facetag.training.health import GradientHealth
+
+from facetag.models.io import EMBEDDER_FORMAT as MODEL_FORMAT
+
+
+@dataclass
+class EpochStats:
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+    lr: float
+    images_per_s: float
+    seconds: float
+
+
+@dataclass
+class Progress:
+    """What the progress callback receives after each batch (and at epoch end)."""
+
+    epoch: int
+    epochs: int
+    batch: int
+    batches: int
+    loss: float
+    accuracy: float
+    images_per_s: float
+    done: bool = False
+    stats: EpochStats | None = None
+
+
+@dataclass
+class TrainResult:
+    run_id: str | None
+    test_accuracy: float
+    epochs: int
+    seconds: float
+    device: str
+    people: tuple[str, ...]
+    history: list[EpochStats] = field(default_factory=list)
+    model_path: Path | None = None
+    checkpoint_path: Path | None = None
+    registered: dict[str, Any] = field(default_factory=dict)
+    wall_seconds: float = 0.0
+    is_main: bool = True
+
+
+def runs_dir() -> Path:
+    """Where checkpoints live: $FACETAG_RUNS_DIR or experiments/runs."""
+    return Path(os.environ.get("FACETAG_RUNS_DIR", "experiments/runs"))
+
+
+def build_classifier(config: Config, num_classes: int, in_channels: int) -> FaceClassifier:
+    m = config.model
+    embedder = EmbeddingNet(in_channels, m.widths, m.embedding_dim, m.activation, dropout=m.dropout)
+    return FaceClassifier(
+        embedder,
+        num_classes,
+        m.head,
+        arcface_scale=m.arcface_scale,
+        arcface_margin=m.arcface_margin,
+    )
+
+
+def augment_config(config: Config) -> AugmentConfig:
+    d = config.data
+    return AugmentConfig(
+        flip=0.5 if d.flip else 0.0,
+        degrees=d.affine_degrees,
+        translate=d.translate,
+        scale=d.scale,
+        brightness=d.brightness,
+        contrast=d.contrast,
+    )
+
+
+def _channels(config: Config, folder: FaceFolder) -> int:
+    if config.data.channels in (1, 3):
+        return config.data.channels
+    from facetag.data.images import load_image
+
+    first = load_image(folder.images[0][0], None)
+    return 1 if first.mode == "L" else 3
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 1_000_003 + epoch
+
+
+def _make_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
+    t = config.train
+    # No weight decay on BatchNorm/PReLU/bias vectors: decaying a scale or a slope
+    # towards 0 fights the normalisation instead of regularising.
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [
+        {"params": decay, "weight_decay": t.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=t.lr, betas=(t.momentum, 0.999))
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=True)
+    raise ValueError(f"optimizer: expected adamw or sgd, got {t.optimizer!r}")
+
+
+def _make_scheduler(
+    config: Config, opt: torch.optim.Optimizer, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    t = config.train
+    if t.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            opt,
+            max_lr=t.lr,
+            total_steps=max(total_steps, 1),
+            pct_start=t.warmup_fraction,
+            cycle_momentum=True,
+            base_momentum=0.85,
+            max_momentum=0.95,
+        )
+    if t.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total_steps, 1))
+    if t.schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    raise ValueError(f"schedule: expected onecycle, cosine or constant, got {t.schedule!r}")
+
+
+@torch.no_grad()
+def evaluate_classifier(
+    model: FaceClassifier, data: FaceDataset, device: str, batch_size: int = 256
+) -> tuple[float, float, Tensor]:
+    """(mean loss, accuracy, predictions (N,)) of the closed-set classifier on ``data``."""
+    model.eval()
+    total_loss, correct, preds = 0.0, 0, []
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False)
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        logits = model(x)  # (N, P); no labels: no margin, the plain scaled cosines
+        total_loss += float(layers.cross_entropy(logits, y, reduction="sum"))
+        pred = logits.argmax(dim=1)
+        correct += int((pred == y).sum())
+        preds.append(pred.cpu())
+    n = len(data)
+    return total_loss / n, correct / n, torch.cat(preds)
+
+
+def model_file_state(
+    model: FaceClassifier,
+    config: Config,
+    people: tuple[str, ...],
+    in_channels: int,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The self-describing model file: what evaluate, enroll and tag load.
+
+    ``model_id`` fingerprints the embedder's weights: galleries and tagging manifests
+    record it, so embeddings of two different models are never compared.
+    """
+    weights = model.embedder.state_dict()
+    digest = hashlib.sha256()
+    for name, t in weights.items():
+        digest.update(name.encode())
+        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return {
+        "model_id": f"embedder-{digest.hexdigest()[:16]}",
+        "format": MODEL_FORMAT,
+        "facetag_version": __version__,
+        "config": config_to_dict(config),
+        "people": list(people),
+        "in_channels": in_channels,
+        "image_size": list(config.data.image_size),
+        "embedder": weights,
+        "classifier": model.head.state_dict(),
+        **(extra or {}),
+    }
+
+
+ProgressFn = Callable[[Progress], None]
+
+
+class Hooks:
+    """What the loop reports to (tracking); the default does nothing. Rank 0 only."""
+
+    def start(self, experiment: str, params: dict[str, object]) -> str | None:
+        """A new run begins; returns its run id (names the checkpoint folder)."""
+        return None
+
+    def resume(self, run_id: str, experiment: str) -> None:
+        """The run ``run_id`` continues."""
+
+    def epoch(self, stats: EpochStats, health: dict[str, tuple[float, float]]) -> None:
+        """An epoch ended."""
+
+    def failed(self, message: str, interrupted: bool = False) -> None:
+        """Training stopped with an error (or was interrupted)."""
+
+
+@dataclass
+class Trained:
+    """Everything the caller needs after the loop: to log, evaluate and save the model."""
+
+    result: TrainResult
+    model: FaceClassifier
+    config: Config
+    test_set: FaceDataset
+    predictions: Tensor
+    data_hash: str
+    in_channels: int
+
+
+def train(
+    config: Config,
+    *,
+    resume: str | None = None,
+    progress: ProgressFn | None = None,
+    hooks: Hooks | None = None,
+) -> Trained:
+    """Train ``config`` (resolved), or continue the run ``resume``; see the module doc."""
+    from facetag import checkpoint as ckpt
+    from facetag.training.distributed import DistContext
+
+    hooks = hooks or Hooks()
+    dist = DistContext.from_env()
+    device = resolve_device(config.train.device)
+    if dist.active:
+        device = dist.device(device)
+    if not config.data.path:
+        raise DataError("train: no dataset given; pass --data PATH or set [data] path")
+    folder = scan_folder(config.data.path)
+    sp = split(folder, config.data.split, config.train.seed)
+    in_channels = _channels(config, folder)
+    size = (int(config.data.image_size[0]), int(config.data.image_size[1]))
+    train_set = FaceDataset(
+        sp.train, sp.people, size=size, channels=in_channels, augment=augment_config(config)
+    )
+    test_set = FaceDataset(sp.test, sp.people, size=size, channels=in_channels)
+    data_hash = content_hash(folder)
+
+    _seed_everything(config.train.seed)
+    model = build_classifier(config, len(sp.people), in_channels).to(device)
+    opt = _make_optimizer(config, model)
+    batch = config.train.batch_size
+    steps_per_epoch = math.ceil(len(train_set) / (batch * dist.world_size))
+    sched = _make_scheduler(config, opt, steps_per_epoch * config.train.epochs)
+    start_epoch, history = 1, []
+    experiment = config.data.name or Path(config.data.path).resolve().name
+    run_id: str | None = resume
+    if resume is not None:
+        state = ckpt.load_checkpoint(runs_dir() / resume / "checkpoint.pt")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start_epoch = int(state["epoch"]) + 1
+        history = [EpochStats(**h) for h in state["history"]]
+        if dist.is_main:
+            hooks.resume(resume, experiment)
+    elif dist.is_main:
+        params: dict[str, object] = {
+            **flatten(config),
+            "data.resolved_path": str(Path(config.data.path).resolve()),
+            "data.content_hash": data_hash,
+            "data.people": len(sp.people),
+            "data.images": folder.num_images,
+            "data.train_images": len(sp.train),
+            "data.test_images": len(sp.test),
+            "data.in_channels": in_channels,
+            "device_used": device,
+            "world_size": dist.world_size,
+            "facetag_version": __version__,
+            "torch_version": torch.__version__,
+            "parameters": sum(p.numel() for p in model.parameters()),
+        }
+        run_id = hooks.start(experiment, params)
+    run_id = dist.broadcast_str(run_id)
+    run_dir = runs_dir() / (run_id or "local")
+
+    net: nn.Module = dist.wrap(model)
+    health = GradientHealth(model)
+    t_start = time.perf_counter()
+    try:
+        for epoch in range(start_epoch, config.train.epochs + 1):
+            stats = _train_epoch(
+                net,
+                model,
+                train_set,
+                test_set,
+                opt,
+                sched,
+                health,
+                config,
+                epoch,
+                device,
+                dist,
+                progress,
+            )
+            history.append(stats)
+            if dist.is_main:
+                hooks.epoch(stats, health.summary())
+                ckpt.save_checkpoint(
+                    run_dir / "checkpoint.pt",
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(),
+                        "epoch": epoch,
+                        "history": [vars(h) for h in history],
+                        "config": config_to_dict(config),
+                        "run_id": run_id or "",
+                    },
+                )
+    except TrainingError as e:
+        if dist.is_main:
+            hooks.failed(str(e))
+        dist.close()
+        raise
+    except KeyboardInterrupt:
+        if dist.is_main:
+            hooks.failed(f"interrupted; continue with --resume {run_id}", interrupted=True)
+        raise
+    final = history[-1]
+    result = TrainResult(
+        run_id=run_id,
+        test_accuracy=final.val_accuracy,
+        epochs=config.train.epochs,
+        seconds=sum(h.seconds for h in history),
+        device=device,
+        people=sp.people,
+        history=history,
+        checkpoint_path=run_dir / "checkpoint.pt",
+    )
+    _, _, preds = evaluate_classifier(model, test_set, device)
+    if dist.is_main:
+        model_path = run_dir / "model.pt"
+        ckpt.save_checkpoint(model_path, model_file_state(
+            model, config, sp.people, in_channels, extra={"run_id": run_id or ""}
+        ))
+        result.model_path = model_path
+    dist.close()
+    result.wall_seconds = time.perf_counter() - t_start
+    return Trained(result, model, config, test_set, preds, data_hash, in_channels)
+
+
+def _train_epoch(
+    net: nn.Module,
+    model: FaceClassifier,
+    train_set: FaceDataset,
+    test_set: FaceDataset,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    health: GradientHealth,
+    config: Config,
+    epoch: int,
+    device: str,
+    dist: Any,
+    progress: ProgressFn | None,
+) -> EpochStats:
+    seed = _epoch_seed(config.train.seed, epoch)
+    torch.manual_seed(seed)  # augmentation and dropout draw from the global RNG
+    loader = dist.loader(train_set, config.train.batch_size, seed, config.train.num_workers)
+    net.train()
+    health.reset()
+    t0 = time.perf_counter()
+    seen, loss_sum, correct = 0, 0.0, 0
+    batches = len(loader)
+    lr = opt.param_groups[0]["lr"]
+    for i, (x, y) in enumerate(loader, start=1):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        opt.zero_grad(set_to_none=True)
+        logits = net(x, y)  # (N, P)
+        loss = layers.cross_entropy(logits, y, label_smoothing=config.train.label_smoothing)
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"epoch {epoch}: the loss became {float(loss)} at batch {i}; "
+                "lower --lr or set [train] grad_clip"
+            )
+        loss.backward()
+        bad = health.first_non_finite()
+        if bad is not None:
+            raise TrainingError(
+                f"epoch {epoch}: the gradient of layer '{bad}' became NaN or infinite at "
+                f"batch {i}; lower --lr or set [train] grad_clip"
+            )
+        health.before_step()
+        if config.train.grad_clip > 0:
+            _clip(model, config.train.grad_clip)
+        lr = opt.param_groups[0]["lr"]
+        opt.step()
+        health.after_step()
+        sched.step()
+        n = y.shape[0]
+        seen += n
+        loss_sum += float(loss) * n
+        correct += int((logits.argmax(1) == y).sum())
+        if progress is not None and dist.is_main:
+            elapsed = time.perf_counter() - t0
+            progress(
+                Progress(
+                    epoch,
+                    config.train.epochs,
+                    i,
+                    batches,
+                    loss_sum / seen,
+                    correct / seen,
+                    seen * dist.world_size / max(elapsed, 1e-9),
+                )
+            )
+    train_seconds = time.perf_counter() - t0
+    val_loss, val_acc, _ = evaluate_classifier(model, test_set, device)
+    stats = EpochStats(
+        epoch=epoch,
+        train_loss=loss_sum / max(seen, 1),
+        train_accuracy=correct / max(seen, 1),
+        val_loss=val_loss,
+        val_accuracy=val_acc,
+        lr=lr,
+        images_per_s=seen * dist.world_size / max(train_seconds, 1e-9),
+        seconds=time.perf_counter() - t0,
+    )
+    if progress is not None and dist.is_main:
+        progress(
+            Progress(
+                epoch,
+                config.train.epochs,
+                batches,
+                batches,
+                stats.train_loss,
+                stats.train_accuracy,
+                stats.images_per_s,
+                done=True,
+                stats=stats,
+            )
+        )
+    return stats
+
+
+@torch.no_grad()
+def _clip(model: nn.Module, max_norm: float) -> None:
+    """Scale all gradients so their global norm is at most ``max_norm`` (explicit formula)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_(grads, scale)

@@ -1,0 +1,178 @@
+"""``facetag train``: resolve the config, run the loop, record everything in MLflow.
+
+The loop (facetag.training.loop) knows nothing of MLflow; ``MlflowHooks`` turns its
+reports into a tracked run, and ``finish`` logs the figures, tables and the registered
+model once training ends.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from facetag.config import (
+    Config,
+    config_from_dict,
+    config_to_dict,
+    config_to_toml,
+    load_config,
+)
+from facetag.errors import ConfigError
+from facetag.training import figures
+from facetag.training.loop import EpochStats, Hooks, ProgressFn, Trained, runs_dir, train
+
+REGISTERED_EMBEDDER = "facetag-embedder"
+
+
+class MlflowHooks(Hooks):
+    """Rank 0's MLflow run for the loop: params at start, metrics per epoch, failures."""
+
+    def __init__(self, config: Config) -> None:
+        from facetag.training.tracking import Tracker
+
+        self._Tracker = Tracker
+        self.config = config
+        self.tracker: Any = None
+
+    def start(self, experiment: str, params: dict[str, object]) -> str | None:
+        self.tracker = self._Tracker.start(experiment, tags={"command": "facetag train"})
+        self.tracker.log_params(params)
+        self.tracker.log_text(config_to_toml(self.config), "config.toml")
+        return str(self.tracker.run_id)
+
+    def resume(self, run_id: str, experiment: str) -> None:
+        self.tracker = self._Tracker.resume(run_id, experiment=experiment)
+
+    def epoch(self, stats: EpochStats, health: dict[str, tuple[float, float]]) -> None:
+        self.tracker.log_metrics(
+            {
+                "train_loss": stats.train_loss,
+                "train_accuracy": stats.train_accuracy,
+                "val_loss": stats.val_loss,
+                "val_accuracy": stats.val_accuracy,
+                "lr": stats.lr,
+                "images_per_s": stats.images_per_s,
+                "epoch_seconds": stats.seconds,
+            },
+            step=stats.epoch,
+        )
+        self.tracker.log_layer_health(health, step=stats.epoch)
+
+    def failed(self, message: str, interrupted: bool = False) -> None:
+        if self.tracker is not None and not self.tracker.ended:
+            self.tracker.end("KILLED" if interrupted else "FAILED", message)
+
+
+def resolve_config(
+    config_path: Path | None, overrides: Mapping[str, object], resume: str | None
+) -> Config:
+    """defaults < TOML < flags; a resumed run takes the config stored in its checkpoint."""
+    if resume is None:
+        return load_config(config_path, overrides)
+    from facetag.checkpoint import load_checkpoint
+
+    ckpt = runs_dir() / resume / "checkpoint.pt"
+    if not ckpt.is_file():
+        raise ConfigError(
+            f"--resume {resume}: expected a checkpoint at {ckpt}, got none; "
+            "check the run id (facetag train prints it) and FACETAG_RUNS_DIR"
+        )
+    stored = config_from_dict(load_checkpoint(ckpt)["config"], source=str(ckpt))
+    allowed = {"epochs", "device"}  # a resumed run may be extended or moved, nothing else
+    changed = sorted(k for k in overrides if k not in allowed)
+    if changed or config_path is not None:
+        what = ", ".join(f"--{k.replace('_', '-')}" for k in changed) or "--config"
+        raise ConfigError(
+            f"--resume {resume}: {what} cannot change a run that has started; resume "
+            "with only --resume (and optionally --epochs or --device)"
+        )
+    d = config_to_dict(stored)
+    for key, value in overrides.items():
+        d["train"][key] = value
+    return config_from_dict(d, source=f"--resume {resume}")
+
+
+def validation_key(trained: Trained) -> str:
+    """Identifies 'the same validation data': dataset content, split and seed."""
+    c = trained.config
+    text = f"{trained.data_hash}|{c.data.split}|{c.train.seed}|{c.data.image_size}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def finish(hooks: MlflowHooks, trained: Trained) -> dict[str, Any]:
+    """Log figures, tables and the model; register it; end the run FINISHED."""
+    tracker = hooks.tracker
+    r = trained.result
+    people = list(r.people)
+    true = trained.test_set.labels
+    pred = trained.predictions
+    cm = figures.confusion_matrix(true, pred, len(people))
+    tracker.log_figure(figures.confusion_matrix_figure(cm, people), "confusion_matrix.png")
+    history = [
+        {"train_loss": h.train_loss, "val_loss": h.val_loss,
+         "train_acc": h.train_accuracy, "val_acc": h.val_accuracy}
+        for h in r.history
+    ]
+    tracker.log_figure(figures.curves_figure(history), "curves.png")
+    wrong = (pred != true).nonzero().flatten()
+    if wrong.numel():
+        grid = figures.misclassified_grid(
+            trained.test_set.images[wrong],
+            [people[int(true[i])] for i in wrong],
+            [people[int(pred[i])] for i in wrong],
+        )
+        tracker.log_figure(grid, "misclassified.png")
+    tracker.log_text(figures.per_person_accuracy_csv(true, pred, people), "per_person.csv")
+    tracker.log_metrics({"test_accuracy": r.test_accuracy, "train_seconds": r.seconds}, r.epochs)
+    example = trained.test_set.images[:2].float() / 127.5 - 1.0  # (2, C, H, W)
+    registration = tracker.log_model(
+        trained.model.embedder.cpu().eval(),
+        name="embedder",
+        input_example=example,
+        registered_name=REGISTERED_EMBEDDER,
+        metric_name="test_accuracy",
+        metric_value=r.test_accuracy,
+        data_hash=validation_key(trained),
+        checkpoint=r.model_path,
+    )
+    tracker.set_tags({"registered_version": registration.version,
+                      "champion": registration.champion})
+    tracker.end()
+    return {
+        "registered_model": registration.name,
+        "version": registration.version,
+        "champion": registration.champion,
+        "champion_reason": registration.reason,
+    }
+
+
+def run_training(
+    config_path: Path | None,
+    overrides: Mapping[str, object],
+    *,
+    resume: str | None = None,
+    progress: ProgressFn | None = None,
+    track: bool = True,
+) -> dict[str, Any]:
+    """Train from a config file + flags (or resume a run); the dict ``--json`` prints."""
+    config = resolve_config(config_path, overrides, resume)
+    hooks = MlflowHooks(config) if track else Hooks()
+    trained = train(config, resume=resume, progress=progress, hooks=hooks)
+    r = trained.result
+    out: dict[str, Any] = {
+        "run_id": r.run_id,
+        "test_accuracy": r.test_accuracy,
+        "epochs": r.epochs,
+        "seconds": round(r.seconds, 2),
+        "device": r.device,
+        "people": len(r.people),
+        "model_path": str(r.model_path) if r.model_path else None,
+        "torch_threads": torch.get_num_threads(),
+    }
+    if isinstance(hooks, MlflowHooks) and hooks.tracker is not None:
+        out.update(finish(hooks, trained))
+    return out
