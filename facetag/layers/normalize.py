@@ -23,15 +23,15 @@ class L2NormalizeFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        # With n = ||x|| >= eps, y = x / n and dy_i/dx_j = (delta_ij - y_i y_j) / n, so
+        # With n = ||x|| > eps, y = x / n and dy_i/dx_j = (delta_ij - y_i y_j) / n, so
         # grad_x = (g - y * <y, g>) / n: the part of g orthogonal to y, over the norm. Below
-        # eps the divisor is the constant eps, so grad_x = g / eps. As torch's clamp_min,
-        # n == eps takes the first branch.
+        # eps the divisor is the constant eps, so grad_x = g / eps. As torch's clamp_min
+        # (whose gradient is 0 at the bound), n == eps takes the constant branch.
         y, norm = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None
         radial = (y * grad_out).sum(ctx.dim, keepdim=True)  # (..., 1, ...)
-        radial = torch.where(norm >= ctx.eps, radial, 0.0)
+        radial = torch.where(norm > ctx.eps, radial, 0.0)
         grad_x = (grad_out - y * radial) / norm.clamp_min(ctx.eps)  # same shape as x
         return grad_x, None, None
 
