@@ -228,3 +228,74 @@ def _train_summary(r: dict[str, object]) -> str:
         f"in {float(r['seconds']):.1f} s on {r['device']}\n"  # type: ignore[arg-type]
         f"run id {r['run_id']}  model {r['model_path']}"
     )
+
+
+def _floats(value: str) -> list[float]:
+    try:
+        return [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+
+
+def _ints(value: str) -> list[int]:
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+
+
+@app.command()
+def sweep(
+    config: Annotated[
+        Path | None, typer.Option(exists=True, dir_okay=False, help="A TOML config.")
+    ] = None,
+    data: Annotated[Path | None, typer.Option(help="Dataset root (person folders).")] = None,
+    lrs: Annotated[str, typer.Option("--lrs", help="Learning rates, e.g. 1e-3,3e-3.")] = "",
+    batch_sizes: Annotated[
+        str, typer.Option("--batch-sizes", help="Batch sizes, e.g. 16,32.")
+    ] = "",
+    epochs: Annotated[int | None, typer.Option(min=1, help="Passes over the data.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train a learning-rate x batch-size grid as child runs of one MLflow parent run."""
+    from facetag.training.progress import ProgressBar
+    from facetag.training.runner import run_sweep
+
+    lr_list, bs_list = _floats(lrs), _ints(batch_sizes)
+    if not lr_list or not bs_list:
+        raise typer.BadParameter("give both --lrs and --batch-sizes, e.g. --lrs 1e-3,3e-3")
+    overrides = {"data": str(data) if data else None, "epochs": epochs}
+    try:
+        with ProgressBar() as bar:
+            result = run_sweep(config, overrides, lr_list, bs_list, progress=bar.update)
+    except FacetagError as e:
+        raise _fail(e) from None
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    for r in result["runs"]:
+        typer.echo(f"lr {r['lr']:<8g} batch {r['batch_size']:<4} "
+                   f"test accuracy {r['test_accuracy']:.4f}  run {r['run_id']}")
+    typer.echo(f"parent run {result['parent_run_id']}; best: lr {result['best']['lr']:g}, "
+               f"batch {result['best']['batch_size']}")
+
+
+@app.command()
+def ui(
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to serve on.")] = 5000,
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+) -> None:
+    """Start the MLflow dashboard on facetag's tracking store and print its URL."""
+    import subprocess
+
+    from facetag.training.tracking import ui_command
+
+    try:
+        argv, url = ui_command(port, host)
+    except FacetagError as e:
+        raise _fail(e) from None
+    typer.echo(f"MLflow dashboard: {url}  (Ctrl-C stops it)")
+    try:
+        subprocess.run(argv, check=False)
+    except KeyboardInterrupt:
+        pass

@@ -31,15 +31,21 @@ REGISTERED_EMBEDDER = "facetag-embedder"
 class MlflowHooks(Hooks):
     """Rank 0's MLflow run for the loop: params at start, metrics per epoch, failures."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, parent: Any = None, run_name: str | None = None) -> None:
         from facetag.training.tracking import Tracker
 
         self._Tracker = Tracker
         self.config = config
+        self.parent = parent  # a Tracker: this run is one point of a sweep
+        self.run_name = run_name
         self.tracker: Any = None
 
     def start(self, experiment: str, params: dict[str, object]) -> str | None:
-        self.tracker = self._Tracker.start(experiment, tags={"command": "facetag train"})
+        tags = {"command": "facetag train"}
+        if self.parent is not None:
+            self.tracker = self.parent.child(run_name=self.run_name, tags=tags)
+        else:
+            self.tracker = self._Tracker.start(experiment, run_name=self.run_name, tags=tags)
         self.tracker.log_params(params)
         self.tracker.log_text(config_to_toml(self.config), "config.toml")
         return str(self.tracker.run_id)
@@ -176,3 +182,39 @@ def run_training(
     if isinstance(hooks, MlflowHooks) and hooks.tracker is not None:
         out.update(finish(hooks, trained))
     return out
+
+
+def run_sweep(
+    config_path: Path | None,
+    overrides: Mapping[str, object],
+    lrs: list[float],
+    batch_sizes: list[int],
+    *,
+    progress: ProgressFn | None = None,
+) -> dict[str, Any]:
+    """Train every (lr, batch size) pair as a child run of one parent run.
+
+    The parent records the grid and, at the end, the best child's parameters and
+    accuracy, so the dashboard compares the children side by side.
+    """
+    from facetag.training.tracking import Tracker
+
+    base = load_config(config_path, overrides)
+    experiment = base.data.name or Path(base.data.path).resolve().name
+    results: list[dict[str, Any]] = []
+    with Tracker.start(experiment, run_name="sweep", tags={"command": "facetag sweep"}) as parent:
+        parent.log_params({"sweep.lr": ",".join(map(str, lrs)),
+                           "sweep.batch_size": ",".join(map(str, batch_sizes))})
+        for lr in lrs:
+            for bs in batch_sizes:
+                config = load_config(config_path, {**overrides, "lr": lr, "batch_size": bs})
+                hooks = MlflowHooks(config, parent=parent, run_name=f"lr={lr:g} bs={bs}")
+                trained = train(config, progress=progress, hooks=hooks)
+                registered = finish(hooks, trained)
+                results.append({"lr": lr, "batch_size": bs, "run_id": trained.result.run_id,
+                                "test_accuracy": trained.result.test_accuracy, **registered})
+        best = max(results, key=lambda r: r["test_accuracy"])
+        parent.log_metrics({"best_test_accuracy": best["test_accuracy"]}, step=0)
+        parent.set_tags({"best_run_id": best["run_id"], "best_lr": best["lr"],
+                         "best_batch_size": best["batch_size"]})
+        return {"parent_run_id": parent.run_id, "runs": results, "best": best}
