@@ -2,6 +2,7 @@
 
 import inspect
 import itertools
+import time
 
 import pytest
 import torch
@@ -228,3 +229,34 @@ def test_avg_pool2d_rejects_zero_divisor():
 def test_global_avg_pool2d_rejects_2d_input():
     with pytest.raises(ValueError, match=r"global_avg_pool2d: expected x of shape \(N, C, H, W"):
         global_avg_pool2d(torch.zeros(4, 8))
+
+
+BENCH_SHAPES = [(64, 32, 96, 96), (64, 64, 48, 48), (64, 128, 24, 24), (64, 256, 12, 12)]
+
+
+def _paired_ratio(ours, twin, x, rounds):
+    """Median over rounds of t(ours) / t(twin), forward + backward, run A B A B."""
+    grad_out = torch.randn_like(twin(x))
+    times = {id(ours): [], id(twin): []}
+    for _ in range(rounds + 1):  # the first round warms up
+        for layer in (ours, twin):
+            x.grad = None
+            start = time.perf_counter()
+            layer(x).backward(grad_out)
+            times[id(layer)].append(time.perf_counter() - start)
+    ratios = sorted(a / b for a, b in zip(times[id(ours)][1:], times[id(twin)][1:], strict=True))
+    return ratios[len(ratios) // 2], sorted(times[id(twin)][1:])[rounds // 2]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("memory_format", LAYOUTS, ids=["contiguous", "channels-last"])
+@pytest.mark.parametrize("shape", BENCH_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_max_pool2d_speed_matches_torch(shape, memory_format):
+    # The benchmark network's pools, batch 64. Timing on a shared CPU is noisy, so the
+    # check is the median of per-round ratios (adjacent runs see the same load), with 15%
+    # allowance for that noise. Run with -s to see the numbers.
+    x = torch.randn(shape).contiguous(memory_format=memory_format).requires_grad_()
+    ratio, twin_s = _paired_ratio(MaxPool2d(2), nn.MaxPool2d(2), x, rounds=9)
+    layout = "channels_last" if memory_format == torch.channels_last else "contiguous"
+    print(f"\nmax_pool2d {shape} {layout}: ours/torch {ratio:.2f} (torch {twin_s * 1e3:.1f} ms)")
+    assert ratio < 1.15
