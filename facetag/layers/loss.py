@@ -24,6 +24,15 @@ def _check_reduction(op: str, reduction: str) -> None:
         )
 
 
+def _check_not_differentiable(op: str, name: str, t: Tensor | None) -> None:
+    """torch's losses have no gradient for their weights: refuse one that requires grad."""
+    if t is not None and t.requires_grad:
+        raise ValueError(
+            f"{op}: expected {name} that does not require grad (the loss is not "
+            f"differentiable in it), got one that does; pass {name}.detach()"
+        )
+
+
 class CrossEntropyFn(torch.autograd.Function):
     """logits (N, P), target (N,) int64 -> loss () or (N,) for reduction="none".
 
@@ -113,7 +122,7 @@ def cross_entropy(
     """F.cross_entropy for class-index targets, fused: log-softmax and NLL in one op.
 
     logits (N, P), target (N,) int64 in [0, P) or ignore_index, weight (P,) or None ->
-    loss () for "mean"/"sum", (N,) for "none". No gradient flows to weight (as in torch).
+    loss () for "mean"/"sum", (N,) for "none". As in torch, weight may not require grad.
     """
     if logits.ndim != 2:
         raise ValueError(
@@ -129,6 +138,7 @@ def cross_entropy(
         raise ValueError(
             f"cross_entropy: expected weight of shape ({P},), got {tuple(weight.shape)}"
         )
+    _check_not_differentiable("cross_entropy", "weight", weight)
     _check_reduction("cross_entropy", reduction)
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(
@@ -276,7 +286,8 @@ def binary_cross_entropy_with_logits(
 
     logits x and target t of the same shape (any); weight broadcastable to it (per element),
     pos_weight broadcastable to it (per class, along the last dim) -> loss () for
-    "mean"/"sum", x's shape for "none". Gradients flow to x and t, not to the weights (torch).
+    "mean"/"sum", x's shape for "none". Gradients flow to x and t; as in torch, the weights
+    may not require grad.
     """
     op = "binary_cross_entropy_with_logits"
     if target.shape != logits.shape:
@@ -286,6 +297,8 @@ def binary_cross_entropy_with_logits(
         )
     _check_broadcast(op, "weight", weight, logits.shape)
     _check_broadcast(op, "pos_weight", pos_weight, logits.shape)
+    _check_not_differentiable(op, "weight", weight)
+    _check_not_differentiable(op, "pos_weight", pos_weight)
     _check_reduction(op, reduction)
     return cast(Tensor, BCEWithLogitsFn.apply(logits, target, weight, pos_weight, reduction))
 

@@ -126,6 +126,14 @@ def test_bce_with_logits_module_loads_torch_state_dict():
         torch.testing.assert_close(a, b)
 
 
+def test_loss_weights_must_not_require_grad_like_torch():
+    weight = torch.ones(3, requires_grad=True)
+    with pytest.raises(ValueError, match=r"cross_entropy: expected weight that does not requir"):
+        cross_entropy(torch.zeros(2, 3), torch.tensor([0, 1]), weight)
+    with pytest.raises(ValueError, match=r"expected pos_weight that does not require grad"):
+        binary_cross_entropy_with_logits(torch.zeros(2, 3), torch.zeros(2, 3), None, weight)
+
+
 def test_bce_with_logits_rejects_mismatched_shapes():
     fn = binary_cross_entropy_with_logits
     with pytest.raises(ValueError, match=r"binary_cross_entropy_with_logits: expected target of"):
