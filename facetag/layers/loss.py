@@ -62,19 +62,15 @@ class CrossEntropyFn(torch.autograd.Function):
             w_target = torch.where(valid, weight[safe_target], 0.0)  # (N,)
         nll = -logp.gather(1, safe_target[:, None]).squeeze(1) * w_target  # (N,)
         eps = label_smoothing
-        # The uniform part of the smoothed target weighs every class by w[c] (as torch).
-        smooth = torch.zeros_like(nll)  # (N,)
+        total = w_target.sum() if reduction == "mean" else None  # (), torch's weighted count
+        denom = 1.0 if total is None else total
+        loss = nll if reduction == "none" else nll.sum() / denom  # (N,) or ()
         if eps > 0:
+            # The uniform part of the smoothed target weighs every class by w[c] (as torch).
             smooth = -(logp.sum(1) if weight is None else (logp * weight).sum(1))  # (N,)
             smooth = torch.where(valid, smooth, 0.0)
-        total = w_target.sum() if reduction == "mean" else None  # (), torch's weighted count
-        if reduction == "none":
-            loss = (1 - eps) * nll + (eps / P) * smooth if eps > 0 else nll  # (N,)
-        else:
-            denom = 1.0 if total is None else total
-            loss = nll.sum() / denom  # ()
-            if eps > 0:
-                loss = (1 - eps) * loss + (eps / P) * (smooth.sum() / denom)
+            smooth_loss = smooth if reduction == "none" else smooth.sum() / denom
+            loss = (1 - eps) * loss + (eps / P) * smooth_loss
         ctx.reduction, ctx.eps = reduction, eps
         ctx.save_for_backward(logp, safe_target, valid, w_target, weight, total)
         return loss
