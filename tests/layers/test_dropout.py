@@ -1,5 +1,6 @@
 """Dropout: the same mask as torch for the same seed, train/eval, p edge cases, errors."""
 
+import importlib
 import inspect
 
 import pytest
@@ -9,8 +10,11 @@ from torch import nn
 
 from facetag.gradcheck.core import run_case
 from facetag.gradcheck.dropout import CASES
-from facetag.layers import dropout as dropout_module
 from facetag.layers.dropout import Dropout, dropout
+
+# The package re-exports the function dropout() under the module's name, so import the module
+# itself by its full name.
+dropout_module = importlib.import_module("facetag.layers.dropout")
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
