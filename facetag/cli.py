@@ -219,6 +219,8 @@ def train(
             result = run_training(config, overrides, resume=resume, progress=bar.update)
     except FacetagError as e:
         raise _fail(e) from None
+    if result.get("rank", 0) != 0:
+        return  # under torchrun, rank 0 reports for all
     typer.echo(json.dumps(result, indent=2) if as_json else _train_summary(result))
 
 

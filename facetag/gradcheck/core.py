@@ -16,6 +16,7 @@ FAMILIES = (
     "activation",
     "pool",
     "norm",
+    "fused",
     "dropout",
     "shape",
     "normalize",

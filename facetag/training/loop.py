@@ -248,6 +248,7 @@ class Trained:
     predictions: Tensor
     data_hash: str
     in_channels: int
+    rank: int = 0  # under torchrun, only rank 0 reports
 
 
 def train(
@@ -379,7 +380,7 @@ def train(
         result.model_path = model_path
     dist.close()
     result.wall_seconds = time.perf_counter() - t_start
-    return Trained(result, model, config, test_set, preds, data_hash, in_channels)
+    return Trained(result, model, config, test_set, preds, data_hash, in_channels, dist.rank)
 
 
 def _train_epoch(

@@ -178,6 +178,7 @@ def run_training(
         "people": len(r.people),
         "model_path": str(r.model_path) if r.model_path else None,
         "torch_threads": torch.get_num_threads(),
+        "rank": trained.rank,
     }
     if isinstance(hooks, MlflowHooks) and hooks.tracker is not None:
         out.update(finish(hooks, trained))

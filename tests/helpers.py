@@ -1,0 +1,29 @@
+"""Shared test data: small generated face datasets (no real data needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def write_faces(
+    root: Path, people: list[str], per_person: int, seed: int = 0, size: int = 32
+) -> Path:
+    """root/<person>/<k>.png: grey images, a fixed smooth pattern per person + noise.
+
+    Easy to tell apart, so a few epochs of a tiny network learn them.
+    """
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    for name in people:
+        base = torch.nn.functional.interpolate(
+            torch.rand(1, 1, 4, 4, generator=g), size=(size, size), mode="bilinear"
+        )[0, 0]  # (size, size) smooth, different for each person
+        (root / name).mkdir(parents=True)
+        for k in range(per_person):
+            noisy = (base + 0.08 * torch.randn(size, size, generator=g)).clamp(0, 1)
+            pixels = (noisy * 255).round().to(torch.uint8).numpy()
+            Image.fromarray(pixels, mode="L").save(root / name / f"{k}.png")
+    return root

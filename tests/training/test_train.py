@@ -1,0 +1,178 @@
+"""facetag train end to end on generated faces: MLflow record, resume, NaN guard, torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from facetag.cli import app
+from facetag.errors import TrainingError
+from facetag.training.runner import run_training
+from tests.helpers import write_faces
+
+SMOKE = Path(__file__).resolve().parents[2] / "experiments" / "configs" / "smoke.toml"
+PEOPLE = ["ann", "bob", "cy", "dee"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    uri = f"sqlite:///{root}/mlflow.db"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("FACETAG_RUNS_DIR", str(root / "runs"))
+        yield {"root": root, "uri": uri, "data": write_faces(root / "faces", PEOPLE, 6)}
+
+
+def _cli(args: list[str]):
+    return CliRunner().invoke(app, args, env={"COLUMNS": "200"}, prog_name="facetag")
+
+
+def test_train_cli_json_records_run_in_mlflow(env):
+    result = _cli(["train", "--config", str(SMOKE), "--data", str(env["data"]), "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert set(out) >= {"run_id", "test_accuracy", "epochs", "seconds", "device"}
+    assert out["device"] == "cpu" and out["epochs"] == 2
+    assert 0.0 <= out["test_accuracy"] <= 1.0
+    assert "epoch   2/2" in result.stderr  # the progress bar went to stderr
+    run = MlflowClient(env["uri"]).get_run(out["run_id"])
+    assert run.info.status == "FINISHED"
+    params, metrics = run.data.params, run.data.metrics
+    assert params["train.epochs"] == "2" and params["data.split"] == "0.5"
+    assert params["data.people"] == "4" and len(params["data.content_hash"]) == 64
+    assert params["device_used"] == "cpu" and "torch_version" in params
+    for key in ("train_loss", "val_loss", "train_accuracy", "val_accuracy", "lr",
+                "images_per_s"):
+        assert key in metrics, key
+    assert any(k.startswith("grad_norm/embedder.stages.0.conv") for k in metrics)
+    assert any(k.startswith("update_ratio/embedder.fc") for k in metrics)
+    history = MlflowClient(env["uri"]).get_metric_history(out["run_id"], "val_accuracy")
+    assert [m.step for m in history] == [1, 2]
+    artifacts = {a.path for a in MlflowClient(env["uri"]).list_artifacts(out["run_id"])}
+    assert {"config.toml", "confusion_matrix.png", "curves.png", "per_person.csv"} <= artifacts
+    assert out["registered_model"] == "facetag-embedder"
+
+
+def _history(run_id: str, root: Path) -> list[dict]:
+    from facetag.checkpoint import load_checkpoint
+
+    return load_checkpoint(root / "runs" / run_id / "checkpoint.pt")["history"]
+
+
+def test_resume_after_interruption_ends_with_same_metrics(env):
+    overrides = {"data": str(env["data"]), "epochs": 3}
+    full = run_training(SMOKE, overrides)
+
+    def stop_in_epoch_3(p):
+        if p.epoch == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_training(SMOKE, overrides, progress=stop_in_epoch_3)
+    client = MlflowClient(env["uri"])
+    killed = client.search_runs(
+        [client.get_experiment_by_name("smoke").experiment_id],
+        order_by=["attributes.start_time DESC"], max_results=1,
+    )[0]
+    assert killed.info.status == "KILLED"
+    run_id = killed.info.run_id
+    assert len(_history(run_id, env["root"])) == 2  # epochs 1-2 were checkpointed
+    resumed = run_training(None, {}, resume=run_id)
+    assert resumed["run_id"] == run_id
+    assert resumed["test_accuracy"] == full["test_accuracy"]
+    a, b = _history(full["run_id"], env["root"]), _history(run_id, env["root"])
+    for x, y in zip(a, b, strict=True):
+        assert {k: v for k, v in x.items() if "seconds" not in k and "per_s" not in k} == {
+            k: v for k, v in y.items() if "seconds" not in k and "per_s" not in k
+        }
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_resume_unknown_run_is_one_line_error(env):
+    result = _cli(["train", "--resume", "0123456789abcdef"])
+    assert result.exit_code == 1
+    assert "--resume 0123456789abcdef" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_nan_loss_stops_run_naming_epoch_and_fails_mlflow_run(env, monkeypatch):
+    from facetag.training import loop
+
+    real = loop.layers.cross_entropy
+
+    def poisoned(logits, y, **kw):
+        return real(logits * float("nan"), y, **kw)
+
+    monkeypatch.setattr(loop.layers, "cross_entropy", poisoned)
+    with pytest.raises(TrainingError, match=r"epoch 1: the loss became nan"):
+        run_training(SMOKE, {"data": str(env["data"])})
+    client = MlflowClient(env["uri"])
+    run = client.search_runs(
+        [client.get_experiment_by_name("smoke").experiment_id],
+        order_by=["attributes.start_time DESC"], max_results=1,
+    )[0]
+    assert run.info.status == "FAILED"
+    assert "loss became nan" in run.data.tags["failure"]
+
+
+def test_exploding_gradient_names_the_layer(env, monkeypatch):
+    from facetag.training import health
+
+    monkeypatch.setattr(
+        health.GradientHealth, "first_non_finite", lambda self: "embedder.stages.2.conv"
+    )
+    with pytest.raises(TrainingError, match=r"gradient of layer 'embedder.stages.2.conv'"):
+        run_training(SMOKE, {"data": str(env["data"])}, track=False)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--data", "{missing}"], "no such path"),
+        (["--data", "{data}", "--epochs", "0"], "Invalid value"),
+        (["--data", "{one}"], "solo"),
+        (["--data", "{data}", "--device", "cuda"], "--device cuda"),
+    ],
+)
+def test_train_bad_input_is_one_line(env, tmp_path, args, message):
+    if "cuda" in args and __import__("torch").cuda.is_available():
+        pytest.skip("a GPU is present")
+    one = write_faces(tmp_path / "one", ["solo"], 1)
+    subs = {"missing": str(tmp_path / "nope"), "data": str(env["data"]), "one": str(one)}
+    argv = ["train", "--config", str(SMOKE)] + [a.format(**subs) for a in args]
+    result = _cli(argv)
+    assert result.exit_code in (1, 2), result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_unknown_config_key_names_it(env, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nlr_rate = 0.1\n")
+    result = _cli(["train", "--config", str(bad), "--data", str(env["data"])])
+    assert result.exit_code == 1
+    assert "unknown key 'lr_rate'" in result.stderr and "did you mean 'lr'" in result.stderr
+
+
+def test_torchrun_two_cpu_processes_log_one_run(env, tmp_path):
+    runs = tmp_path / "runs"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+        "--master-port", "29533", "-m", "facetag", "train", "--config", str(SMOKE),
+        "--data", str(env["data"]), "--json",
+    ]
+    e = {**os.environ, "FACETAG_RUNS_DIR": str(runs), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)  # one JSON object: rank 0 alone reports
+    run = MlflowClient(env["uri"]).get_run(out["run_id"])
+    assert run.data.params["world_size"] == "2"
+    assert run.info.status == "FINISHED"
