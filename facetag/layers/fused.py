@@ -41,7 +41,8 @@ from facetag.layers.activation import (
     PReLU,
     ReLU,
     leaky_relu_backward,
-    prelu_backward,
+    prelu_input_grad,
+    prelu_weight_grad,
     relu_backward,
 )
 from facetag.layers.norm import (
@@ -140,12 +141,14 @@ def bn_act_backward(
     # The pre-activation y is recomputed, not saved (one tensor fewer kept alive between
     # forward and backward), with the forward's own formula so that its sign, which picks
     # the activation's gradient, is the forward's. Its buffer then takes grad_y in place.
-    xc = None
-    if use_batch_stats:
-        xc = x - _view(mean, x.ndim)  # (N, C, *): fresh, becomes grad_x
-        y = centred_affine(xc, invstd, weight, bias)  # (N, C, *)
-    else:
-        y = running_affine(x, mean, invstd, weight, bias)  # (N, C, *)
+    xc = x - _view(mean, x.ndim) if use_batch_stats else None  # (N, C, *): becomes grad_x
+
+    def preactivation(out: Tensor | None = None) -> Tensor:
+        if xc is not None:
+            return centred_affine(xc, invstd, weight, bias, out=out)
+        return running_affine(x, mean, invstd, weight, bias, out=out)
+
+    y = preactivation()  # (N, C, *): fresh
     grad_prelu = None
     if activation == "relu":
         grad_y = relu_backward(grad_out, y, out=y)
@@ -153,10 +156,10 @@ def bn_act_backward(
         grad_y = leaky_relu_backward(grad_out, y, negative_slope, out=y)
     else:
         assert prelu_weight is not None
-        grad_y_or_none, grad_prelu = prelu_backward(
-            grad_out, y, prelu_weight, True, need_prelu, out=y
-        )
-        grad_y = cast(Tensor, grad_y_or_none)
+        if need_prelu:  # min(y, 0) overwrites y, which one more pass brings back
+            grad_prelu = prelu_weight_grad(grad_out, y, prelu_weight.numel(), scratch=y)
+            preactivation(out=y)
+        grad_y = prelu_input_grad(grad_out, y, prelu_weight, out=y)
     if use_batch_stats:
         grad_x, grad_weight, grad_bias = batch_norm_backward(
             grad_y, x, mean, invstd, weight, need_x, need_weight, need_bias, centred=xc

@@ -96,13 +96,18 @@ def centred_affine(
 
 
 def running_affine(
-    x: Tensor, running_mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None
+    x: Tensor,
+    running_mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Eval-mode y = x * scale + shift with scale = weight * invstd and
     shift = bias - running_mean * scale, all (C,): one pass, x (N, C, *) -> y (N, C, *)."""
     scale = invstd if weight is None else weight * invstd  # (C,)
     shift = -running_mean * scale if bias is None else bias - running_mean * scale  # (C,)
-    return torch.addcmul(_channel_view(shift, x.ndim), x, _channel_view(scale, x.ndim))
+    return torch.addcmul(_channel_view(shift, x.ndim), x, _channel_view(scale, x.ndim), out=out)
 
 
 def update_running_stats(
