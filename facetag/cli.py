@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-from pathlib import Path
 from enum import Enum
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -53,9 +54,7 @@ def main(
 @app.command()
 def gradcheck(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
-    op: Annotated[
-        list[str] | None, typer.Option(help="Check only these ops (repeatable).")
-    ] = None,
+    op: Annotated[list[str] | None, typer.Option(help="Check only these ops (repeatable).")] = None,
 ) -> None:
     """Check every op's backward against finite differences and against torch.nn.
 
@@ -79,8 +78,14 @@ def gradcheck(
 
 
 def _bench(
-    mode: str, device: Device, as_json: bool, profile: bool, steps: int, batch_size: int,
-    channels_last: bool, memory: bool,
+    mode: str,
+    device: Device,
+    as_json: bool,
+    profile: bool,
+    steps: int,
+    batch_size: int,
+    channels_last: bool,
+    memory: bool,
 ) -> None:
     from facetag.bench import BenchSpec, profile_pair, run_bench
     from facetag.device import resolve_device
@@ -209,10 +214,16 @@ def train(
     from facetag.training.runner import run_training
 
     overrides = {
-        k: v for k, v in {
-            "data": str(data) if data else None, "epochs": epochs, "lr": lr,
-            "batch_size": batch_size, "seed": seed, "device": device.value if device else None,
-        }.items() if v is not None
+        k: v
+        for k, v in {
+            "data": str(data) if data else None,
+            "epochs": epochs,
+            "lr": lr,
+            "batch_size": batch_size,
+            "seed": seed,
+            "device": device.value if device else None,
+        }.items()
+        if v is not None
     }
     try:
         with ProgressBar() as bar:
@@ -276,10 +287,14 @@ def sweep(
         typer.echo(json.dumps(result, indent=2))
         return
     for r in result["runs"]:
-        typer.echo(f"lr {r['lr']:<8g} batch {r['batch_size']:<4} "
-                   f"test accuracy {r['test_accuracy']:.4f}  run {r['run_id']}")
-    typer.echo(f"parent run {result['parent_run_id']}; best: lr {result['best']['lr']:g}, "
-               f"batch {result['best']['batch_size']}")
+        typer.echo(
+            f"lr {r['lr']:<8g} batch {r['batch_size']:<4} "
+            f"test accuracy {r['test_accuracy']:.4f}  run {r['run_id']}"
+        )
+    typer.echo(
+        f"parent run {result['parent_run_id']}; best: lr {result['best']['lr']:g}, "
+        f"batch {result['best']['batch_size']}"
+    )
 
 
 @app.command()
@@ -297,7 +312,186 @@ def ui(
     except FacetagError as e:
         raise _fail(e) from None
     typer.echo(f"MLflow dashboard: {url}  (Ctrl-C stops it)")
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         subprocess.run(argv, check=False)
-    except KeyboardInterrupt:
-        pass
+
+
+# --- detector commands ---
+
+
+def _positive(value: float | None) -> float | None:
+    if value is not None and value <= 0:
+        raise typer.BadParameter(f"expected a value > 0, got {value}")
+    return value
+
+
+def _probability(value: float | None) -> float | None:
+    if value is not None and not 0 <= value <= 1:
+        raise typer.BadParameter(f"expected a probability in [0, 1], got {value}")
+    return value
+
+
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Detector: a checkpoint path, runs:/... or models:/facetag-detector@"
+        "champion (default: the shipped weights)."
+    ),
+]
+MinFaceOpt = Annotated[
+    float | None, typer.Option(callback=_positive, help="Smallest face to find, px high [20].")
+]
+
+
+@app.command("train-detector")
+def train_detector_cmd(
+    config: Annotated[
+        Path | None, typer.Option(exists=True, dir_okay=False, help="A TOML config.")
+    ] = None,
+    data: Annotated[Path | None, typer.Option(help="Data root (wider_train/, nonface/).")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Epochs per stage.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=2, help="Patches per step.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for split, sampling and init.")] = None,
+    device: Annotated[Device | None, typer.Option(help="auto: CUDA when available.")] = None,
+    resume: Annotated[str | None, typer.Option(help="Continue this MLflow run id.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Also write the model file here.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train the face detector cascade; metrics and model go to MLflow."""
+    from facetag.training.detector_train import DetectorProgressBar, train_detector
+
+    overrides = {
+        k: v
+        for k, v in {
+            "data": str(data) if data else None,
+            "epochs": epochs,
+            "lr": lr,
+            "batch_size": batch_size,
+            "seed": seed,
+            "device": device.value if device else None,
+        }.items()
+        if v is not None
+    }
+    try:
+        with DetectorProgressBar() as bar:
+            r = train_detector(config, overrides, resume=resume, progress=bar.update, out=out)
+    except FacetagError as e:
+        raise _fail(e) from None
+    d = r.as_dict()
+    typer.echo(
+        json.dumps(d, indent=2)
+        if as_json
+        else (
+            f"val AP50 {d['val_ap50']:.4f} (faces >= 32 px {d['val_ap50_32']:.4f}), recall at "
+            f"1 FP/image {d['val_recall_at_1fp']:.4f} on {d['val_images']} photos, "
+            f"{d['seconds']:.0f} s on {d['device']}\nrun id {d['run_id']}  model {d['model_path']}"
+        )
+    )
+
+
+@app.command()
+def detect(
+    paths: Annotated[list[Path], typer.Argument(help="Photos or folders of photos.")],
+    recursive: Annotated[bool, typer.Option(help="Look in sub-folders too.")] = False,
+    as_json: JsonOpt = False,
+    min_face: MinFaceOpt = None,
+    threshold: Annotated[
+        float | None, typer.Option(callback=_probability, help="Face score to report [0.8].")
+    ] = None,
+    device: DeviceOpt = Device.auto,
+    model: ModelOpt = None,
+) -> None:
+    """Find the faces in PATHS; a photo that fails is reported and the others go on."""
+    from facetag.inference.detect import detect_paths
+
+    def report(message: str) -> None:
+        typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+
+    try:
+        doc, failed = detect_paths(
+            paths,
+            recursive=recursive,
+            min_face=min_face,
+            threshold=threshold,
+            device=device.value,
+            model=model,
+            on_error=report,
+        )
+    except FacetagError as e:
+        raise _fail(e) from None
+    if as_json:
+        typer.echo(json.dumps(doc, indent=2))
+    else:
+        for image in doc["images"]:
+            typer.echo(
+                f"{image['path']}: {len(image['faces'])} faces ({image['width']}x{image['height']})"
+            )
+            for f in image["faces"]:
+                typer.echo("  " + " ".join(f"{v:.0f}" for v in f["box"]) + f"  {f['score']:.3f}")
+    if failed:
+        raise typer.Exit(code=1)
+
+
+@app.command("evaluate-detector")
+def evaluate_detector_cmd(
+    boxes: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="WIDER .txt or CSV.")],
+    images: Annotated[Path, typer.Option(exists=True, file_okay=False, help="Photos root.")],
+    model: ModelOpt = None,
+    min_face: MinFaceOpt = None,
+    device: DeviceOpt = Device.auto,
+    as_json: JsonOpt = False,
+) -> None:
+    """Score the detector: AP at IoU 0.5 (all faces, faces >= 32 px), recall at 1 FP/image."""
+    from facetag.inference.detect import evaluate_boxes
+
+    def report(message: str) -> None:
+        typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+
+    try:
+        r = evaluate_boxes(
+            boxes, images, device=device.value, model=model, min_face=min_face, on_error=report
+        )
+    except FacetagError as e:
+        raise _fail(e) from None
+    typer.echo(
+        json.dumps(r, indent=2)
+        if as_json
+        else (
+            f"AP50 {r['ap50']:.4f}  AP50 (faces >= 32 px) {r['ap50_32']:.4f}  recall at 1 FP/image "
+            f"{r['recall_at_1fp']:.4f}\n{r['faces']} faces in {r['images']} photos, "
+            f"model {r['model']['detector']} on {r['device']}"
+        )
+    )
+    if r["failed_images"]:
+        raise typer.Exit(code=1)
+
+
+@bench_app.command("detect")
+def bench_detect_cmd(
+    folder: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="Photos.")],
+    device: DeviceOpt = Device.auto,
+    model: ModelOpt = None,
+    repeats: Annotated[int, typer.Option(min=1, help="Passes over the folder.")] = 3,
+    min_face: MinFaceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Photos/s and peak memory of the detector over FOLDER (decoding included)."""
+    from facetag.inference.detect import bench_detect
+
+    try:
+        r = bench_detect(
+            folder, device=device.value, model=model, repeats=repeats, min_face=min_face
+        )
+    except FacetagError as e:
+        raise _fail(e) from None
+    typer.echo(
+        json.dumps(r, indent=2)
+        if as_json
+        else (
+            f"detect on {r['device']} ({r['torch_threads']} threads): {r['photos_per_s']:.2f} "
+            f"photos/s over {r['photos']} photos ({r['distinct_photos']} distinct), "
+            f"{r['faces_per_photo']} faces/photo\npeak memory {r['peak_rss_mb']:.0f} MiB "
+            f"(after the first pass {r['peak_rss_mb_first_pass']:.0f} MiB)"
+        )
+    )

@@ -44,9 +44,9 @@ class OpCase:
     ours: Callable[..., Tensor]
     ref: Callable[..., Tensor]
     make_inputs: Callable[[torch.dtype, torch.Generator], tuple[Tensor, ...]]
-    make_gradcheck_inputs: (
-        Callable[[torch.dtype, torch.Generator], tuple[Tensor, ...]] | None
-    ) = field(default=None)
+    make_gradcheck_inputs: Callable[[torch.dtype, torch.Generator], tuple[Tensor, ...]] | None = (
+        field(default=None)
+    )
     seed: int = 0
 
     @property
@@ -120,7 +120,9 @@ def max_fd_error(fn: Callable[..., Tensor], inputs: tuple[Tensor, ...], eps: flo
             args_plus[i] = xp.view_as(x)
             args_minus[i] = xm.view_as(x)
             with torch.no_grad():
-                numerical[:, k] = (_flat_out(fn(*args_plus)) - _flat_out(fn(*args_minus))) / (2 * eps)
+                numerical[:, k] = (_flat_out(fn(*args_plus)) - _flat_out(fn(*args_minus))) / (
+                    2 * eps
+                )
         analytical = torch.zeros_like(numerical)
         leaves = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
         out = fn(*leaves)
@@ -133,7 +135,9 @@ def max_fd_error(fn: Callable[..., Tensor], inputs: tuple[Tensor, ...], eps: flo
             for o in outs:
                 grads_out.append(onehot[offset : offset + o.numel()].view_as(o))
                 offset += o.numel()
-            (g,) = torch.autograd.grad(outs, [leaves[i]], grads_out, retain_graph=True, allow_unused=True)
+            (g,) = torch.autograd.grad(
+                outs, [leaves[i]], grads_out, retain_graph=True, allow_unused=True
+            )
             if g is not None:
                 analytical[j] = g.reshape(-1)
         worst = max(worst, (analytical - numerical).abs().max().item() if M and x.numel() else 0.0)
@@ -156,13 +160,13 @@ def torch_error(case: OpCase) -> float:
     g = torch.Generator().manual_seed(case.seed + 1)
     # Random upstream gradients: all-ones would hide a transposed or mis-summed gradient.
     grads_out = [torch.randn(o.shape, generator=g, dtype=o.dtype) for o in outs]
-    worst = max(_relative(o.detach(), e.detach()) for o, e in zip(outs, exps))
+    worst = max(_relative(o.detach(), e.detach()) for o, e in zip(outs, exps, strict=True))
     diff = [t for t in ours_in if t.requires_grad]
     diff_ref = [t for t in ref_in if t.requires_grad]
     if diff:
         ga = torch.autograd.grad(outs, diff, grads_out, allow_unused=True)
         gb = torch.autograd.grad(exps, diff_ref, grads_out, allow_unused=True)
-        for a, b in zip(ga, gb):
+        for a, b in zip(ga, gb, strict=True):
             if a is None or b is None:
                 if (a is None) != (b is None):
                     return float("inf")

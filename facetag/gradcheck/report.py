@@ -14,8 +14,14 @@ def summarise(results: Sequence[CaseResult]) -> list[dict[str, object]]:
     for r in results:
         row = rows.setdefault(
             r.op,
-            {"op": r.op, "cases": 0, "fd_error": 0.0, "torch_error": 0.0, "passed": True,
-             "failures": []},
+            {
+                "op": r.op,
+                "cases": 0,
+                "fd_error": 0.0,
+                "torch_error": 0.0,
+                "passed": True,
+                "failures": [],
+            },
         )
         row["cases"] = int(row["cases"]) + 1  # type: ignore[call-overload]
         fd = r.fd_error if not math.isnan(r.fd_error) else math.inf
@@ -25,7 +31,8 @@ def summarise(results: Sequence[CaseResult]) -> list[dict[str, object]]:
         if not r.passed:
             row["passed"] = False
             why = r.error or (
-                "gradcheck failed" if not r.gradcheck_ok
+                "gradcheck failed"
+                if not r.gradcheck_ok
                 else f"fd {r.fd_error:.1e} / torch {r.torch_error:.1e}"
             )
             row["failures"].append(f"{r.name}: {why}")  # type: ignore[union-attr]
@@ -45,12 +52,13 @@ def format_table(rows: Sequence[dict[str, object]]) -> str:
         )
         for r in rows
     ]
-    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h)
-              for i, h in enumerate(head)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
+    widths = [
+        max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)
+    ]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
-    for r, b in zip(rows, body):
-        lines.append("  ".join(c.ljust(w) for c, w in zip(b, widths)))
+    for r, b in zip(rows, body, strict=True):
+        lines.append("  ".join(c.ljust(w) for c, w in zip(b, widths, strict=True)))
         for failure in r["failures"]:  # type: ignore[attr-defined]
             lines.append(f"    {failure}")
     n_fail = sum(not r["passed"] for r in rows)

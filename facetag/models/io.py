@@ -46,17 +46,23 @@ def load_embedder(path: Path | str, device: str = "cpu") -> LoadedEmbedder:
         )
     m = state["config"]["model"]
     net = EmbeddingNet(
-        int(state["in_channels"]), tuple(m["widths"]), int(m["embedding_dim"]),
-        m["activation"], dropout=float(m["dropout"]),
+        int(state["in_channels"]),
+        tuple(m["widths"]),
+        int(m["embedding_dim"]),
+        m["activation"],
+        dropout=float(m["dropout"]),
     )
     net.load_state_dict(state["embedder"])
     net.to(device).eval()
     threshold = state.get("threshold")
     return LoadedEmbedder(
-        net=net, path=path, in_channels=int(state["in_channels"]),
+        net=net,
+        path=path,
+        in_channels=int(state["in_channels"]),
         image_size=(int(state["image_size"][0]), int(state["image_size"][1])),
         people=list(state["people"]),
-        threshold=float(threshold) if threshold is not None else None, state=state,
+        threshold=float(threshold) if threshold is not None else None,
+        state=state,
     )
 
 
@@ -67,4 +73,3 @@ def write_threshold(path: Path | str, threshold: float, extra: dict[str, Any]) -
     state["threshold"] = float(threshold)
     state["calibration"] = extra
     save_checkpoint(path, state)
-

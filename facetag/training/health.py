@@ -63,7 +63,9 @@ class GradientHealth:
             before = self._before.get(layer)
             if before is None:
                 continue
-            delta = sum(float((p - b).pow(2).sum()) for (_, p), b in zip(params, before))
+            delta = sum(
+                float((p - b).pow(2).sum()) for (_, p), b in zip(params, before, strict=True)
+            )
             weight = sum(float(b.pow(2).sum()) for b in before)
             self._ratio_sum[layer] += math.sqrt(delta) / max(math.sqrt(weight), 1e-12)
         self._before.clear()

@@ -32,9 +32,8 @@ from facetag.data.transforms import AugmentConfig
 from facetag.device import resolve_device
 from facetag.errors import DataError, TrainingError
 from facetag.models.embedder import EmbeddingNet, FaceClassifier
-from facetag.training.health import GradientHealth
-
 from facetag.models.io import EMBEDDER_FORMAT as MODEL_FORMAT
+from facetag.training.health import GradientHealth
 
 
 @dataclass
@@ -374,9 +373,10 @@ def train(
     _, _, preds = evaluate_classifier(model, test_set, device)
     if dist.is_main:
         model_path = run_dir / "model.pt"
-        ckpt.save_checkpoint(model_path, model_file_state(
-            model, config, sp.people, in_channels, extra={"run_id": run_id or ""}
-        ))
+        ckpt.save_checkpoint(
+            model_path,
+            model_file_state(model, config, sp.people, in_channels, extra={"run_id": run_id or ""}),
+        )
         result.model_path = model_path
     dist.close()
     result.wall_seconds = time.perf_counter() - t_start
@@ -413,7 +413,7 @@ def _train_epoch(
         loss = layers.cross_entropy(logits, y, label_smoothing=config.train.label_smoothing)
         if not torch.isfinite(loss):
             raise TrainingError(
-                f"epoch {epoch}: the loss became {float(loss)} at batch {i}; "
+                f"epoch {epoch}: the loss became {float(loss.detach())} at batch {i}; "
                 "lower --lr or set [train] grad_clip"
             )
         loss.backward()
@@ -432,7 +432,7 @@ def _train_epoch(
         sched.step()
         n = y.shape[0]
         seen += n
-        loss_sum += float(loss) * n
+        loss_sum += float(loss.detach()) * n
         correct += int((logits.argmax(1) == y).sum())
         if progress is not None and dist.is_main:
             elapsed = time.perf_counter() - t0

@@ -36,7 +36,7 @@ class ProgressBar:
         done_total = (p.epoch - 1 + frac_epoch) / max(p.epochs, 1)
         elapsed = time.perf_counter() - self._t0
         eta = elapsed / done_total - elapsed if done_total > 0 else 0.0
-        filled = int(round(frac_epoch * self.width))
+        filled = round(frac_epoch * self.width)
         bar = "#" * filled + "-" * (self.width - filled)
         line = (
             f"epoch {p.epoch:>3}/{p.epochs} [{bar}] {p.batch}/{p.batches} "

@@ -119,8 +119,12 @@ def finish(hooks: MlflowHooks, trained: Trained) -> dict[str, Any]:
     cm = figures.confusion_matrix(true, pred, len(people))
     tracker.log_figure(figures.confusion_matrix_figure(cm, people), "confusion_matrix.png")
     history = [
-        {"train_loss": h.train_loss, "val_loss": h.val_loss,
-         "train_acc": h.train_accuracy, "val_acc": h.val_accuracy}
+        {
+            "train_loss": h.train_loss,
+            "val_loss": h.val_loss,
+            "train_acc": h.train_accuracy,
+            "val_acc": h.val_accuracy,
+        }
         for h in r.history
     ]
     tracker.log_figure(figures.curves_figure(history), "curves.png")
@@ -145,8 +149,9 @@ def finish(hooks: MlflowHooks, trained: Trained) -> dict[str, Any]:
         data_hash=validation_key(trained),
         checkpoint=r.model_path,
     )
-    tracker.set_tags({"registered_version": registration.version,
-                      "champion": registration.champion})
+    tracker.set_tags(
+        {"registered_version": registration.version, "champion": registration.champion}
+    )
     tracker.end()
     return {
         "registered_model": registration.name,
@@ -204,18 +209,34 @@ def run_sweep(
     experiment = base.data.name or Path(base.data.path).resolve().name
     results: list[dict[str, Any]] = []
     with Tracker.start(experiment, run_name="sweep", tags={"command": "facetag sweep"}) as parent:
-        parent.log_params({"sweep.lr": ",".join(map(str, lrs)),
-                           "sweep.batch_size": ",".join(map(str, batch_sizes))})
+        parent.log_params(
+            {
+                "sweep.lr": ",".join(map(str, lrs)),
+                "sweep.batch_size": ",".join(map(str, batch_sizes)),
+            }
+        )
         for lr in lrs:
             for bs in batch_sizes:
                 config = load_config(config_path, {**overrides, "lr": lr, "batch_size": bs})
                 hooks = MlflowHooks(config, parent=parent, run_name=f"lr={lr:g} bs={bs}")
                 trained = train(config, progress=progress, hooks=hooks)
                 registered = finish(hooks, trained)
-                results.append({"lr": lr, "batch_size": bs, "run_id": trained.result.run_id,
-                                "test_accuracy": trained.result.test_accuracy, **registered})
+                results.append(
+                    {
+                        "lr": lr,
+                        "batch_size": bs,
+                        "run_id": trained.result.run_id,
+                        "test_accuracy": trained.result.test_accuracy,
+                        **registered,
+                    }
+                )
         best = max(results, key=lambda r: r["test_accuracy"])
         parent.log_metrics({"best_test_accuracy": best["test_accuracy"]}, step=0)
-        parent.set_tags({"best_run_id": best["run_id"], "best_lr": best["lr"],
-                         "best_batch_size": best["batch_size"]})
+        parent.set_tags(
+            {
+                "best_run_id": best["run_id"],
+                "best_lr": best["lr"],
+                "best_batch_size": best["batch_size"],
+            }
+        )
         return {"parent_run_id": parent.run_id, "runs": results, "best": best}

@@ -40,17 +40,20 @@ def test_train_cli_json_records_run_in_mlflow(env):
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert set(out) >= {"run_id", "test_accuracy", "epochs", "seconds", "device"}
-    assert out["device"] == "cpu" and out["epochs"] == 2
+    assert out["device"] == "cpu"
+    assert out["epochs"] == 2
     assert 0.0 <= out["test_accuracy"] <= 1.0
     assert "epoch   2/2" in result.stderr  # the progress bar went to stderr
     run = MlflowClient(env["uri"]).get_run(out["run_id"])
     assert run.info.status == "FINISHED"
     params, metrics = run.data.params, run.data.metrics
-    assert params["train.epochs"] == "2" and params["data.split"] == "0.5"
-    assert params["data.people"] == "4" and len(params["data.content_hash"]) == 64
-    assert params["device_used"] == "cpu" and "torch_version" in params
-    for key in ("train_loss", "val_loss", "train_accuracy", "val_accuracy", "lr",
-                "images_per_s"):
+    assert params["train.epochs"] == "2"
+    assert params["data.split"] == "0.5"
+    assert params["data.people"] == "4"
+    assert len(params["data.content_hash"]) == 64
+    assert params["device_used"] == "cpu"
+    assert "torch_version" in params
+    for key in ("train_loss", "val_loss", "train_accuracy", "val_accuracy", "lr", "images_per_s"):
         assert key in metrics, key
     assert any(k.startswith("grad_norm/embedder.stages.0.conv") for k in metrics)
     assert any(k.startswith("update_ratio/embedder.fc") for k in metrics)
@@ -80,7 +83,8 @@ def test_resume_after_interruption_ends_with_same_metrics(env):
     client = MlflowClient(env["uri"])
     killed = client.search_runs(
         [client.get_experiment_by_name("smoke").experiment_id],
-        order_by=["attributes.start_time DESC"], max_results=1,
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
     )[0]
     assert killed.info.status == "KILLED"
     run_id = killed.info.run_id
@@ -117,7 +121,8 @@ def test_nan_loss_stops_run_naming_epoch_and_fails_mlflow_run(env, monkeypatch):
     client = MlflowClient(env["uri"])
     run = client.search_runs(
         [client.get_experiment_by_name("smoke").experiment_id],
-        order_by=["attributes.start_time DESC"], max_results=1,
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
     )[0]
     assert run.info.status == "FAILED"
     assert "loss became nan" in run.data.tags["failure"]
@@ -159,15 +164,28 @@ def test_unknown_config_key_names_it(env, tmp_path):
     bad.write_text("[train]\nlr_rate = 0.1\n")
     result = _cli(["train", "--config", str(bad), "--data", str(env["data"])])
     assert result.exit_code == 1
-    assert "unknown key 'lr_rate'" in result.stderr and "did you mean 'lr'" in result.stderr
+    assert "unknown key 'lr_rate'" in result.stderr
+    assert "did you mean 'lr'" in result.stderr
 
 
 def test_torchrun_two_cpu_processes_log_one_run(env, tmp_path):
     runs = tmp_path / "runs"
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-        "--master-port", "29533", "-m", "facetag", "train", "--config", str(SMOKE),
-        "--data", str(env["data"]), "--json",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29533",
+        "-m",
+        "facetag",
+        "train",
+        "--config",
+        str(SMOKE),
+        "--data",
+        str(env["data"]),
+        "--json",
     ]
     e = {**os.environ, "FACETAG_RUNS_DIR": str(runs), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=300)

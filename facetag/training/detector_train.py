@@ -1,0 +1,727 @@
+"""``facetag train-detector``: train the cascade stage by stage, tracked like ``facetag train``.
+
+For each stage (PNet, then RNet, then ONet):
+
+1. patches: windows around the training faces (positives, part faces), random and
+   near-face windows (negatives), negatives from face-free photos, positives from
+   person-folder crops, and, from the second stage on, the windows the stages trained so
+   far propose on the training photos, labelled by IoU (their false positives are the
+   hard negatives); balanced and capped (facetag.data.patches);
+2. ``epochs`` epochs of AdamW with a one-cycle schedule on
+   BCE(face logit) + box_weight * smooth L1(box offsets), with flips and colour jitter.
+
+The run has epochs * stages epochs in all. After each: the losses, the validation AP50 of
+the cascade so far on ``val_ap_images`` held-out photos, per-layer gradient norms, and an
+atomic checkpoint (``--resume RUN_ID`` continues, reusing the cached patches). At the end
+the whole validation split is scored, and the model file (format facetag-detector/1) is
+written, logged to MLflow and registered as ``facetag-detector`` (``champion`` alias when
+it beats the champion on the same validation split).
+
+Validation photos are chosen by photo with the seed (facetag.data.boxes.split_images);
+nothing is read from dlib_faces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import math
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from facetag import __version__
+from facetag.checkpoint import load_checkpoint, save_checkpoint
+from facetag.data.boxes import BoxFile, FaceBox, read_boxes, resolve_image, split_images
+from facetag.data.images import image_size, is_image_file, load_image
+from facetag.data.patches import (
+    NEG,
+    PART,
+    POS,
+    POS_NO_BOX,
+    PatchSet,
+    balance,
+    crop_positives,
+    label_windows,
+    patches_from_windows,
+    random_windows,
+)
+from facetag.detector_config import (
+    DetectorConfig,
+    detector_config_from_dict,
+    detector_config_to_dict,
+    detector_config_to_toml,
+    flatten_detector_config,
+    load_detector_config,
+)
+from facetag.device import resolve_device
+from facetag.errors import ConfigError, DataError, TrainingError
+from facetag.inference.ap import DetectionScores, score_detector
+from facetag.inference.detect import (
+    DETECTOR_FORMAT,
+    Detector,
+    DetectSettings,
+    detector_from_state,
+    square,
+)
+from facetag.layers.loss import binary_cross_entropy_with_logits, smooth_l1_loss
+from facetag.models.detector import STAGE_SIZES, Cascade, StageNet, normalize_patches
+from facetag.training.health import GradientHealth
+from facetag.training.loop import runs_dir
+from facetag.training.progress import ProgressBar
+
+REGISTERED_DETECTOR = "facetag-detector"
+MINE_THRESHOLDS = {"pnet": 0.5, "rnet": 0.5}  # stage probs kept when mining for the next stage
+# Share of each label in a stage's patches (MTCNN uses about 3:1:1 negatives:pos:part).
+LABEL_SHARE = {NEG: 0.5, POS: 0.2, PART: 0.2, POS_NO_BOX: 0.1}
+SCORE_THRESHOLD = 0.05  # the last stage's prob kept when scoring AP: the whole curve
+MAX_SIDE = 1536  # training photos are used at most this large (WIDER's are 1024 wide)
+
+
+@dataclass
+class DetectorProgress:
+    """What the progress callback gets: a phase ("patches", "train", "validate") and counts."""
+
+    phase: str
+    stage: str
+    epoch: int
+    epochs: int
+    batch: int
+    batches: int
+    loss: float = 0.0
+    accuracy: float = 0.0
+    images_per_s: float = 0.0
+    done: bool = False
+    val_ap50: float | None = None
+
+
+ProgressFn = Callable[[DetectorProgress], None]
+
+
+class DetectorProgressBar(ProgressBar):
+    """ProgressBar for train-detector: training batches as in ``facetag train``, and a
+    one-line count for the patch-building and validation phases."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        super().__init__(stream or sys.stderr)
+
+    def update(self, p: Any) -> None:
+        if p.phase == "train":
+            super().update(p)
+            if p.done and p.val_ap50 is not None:
+                self.stream.write(f"  {p.stage} epoch {p.epoch}: val AP50 {p.val_ap50:.4f}\n")
+                self.stream.flush()
+            return
+        line = f"{p.stage}: {p.phase} {p.batch}/{p.batches}"
+        if self.tty:
+            self.stream.write("\r" + line + ("\n" if p.batch == p.batches else ""))
+        elif p.batch == p.batches:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    stage: str
+    train_loss: float
+    face_loss: float
+    box_loss: float
+    face_accuracy: float
+    val_loss: float
+    val_ap50: float
+    lr: float
+    patches_per_s: float
+    seconds: float
+
+
+@dataclass
+class DetectorData:
+    """The box file split by photo, and the other folders, resolved from the config."""
+
+    root: Path
+    boxes: BoxFile
+    image_dir: Path
+    train: list[str]
+    val: list[str]
+    nonface: list[Path]
+    crop_sets: list[tuple[str, Path]]
+    data_hash: str  # box file content + validation photos: "the same validation data"
+
+    def path(self, name: str) -> Path:
+        return resolve_image(self.image_dir, name)
+
+
+def prepare_data(config: DetectorConfig) -> DetectorData:
+    """Read the box file, split photos into train/val with the seed, find the extra sets."""
+    d = config.data
+    if not d.path:
+        raise DataError(
+            "train-detector: no data root given; pass --data PATH (the folder holding "
+            f"{d.boxes}) or set [data] path"
+        )
+    root = Path(d.path)
+    if not root.is_dir():
+        raise DataError(f"{root}: expected the data folder, got no such folder; check --data")
+    box_file = root / d.boxes
+    boxes = read_boxes(box_file)
+    image_dir = root / d.images
+    if "dlib_faces" in box_file.parts or "dlib_faces" in image_dir.parts:
+        raise ConfigError(
+            f"[data] boxes: expected training boxes, got {box_file}; dlib_faces is a test "
+            "set, use it with facetag evaluate-detector only"
+        )
+    names = [n for n in boxes if resolve_image(image_dir, n).is_file()]
+    if not names:
+        raise DataError(
+            f"{image_dir}: expected the photos named in {box_file}, found none; check "
+            "[data] images"
+        )
+    train, val = split_images(names, d.val_fraction, config.train.seed)
+    if d.max_train_images:
+        rng = np.random.default_rng(config.train.seed)
+        pick = sorted(rng.choice(len(train), min(d.max_train_images, len(train)), replace=False))
+        train = [train[i] for i in pick]
+    nonface: list[Path] = []
+    if d.nonface and (root / d.nonface).is_dir():
+        nonface = sorted(p for p in (root / d.nonface).iterdir() if is_image_file(p))
+    crop_sets = [(s, root / s) for s in d.crop_sets if d.crops_per_set and (root / s).is_dir()]
+    digest = hashlib.sha256(box_file.read_bytes())
+    digest.update("\n".join(val).encode())
+    return DetectorData(root, boxes, image_dir, train, val, nonface, crop_sets,
+                        digest.hexdigest())
+
+
+def load_rgb(path: Path) -> Tensor:
+    """A photo as (3, H, W) float 0..255, shrunk to at most MAX_SIDE px."""
+    img = load_image(path, "RGB", max_side=MAX_SIDE)
+    arr = np.asarray(img, dtype=np.uint8).copy()
+    return torch.from_numpy(arr).permute(2, 0, 1).float()
+
+
+def _scaled_faces(faces: list[FaceBox], scale: float) -> list[FaceBox]:
+    if scale == 1.0:
+        return faces
+    return [FaceBox(f.x * scale, f.y * scale, f.w * scale, f.h * scale, f.invalid)
+            for f in faces]
+
+
+def _photo(data: DetectorData, name: str) -> tuple[Tensor, list[FaceBox]]:
+    """A box-file photo (3, H, W) and its faces, scaled when the photo was shrunk."""
+    path = data.path(name)
+    img = load_rgb(path)
+    return img, _scaled_faces(data.boxes[name], img.shape[2] / image_size(path)[0])
+
+
+def build_patches(
+    config: DetectorConfig,
+    data: DetectorData,
+    names: list[str],
+    kind: str,
+    previous: Detector | None,
+    seed: int,
+    progress: ProgressFn | None = None,
+    *,
+    phase: str = "patches",
+    extras: bool = True,
+) -> PatchSet:
+    """All patches of stage ``kind`` from photos ``names`` (mined with ``previous``)."""
+    t = config.train
+    size = STAGE_SIZES[kind]
+    rng = np.random.default_rng(seed)
+    parts: list[PatchSet] = []
+    photos: list[tuple[str | Path, list[FaceBox]]] = [(n, data.boxes[n]) for n in names]
+    if extras:
+        photos += [(p, []) for p in data.nonface]
+    for i, (item, faces) in enumerate(photos, start=1):
+        if isinstance(item, Path):
+            img = load_rgb(item)
+        else:
+            img, faces = _photo(data, item)
+        H, W = img.shape[1:]
+        windows = random_windows(
+            faces, W, H, rng, min_face=config.data.min_face, jitter_per_face=t.jitter_per_face,
+            # Later stages learn mostly from mined negatives: fewer random ones.
+            negatives=t.negatives_per_image * (1 if faces else 4) // (4 if previous else 1),
+            near_negatives_per_face=t.near_negatives_per_face, min_side=12,
+        )
+        if previous is not None:
+            windows = np.concatenate([windows, _mined(previous, img, faces, t, rng)])
+        parts.append(patches_from_windows(img, windows, faces, size))
+        if progress is not None:
+            progress(DetectorProgress(phase, kind, 0, 0, i, len(photos)))
+    if extras and data.crop_sets:
+        parts.append(crop_positives(data.crop_sets, size, rng, load_rgb,
+                                    config.data.crops_per_set, jitter=2))
+    patches = PatchSet.cat(parts)
+    limits = {k: int(t.max_patches * share) for k, share in LABEL_SHARE.items()}
+    # Crop positives and part faces fill what the others leave free.
+    return balance(patches, rng, limits)
+
+
+def _mined(
+    previous: Detector, img: Tensor, faces: list[FaceBox], t: Any, rng: np.random.Generator
+) -> np.ndarray:
+    """Square windows the cascade so far proposes (K, 4): every one near a face, and at most
+    ``hard_negatives_per_image`` of its false positives (the hard negatives)."""
+    stages = len(previous.cascade.kinds)
+    thresholds = tuple(MINE_THRESHOLDS[k] for k in previous.cascade.kinds)
+    boxes, _ = previous.propose(img, stages, thresholds=thresholds)
+    if boxes.numel() == 0:
+        return np.zeros((0, 4))
+    windows = square(boxes).numpy().astype(np.float64)
+    labels, _ = label_windows(windows, faces)
+    negatives = np.nonzero(labels == NEG)[0]
+    if len(negatives) > t.hard_negatives_per_image:
+        drop = rng.choice(negatives, len(negatives) - t.hard_negatives_per_image, replace=False)
+        windows = np.delete(windows, drop, axis=0)
+    return windows
+
+
+def detector_losses(
+    net: StageNet, x: Tensor, labels: Tensor, offsets: Tensor
+) -> tuple[Tensor, Tensor, int, Tensor]:
+    """(face loss (mean BCE over labelled patches), box loss (smooth L1 summed over box
+    patches), number of box patches, face logits (N,)).
+
+    x (N, 3, S, S) normalised, labels (N,), offsets (N, 4). The masks ride in the BCE
+    weights and in a target equal to the prediction (zero loss, zero gradient) for patches
+    without a box, so the graph holds only facetag ops.
+    """
+    N = x.shape[0]
+    logit, box = net(x)  # (N, 1, 1, 1), (N, 4, 1, 1)
+    is_face = (labels == POS) | (labels == POS_NO_BOX)
+    has_label = labels != PART
+    n_face = max(int(has_label.sum()), 1)
+    face_target = is_face.float().view(N, 1, 1, 1)
+    weight = (has_label.float() / n_face).view(N, 1, 1, 1)
+    face_loss = binary_cross_entropy_with_logits(logit, face_target, weight=weight,
+                                                 reduction="sum")
+    has_box = ((labels == POS) | (labels == PART)).view(N, 1, 1, 1)
+    box_target = torch.where(has_box, offsets.view(N, 4, 1, 1), box.detach())
+    box_loss = smooth_l1_loss(box, box_target, beta=1.0, reduction="sum")
+    return face_loss, box_loss, int(has_box.sum()), logit.detach().view(N)
+
+
+def augment(x: Tensor, offsets: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Random horizontal flip (offsets mirrored) and brightness/contrast jitter.
+
+    x (N, 3, S, S) float 0..255, offsets (N, 4) -> the same shapes.
+    """
+    N = x.shape[0]
+    flip = torch.rand(N, generator=g) < 0.5
+    x = torch.where(flip.view(N, 1, 1, 1), x.flip(3), x)
+    # A mirrored window: new x1 offset = -(old x2 offset), new x2 offset = -(old x1 offset).
+    mirrored = torch.stack([-offsets[:, 2], offsets[:, 1], -offsets[:, 0], offsets[:, 3]], 1)
+    offsets = torch.where(flip.view(N, 1), mirrored, offsets)
+    contrast = torch.empty(N, 1, 1, 1).uniform_(0.7, 1.3, generator=g)
+    brightness = torch.empty(N, 1, 1, 1).uniform_(-25, 25, generator=g)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = ((x - mean) * contrast + mean + brightness).clamp(0, 255)
+    grey = torch.rand(N, generator=g) < 0.1
+    x = torch.where(grey.view(N, 1, 1, 1), x.mean(dim=1, keepdim=True).expand_as(x), x)
+    return x, offsets
+
+
+@torch.no_grad()
+def patch_loss(net: StageNet, patches: PatchSet, box_weight: float, device: str) -> float:
+    """Mean loss (face + box_weight * box) of ``net`` on ``patches``, eval mode."""
+    net.eval()
+    face_sum = box_sum = 0.0
+    n_box = n = 0
+    for i in range(0, len(patches), 1024):
+        x = normalize_patches(patches.images[i:i + 1024].to(device))
+        labels = patches.labels[i:i + 1024].to(device)
+        face, box, nb, _ = detector_losses(net, x, labels, patches.offsets[i:i + 1024].to(device))
+        k = int((labels != PART).sum())
+        face_sum += float(face) * k
+        n += k
+        box_sum += float(box)
+        n_box += nb
+    return face_sum / max(n, 1) + box_weight * box_sum / max(n_box, 1)
+
+
+def make_detector(cascade: Cascade, kinds: list[str], device: str) -> Detector:
+    """A fused copy of the first stages of ``cascade`` for mining and scoring."""
+    state = {
+        "format": DETECTOR_FORMAT, "stages": kinds,
+        "widths": {k: list(cascade.stage(k).widths) for k in kinds},
+        "weights": {k: v for k, v in cascade.state_dict().items()
+                    if k.split(".")[1] in kinds},
+    }
+    return detector_from_state(state, "training", device)
+
+
+def score_photos(
+    detector: Detector, data: DetectorData, names: list[str],
+    progress: ProgressFn | None = None, stage: str = "",
+) -> DetectionScores:
+    """AP50, AP50 (>= 32 px) and recall at 1 FP/photo of ``detector`` on photos ``names``."""
+    found: dict[str, list[tuple[float, float, float, float, float]]] = {}
+    truth: dict[str, list[FaceBox]] = {}
+    for i, name in enumerate(names, start=1):
+        img, faces = _photo(data, name)
+        dets = detector.detect(img, threshold=SCORE_THRESHOLD)  # (K, 5)
+        found[name] = [tuple(r) for r in dets.tolist()]  # type: ignore[misc]
+        truth[name] = faces
+        if progress is not None:
+            progress(DetectorProgress("validate", stage, 0, 0, i, len(names)))
+    return score_detector(found, truth)
+
+
+class DetectorHooks:
+    """The MLflow run of train-detector (facetag.training.tracking, imported lazily)."""
+
+    def __init__(self, config: DetectorConfig) -> None:
+        from facetag.training.tracking import Tracker
+
+        self._Tracker = Tracker
+        self.config = config
+        self.tracker: Any = None
+
+    def start(self, params: Mapping[str, object]) -> str:
+        self.tracker = self._Tracker.start(
+            self.config.data.name, tags={"command": "facetag train-detector"}
+        )
+        self.tracker.log_params(params)
+        self.tracker.log_text(detector_config_to_toml(self.config), "config.toml")
+        return str(self.tracker.run_id)
+
+    def resume(self, run_id: str) -> None:
+        self.tracker = self._Tracker.resume(run_id, experiment=self.config.data.name)
+
+    def epoch(self, r: EpochRecord, health: dict[str, tuple[float, float]]) -> None:
+        self.tracker.log_metrics({
+            "train_loss": r.train_loss, "face_loss": r.face_loss, "box_loss": r.box_loss,
+            "face_accuracy": r.face_accuracy, "val_loss": r.val_loss, "val_ap50": r.val_ap50,
+            "lr": r.lr, "patches_per_s": r.patches_per_s, "epoch_seconds": r.seconds,
+        }, step=r.epoch)
+        self.tracker.log_layer_health(health, step=r.epoch)
+
+    def failed(self, message: str, interrupted: bool = False) -> None:
+        if self.tracker is not None and not self.tracker.ended:
+            self.tracker.end("KILLED" if interrupted else "FAILED", message)
+
+
+class _MapsForLogging(nn.Module):
+    """PNet as a plain Tensor -> Tensor model for MLflow: (N, 3, H, W) normalised ->
+    (N, 5, h, w) face probability and box offsets (the pyfunc flavour's view)."""
+
+    def __init__(self, pnet: StageNet) -> None:
+        super().__init__()
+        self.pnet = pnet
+
+    def forward(self, x: Tensor) -> Tensor:
+        logit, box = self.pnet(x)
+        return torch.cat([torch.sigmoid(logit), box], dim=1)
+
+
+@dataclass
+class DetectorResult:
+    run_id: str | None
+    model_path: Path
+    scores: DetectionScores
+    history: list[EpochRecord] = field(default_factory=list)
+    seconds: float = 0.0
+    device: str = "cpu"
+    registered: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id, "model_path": str(self.model_path),
+            "val_ap50": self.scores.ap50, "val_ap50_32": self.scores.ap50_32,
+            "val_recall_at_1fp": self.scores.recall_at_1fp, "val_faces": self.scores.faces,
+            "val_images": self.scores.images, "epochs": len(self.history),
+            "seconds": round(self.seconds, 1), "device": self.device,
+            "torch_threads": torch.get_num_threads(), **self.registered,
+        }
+
+
+def model_state(cascade: Cascade, config: DetectorConfig, scores: DetectionScores,
+                run_id: str | None) -> dict[str, Any]:
+    """The detector model file: weights (unfused), config, stages, settings and scores."""
+    weights = {k: v.detach().cpu() for k, v in cascade.state_dict().items()}
+    digest = hashlib.sha256()
+    for name, t in weights.items():
+        digest.update(name.encode())
+        digest.update(t.contiguous().numpy().tobytes())
+    settings = dataclasses.asdict(DetectSettings())
+    return {
+        "format": DETECTOR_FORMAT,
+        "model_id": f"detector-{digest.hexdigest()[:16]}",
+        "facetag_version": __version__,
+        "config": detector_config_to_dict(config),
+        "stages": cascade.kinds,
+        "widths": {k: list(cascade.stage(k).widths) for k in cascade.kinds},
+        "weights": weights,
+        "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},
+        "validation": scores.as_dict(),
+        "run_id": run_id or "",
+    }
+
+
+def resolve_detector_config(
+    config_path: Path | None, overrides: Mapping[str, object], resume: str | None
+) -> DetectorConfig:
+    """defaults < TOML < flags; a resumed run takes the config stored in its checkpoint."""
+    if resume is None:
+        return load_detector_config(config_path, overrides)
+    ckpt = runs_dir() / resume / "checkpoint.pt"
+    if not ckpt.is_file():
+        raise ConfigError(
+            f"--resume {resume}: expected a checkpoint at {ckpt}, got none; check the run id "
+            "(train-detector prints it) and FACETAG_RUNS_DIR"
+        )
+    changed = sorted(k for k in overrides if k not in ("device", "data"))
+    if changed or config_path is not None:
+        what = ", ".join(f"--{k.replace('_', '-')}" for k in changed) or "--config"
+        raise ConfigError(
+            f"--resume {resume}: {what} cannot change a run that has started; resume with "
+            "only --resume (and optionally --device or --data)"
+        )
+    d = detector_config_to_dict(
+        detector_config_from_dict(load_checkpoint(ckpt)["config"], source=str(ckpt))
+    )
+    if overrides.get("device"):
+        d["train"]["device"] = overrides["device"]
+    if overrides.get("data"):
+        d["data"]["path"] = overrides["data"]
+    return detector_config_from_dict(d, source=f"--resume {resume}")
+
+
+def train_detector(
+    config_path: Path | None,
+    overrides: Mapping[str, object],
+    *,
+    resume: str | None = None,
+    progress: ProgressFn | None = None,
+    track: bool = True,
+    out: Path | None = None,
+) -> DetectorResult:
+    """Train (or resume) the cascade; returns the result, the model file written.
+
+    ``out``, when given, also receives a copy of the model file (``make weights`` writes
+    facetag/weights/detector.pt this way).
+    """
+    config = resolve_detector_config(config_path, overrides, resume)
+    device = resolve_device(config.train.device)
+    data = prepare_data(config)
+    kinds = list(config.model.stages)
+    widths = {"pnet": config.model.pnet_widths, "rnet": config.model.rnet_widths,
+              "onet": config.model.onet_widths}
+    torch.manual_seed(config.train.seed)
+    cascade = Cascade(widths, kinds).to(device)
+    E = config.train.epochs
+    hooks = DetectorHooks(config) if track else None
+    history: list[EpochRecord] = []
+    start_epoch = 1
+    opt_state: dict[str, Any] | None = None
+    if resume is not None:
+        state = load_checkpoint(runs_dir() / resume / "checkpoint.pt")
+        cascade.load_state_dict(state["cascade"])
+        history = [EpochRecord(**h) for h in state["history"]]
+        start_epoch = int(state["epoch"]) + 1
+        opt_state = state if start_epoch <= E * len(kinds) and (start_epoch - 1) % E else None
+        run_id: str | None = resume
+        if hooks is not None:
+            hooks.resume(resume)
+    else:
+        params = {
+            **flatten_detector_config(config),
+            "data.resolved_path": str(data.root.resolve()),
+            "data.content_hash": data.data_hash,
+            "data.train_images": len(data.train), "data.val_images": len(data.val),
+            "data.nonface_images": len(data.nonface),
+            "device_used": device, "facetag_version": __version__,
+            "torch_version": torch.__version__,
+            "parameters": sum(p.numel() for p in cascade.parameters()),
+        }
+        run_id = hooks.start(params) if hooks is not None else None
+    run_dir = runs_dir() / (run_id or "local")
+    val_subset = data.val[: config.data.val_ap_images]
+    t_start = time.perf_counter()
+    try:
+        for s_index, kind in enumerate(kinds):
+            first, last = s_index * E + 1, (s_index + 1) * E
+            if last < start_epoch:
+                continue
+            net = cascade.stage(kind)
+            previous = make_detector(cascade, kinds[:s_index], device) if s_index else None
+            seed = config.train.seed * 1000 + s_index
+            train_set = _cached_patches(
+                run_dir / f"patches_{kind}.pt",
+                functools.partial(build_patches, config, data, data.train, kind, previous, seed,
+                                  progress),
+            )
+            val_set = _cached_patches(
+                run_dir / f"val_patches_{kind}.pt",
+                functools.partial(build_patches, config, data, val_subset, kind, previous,
+                                  seed + 500, progress, phase="val patches", extras=False),
+            )
+            opt = torch.optim.AdamW(_param_groups(net, config.train.weight_decay),
+                                    lr=config.train.lr)
+            steps = len(train_set) // config.train.batch_size
+            sched = torch.optim.lr_scheduler.OneCycleLR(
+                opt, max_lr=config.train.lr, total_steps=max(steps * E, 1), pct_start=0.2
+            )
+            if opt_state is not None and first < start_epoch:
+                opt.load_state_dict(opt_state["optimizer"])
+                sched.load_state_dict(opt_state["scheduler"])
+                opt_state = None
+            health = GradientHealth(net)
+            for epoch in range(max(first, start_epoch), last + 1):
+                record = _train_epoch(net, train_set, opt, sched, health, config, epoch,
+                                      E * len(kinds), kind, device, progress)
+                record.val_loss = patch_loss(net, val_set, config.train.box_weight, device)
+                scorer = make_detector(cascade, kinds[: s_index + 1], device)
+                record.val_ap50 = score_photos(scorer, data, val_subset, progress, kind).ap50
+                history.append(record)
+                if progress is not None:
+                    progress(DetectorProgress("train", kind, epoch, E * len(kinds), steps,
+                                              steps, record.train_loss, record.face_accuracy,
+                                              record.patches_per_s, done=True,
+                                              val_ap50=record.val_ap50))
+                if hooks is not None:
+                    hooks.epoch(record, {f"{kind}.{k}": v for k, v in health.summary().items()})
+                save_checkpoint(run_dir / "checkpoint.pt", {
+                    "cascade": cascade.state_dict(), "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "epoch": epoch,
+                    "history": [vars(h) for h in history],
+                    "config": detector_config_to_dict(config), "run_id": run_id or "",
+                })
+        final = make_detector(cascade, kinds, device)
+        scores = score_photos(final, data, data.val, progress, "cascade")
+    except TrainingError as e:
+        if hooks is not None:
+            hooks.failed(str(e))
+        raise
+    except KeyboardInterrupt:
+        if hooks is not None:
+            hooks.failed(f"interrupted; continue with --resume {run_id}", interrupted=True)
+        raise
+    model_path = save_checkpoint(run_dir / "detector.pt",
+                                 model_state(cascade.cpu(), config, scores, run_id))
+    if out is not None:
+        save_checkpoint(out, load_checkpoint(model_path))
+    result = DetectorResult(run_id, model_path, scores, history,
+                            time.perf_counter() - t_start, device)
+    if hooks is not None:
+        result.registered = _finish(hooks, cascade, scores, data, model_path)
+    return result
+
+
+def _finish(hooks: DetectorHooks, cascade: Cascade, scores: DetectionScores,
+            data: DetectorData, model_path: Path) -> dict[str, Any]:
+    tracker = hooks.tracker
+    tracker.log_metrics({f"final_val_{k}": float(v) for k, v in scores.as_dict().items()},
+                        step=len(cascade.kinds) * hooks.config.train.epochs)
+    pnet = make_detector(cascade, cascade.kinds, "cpu").cascade.stage("pnet")
+    example = torch.zeros(1, 3, 24, 24)
+    registration = tracker.log_model(
+        _MapsForLogging(pnet), name="detector", input_example=example,
+        registered_name=REGISTERED_DETECTOR, metric_name="val_ap50",
+        metric_value=scores.ap50, data_hash=data.data_hash, checkpoint=model_path,
+    )
+    tracker.set_tags({"registered_version": registration.version,
+                      "champion": registration.champion})
+    tracker.end()
+    return {"registered_model": registration.name, "version": registration.version,
+            "champion": registration.champion, "champion_reason": registration.reason}
+
+
+def _cached_patches(path: Path, build: Callable[[], PatchSet]) -> PatchSet:
+    """Patches from ``path`` when an earlier attempt of this run saved them, else built."""
+    if path.is_file():
+        s = load_checkpoint(path)
+        return PatchSet(s["images"], s["labels"], s["offsets"])
+    patches = build()
+    save_checkpoint(path, {"images": patches.images, "labels": patches.labels,
+                           "offsets": patches.offsets})
+    return patches
+
+
+def _param_groups(net: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    # No decay on batch-norm, PReLU and bias vectors (as facetag train).
+    return [
+        {"params": [p for p in net.parameters() if p.ndim > 1], "weight_decay": weight_decay},
+        {"params": [p for p in net.parameters() if p.ndim <= 1], "weight_decay": 0.0},
+    ]
+
+
+def _train_epoch(
+    net: StageNet, patches: PatchSet, opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler, health: GradientHealth,
+    config: DetectorConfig, epoch: int, epochs: int, kind: str, device: str,
+    progress: ProgressFn | None,
+) -> EpochRecord:
+    t = config.train
+    g = torch.Generator().manual_seed(t.seed * 1_000_003 + epoch)
+    order = torch.randperm(len(patches), generator=g)
+    B = t.batch_size
+    batches = len(patches) // B  # the last partial batch is dropped: batch norm needs N >= 2
+    net.train()
+    health.reset()
+    t0 = time.perf_counter()
+    face_sum = box_sum = 0.0
+    n_face = n_box = correct = seen = 0
+    lr = opt.param_groups[0]["lr"]
+    for i in range(1, batches + 1):
+        idx = order[(i - 1) * B : i * B]
+        x, offsets = augment(patches.images[idx].float(), patches.offsets[idx], g)
+        x, offsets = normalize_patches(x).to(device), offsets.to(device)
+        labels = patches.labels[idx].to(device)
+        opt.zero_grad(set_to_none=True)
+        face, box, nb, logits = detector_losses(net, x, labels, offsets)
+        if not (torch.isfinite(face) and torch.isfinite(box)):
+            raise TrainingError(
+                f"epoch {epoch} ({kind}): the loss became NaN or infinite at batch {i}; "
+                "lower --lr"
+            )
+        # Two roots, each with its weight as the incoming gradient: no sum node needed.
+        torch.autograd.backward(
+            [face, box],
+            [torch.ones((), device=device), torch.tensor(t.box_weight / max(nb, 1), device=device)],
+        )
+        bad = health.first_non_finite()
+        if bad is not None:
+            raise TrainingError(
+                f"epoch {epoch} ({kind}): the gradient of layer '{bad}' became NaN or "
+                f"infinite at batch {i}; lower --lr"
+            )
+        health.before_step()
+        lr = opt.param_groups[0]["lr"]
+        opt.step()
+        health.after_step()
+        sched.step()
+        has_label = labels != PART
+        k = int(has_label.sum())
+        face_sum += float(face) * k
+        n_face += k
+        box_sum += float(box)
+        n_box += nb
+        is_face = (labels == POS) | (labels == POS_NO_BOX)
+        correct += int((((logits > 0) == is_face) & has_label).sum())
+        seen += B
+        if progress is not None:
+            progress(DetectorProgress(
+                "train", kind, epoch, epochs, i, batches,
+                face_sum / max(n_face, 1) + t.box_weight * box_sum / max(n_box, 1),
+                correct / max(n_face, 1), seen / max(time.perf_counter() - t0, 1e-9),
+            ))
+    seconds = time.perf_counter() - t0
+    face_loss, box_loss = face_sum / max(n_face, 1), box_sum / max(n_box, 1)
+    return EpochRecord(
+        epoch=epoch, stage=kind, train_loss=face_loss + t.box_weight * box_loss,
+        face_loss=face_loss, box_loss=box_loss, face_accuracy=correct / max(n_face, 1),
+        val_loss=math.nan, val_ap50=math.nan, lr=lr, patches_per_s=seen / max(seconds, 1e-9),
+        seconds=seconds,
+    )
+
