@@ -25,8 +25,10 @@ from facetag.training.evaluate import (
     format_result,
     impostors_needed,
     pair_scores,
+    thin_roc,
     verify,
 )
+from facetag.training.figures import roc_auc
 
 SMOKE = Path(__file__).resolve().parents[2] / "experiments" / "configs" / "smoke.toml"
 
@@ -163,6 +165,19 @@ def test_distance_cuts_lie_between_observed_distances():
     assert cuts[0] < 0.0  # accepts nothing, not even identical embeddings
     torch.testing.assert_close(cuts[1:3], torch.tensor([0.25, 1.25], dtype=torch.float64))
     assert cuts[3] > 2.0  # accepts everything
+
+
+def test_thin_roc_keeps_the_shape_of_a_long_curve():
+    g = torch.Generator().manual_seed(2)
+    scores = torch.randn(200_000, generator=g, dtype=torch.float64)
+    same = torch.rand(200_000, generator=g) < 0.1
+    scores[same] += 1.5  # a fair verifier: AUC ~0.85
+    v = verify(scores, same)
+    keep = thin_roc(v.fpr, v.tpr)
+    assert keep[0] == 0
+    assert keep[-1] == v.fpr.numel() - 1
+    assert keep.numel() < 3 * 2000 + 40 < v.fpr.numel()
+    assert roc_auc(v.fpr[keep], v.tpr[keep]) == pytest.approx(v.auc, abs=1e-3)
 
 
 def test_verify_rejects_pairs_of_one_kind():
