@@ -495,3 +495,43 @@ def bench_detect_cmd(
             f"(after the first pass {r['peak_rss_mb_first_pass']:.0f} MiB)"
         )
     )
+
+
+@app.command()
+def evaluate(
+    model: Annotated[
+        str, typer.Option(help="Model file, runs:/<run>/<path> or models:/<name>@<alias>.")
+    ],
+    data: Annotated[
+        Path | None,
+        typer.Option(exists=True, file_okay=False, help="Person folders; default: the model's."),
+    ] = None,
+    split: Annotated[
+        str | None, typer.Option(help="e.g. 5/5 or 0.8; default: the model's.")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Split seed; default: the model's.")] = None,
+    device: DeviceOpt = Device.auto,
+    log: Annotated[bool, typer.Option(help="Log metrics and ROC to the model's run.")] = True,
+    store_threshold: Annotated[
+        bool, typer.Option(help="Store the calibrated threshold with the model.")
+    ] = True,
+    as_json: JsonOpt = False,
+) -> None:
+    """Closed-set accuracy and open-set verification (ROC, EER, TAR@FAR, threshold)."""
+    from facetag.device import resolve_device
+    from facetag.training.evaluate import evaluate as run_evaluate
+    from facetag.training.evaluate import format_result
+
+    try:
+        result = run_evaluate(
+            model,
+            data,
+            split=split,
+            seed=seed,
+            device=resolve_device(device.value),
+            log=log,
+            store_threshold=store_threshold,
+        )
+    except FacetagError as e:
+        raise _fail(e) from None
+    typer.echo(json.dumps(result, indent=2) if as_json else format_result(result))

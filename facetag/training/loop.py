@@ -17,7 +17,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -268,6 +268,8 @@ def train(
         device = dist.device(device)
     if not config.data.path:
         raise DataError("train: no dataset given; pass --data PATH or set [data] path")
+    # Absolute, so a model file can be evaluated from any working directory.
+    config = replace(config, data=replace(config.data, path=str(Path(config.data.path).resolve())))
     folder = scan_folder(config.data.path)
     sp = split(folder, config.data.split, config.train.seed)
     in_channels = _channels(config, folder)
