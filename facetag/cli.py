@@ -6,7 +6,7 @@ import contextlib
 import json
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -535,3 +535,170 @@ def evaluate(
     except FacetagError as e:
         raise _fail(e) from None
     typer.echo(json.dumps(result, indent=2) if as_json else format_result(result))
+
+
+# --- tagging commands ---
+
+
+class _PhotoBar:
+    """photos/s and ETA on stderr (redrawn on a terminal, a line every 30 s in a log)."""
+
+    def __init__(self) -> None:
+        import sys
+
+        self.stream = sys.stderr
+        self.tty = self.stream.isatty()
+        self.dirty = False
+        self.last = 0.0
+
+    def __enter__(self) -> _PhotoBar:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self.dirty:
+            self.stream.write("\n")
+        self.stream.flush()
+
+    def update(self, p: Any) -> None:
+        import time
+
+        line = f"{p.done}/{p.total} photos  {p.photos_per_s:.2f} photos/s  ETA {p.eta_s:.0f} s"
+        now = time.monotonic()
+        if self.tty:
+            self.stream.write("\r" + line + " " * 8)
+            self.dirty = True
+        elif p.done == p.total or now - self.last >= 30:
+            self.stream.write(line + "\n")
+            self.last = now
+        self.stream.flush()
+
+    def message(self, text: str) -> None:
+        if self.dirty:
+            self.stream.write("\n")
+            self.dirty = False
+        typer.secho(f"error: {text}", fg=typer.colors.RED, err=True)
+
+
+def _distance(value: float | None) -> float | None:
+    if value is not None and not 0 < value < 2:
+        raise typer.BadParameter(f"expected a cosine distance in (0, 2), got {value}")
+    return value
+
+
+EmbedderOpt = Annotated[
+    str | None,
+    typer.Option("--model", help="Embedder: a model.pt, runs:/... or models:/... "
+                 "(default: the shipped one)."),
+]
+FaceDetectorOpt = Annotated[
+    str | None,
+    typer.Option("--detector", help="Detector: a checkpoint, runs:/..., models:/..., or 'none' "
+                 "when each photo is already a face crop (default: the shipped one)."),
+]
+TagBatchOpt = Annotated[int, typer.Option(min=1, help="Faces per embedding batch.")]
+WorkersOpt = Annotated[int, typer.Option(min=0, help="Photo-decoding processes (0: none).")]
+
+
+@app.command()
+def enroll(
+    people_dir: Annotated[Path, typer.Argument(help="PEOPLE_DIR/<person>/*.jpg, whole photos.")],
+    gallery: Annotated[Path, typer.Option(dir_okay=False, help="Gallery file to write.")],
+    model: EmbedderOpt = None,
+    detector: FaceDetectorOpt = None,
+    device: DeviceOpt = Device.auto,
+    batch_size: TagBatchOpt = 64,
+    workers: WorkersOpt = 0,
+) -> None:
+    """Enrol the people of PEOPLE_DIR; enrolling again re-embeds only changed photos."""
+    from facetag.inference.tag import enroll as enroll_people
+    from facetag.inference.tag import load_models
+
+    try:
+        models = load_models(model, detector, device.value)
+        typer.echo(f"device: {models.device}", err=True)
+        with _PhotoBar() as bar:
+            r = enroll_people(people_dir, gallery, models, batch_size=batch_size,
+                              workers=workers, on_message=bar.message, progress=bar.update)
+    except FacetagError as e:
+        raise _fail(e) from None
+    typer.echo(f"{r.gallery}: {r.people} people, {r.photos} photos ({r.embedded} embedded, "
+               f"{r.kept} unchanged, {r.removed} removed, {r.skipped} skipped), model "
+               f"{r.model} on {r.device}")
+
+
+@app.command()
+def tag(
+    photos: Annotated[list[Path], typer.Argument(help="Photos or folders of photos.")],
+    gallery: Annotated[Path, typer.Option(dir_okay=False, help="From facetag enroll.")],
+    recursive: Annotated[bool, typer.Option(help="Look in sub-folders too.")] = False,
+    as_json: JsonOpt = False,
+    csv: Annotated[Path | None, typer.Option(dir_okay=False, help="Write a CSV here.")] = None,
+    xmp: Annotated[bool, typer.Option(help="Write face regions to XMP sidecars.")] = False,
+    annotate: Annotated[
+        Path | None, typer.Option(file_okay=False, help="Write annotated copies here.")
+    ] = None,
+    threshold: Annotated[
+        float | None, typer.Option(callback=_distance, help="Cosine distance to name a face.")
+    ] = None,
+    device: DeviceOpt = Device.auto,
+    batch_size: TagBatchOpt = 64,
+    workers: WorkersOpt = 0,
+    model: EmbedderOpt = None,
+    detector: FaceDetectorOpt = None,
+    manifest: Annotated[
+        Path | None, typer.Option(dir_okay=False, help="Resume file [beside --csv/--annotate].")
+    ] = None,
+) -> None:
+    """Name the faces in PHOTOS; rerunning skips finished photos. Exit 1 if any failed."""
+    from facetag.inference.tag import TagOptions, load_models, tag_photos
+    from facetag.inference.writers import format_tags, to_json
+
+    options = TagOptions(recursive=recursive, batch_size=batch_size, workers=workers, csv=csv,
+                         xmp=xmp, annotate=annotate, manifest=manifest)
+    try:
+        models = load_models(model, detector, device.value, threshold)
+        typer.echo(f"device: {models.device}", err=True)
+        with _PhotoBar() as bar:
+            run = tag_photos(photos, gallery, models, options, on_message=bar.message,
+                             progress=bar.update)
+    except FacetagError as e:
+        raise _fail(e) from None
+    typer.echo(to_json(run.doc) if as_json else format_tags(run.doc))
+    if run.failed:
+        raise typer.Exit(code=1)
+
+
+@bench_app.command("tag")
+def bench_tag_cmd(
+    folder: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="Photos.")],
+    gallery: Annotated[
+        Path | None, typer.Option(dir_okay=False, help="Default: 8 random people.")
+    ] = None,
+    device: DeviceOpt = Device.auto,
+    batch_size: TagBatchOpt = 64,
+    workers: WorkersOpt = 0,
+    repeats: Annotated[int, typer.Option(min=1, help="Passes over the folder.")] = 2,
+    model: EmbedderOpt = None,
+    detector: FaceDetectorOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Photos/s of facetag tag end to end over FOLDER (decode, detect, embed, match)."""
+    import tempfile
+
+    from facetag.inference.tag import bench_tag, load_models
+
+    try:
+        models = load_models(model, detector, device.value, 0.5)
+        with tempfile.TemporaryDirectory(prefix="facetag-bench-") as scratch:
+            r = bench_tag(folder, models, gallery_path=gallery, batch_size=batch_size,
+                          workers=workers, repeats=repeats, scratch=Path(scratch))
+    except FacetagError as e:
+        raise _fail(e) from None
+    typer.echo(
+        json.dumps(r, indent=2) if as_json else
+        f"tag on {r['device']} ({r['torch_threads']} threads, {r['workers']} workers): "
+        f"{r['photos_per_s']:.2f} photos/s over {r['photos']} photos "
+        f"({r['distinct_photos']} distinct), {r['faces_per_photo']} faces/photo\n"
+        f"peak memory {r['peak_rss_mb']:.0f} MiB (after the first pass "
+        f"{r['peak_rss_mb_first_pass']:.0f} MiB)"
+    )
