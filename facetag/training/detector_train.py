@@ -342,9 +342,9 @@ def patch_loss(net: StageNet, patches: PatchSet, box_weight: float, device: str)
         labels = patches.labels[i:i + 1024].to(device)
         face, box, nb, _ = detector_losses(net, x, labels, patches.offsets[i:i + 1024].to(device))
         k = int((labels != PART).sum())
-        face_sum += float(face) * k
+        face_sum += float(face.detach()) * k
         n += k
-        box_sum += float(box)
+        box_sum += float(box.detach())
         n_box += nb
     return face_sum / max(n, 1) + box_weight * box_sum / max(n_box, 1)
 
@@ -703,9 +703,9 @@ def _train_epoch(
         sched.step()
         has_label = labels != PART
         k = int(has_label.sum())
-        face_sum += float(face) * k
+        face_sum += float(face.detach()) * k
         n_face += k
-        box_sum += float(box)
+        box_sum += float(box.detach())
         n_box += nb
         is_face = (labels == POS) | (labels == POS_NO_BOX)
         correct += int((((logits > 0) == is_face) & has_label).sum())

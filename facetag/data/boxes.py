@@ -1,0 +1,194 @@
+"""Face box files: the WIDER FACE text format and CSV, read into one shape.
+
+Two layouts are read (boxes are ``x, y, w, h`` in pixels, top-left origin, in the image as
+stored):
+
+- WIDER FACE ``wider_face_train_bbx_gt.txt``: an image path, the number of faces, then one
+  line per face ``x y w h blur expression illumination invalid occlusion pose`` (an image
+  with no face has count 0 and one line of zeros);
+- CSV with a header naming at least ``image, x, y, w, h``; optional columns ``invalid``
+  (1 = an ignored region when scoring) and ``split`` (kept as given). Both
+  ``wider_train/boxes.csv`` and ``dlib_faces/boxes.csv`` have this shape.
+
+    boxes = read_boxes(Path("wider_train/wider_face_train_bbx_gt.txt"))
+    boxes["1--Handshaking/1_Handshaking_Handshaking_1_105.jpg"][0].xyxy  # (178, 112, 236, 242)
+    train, val = split_images(list(boxes), val_fraction=0.15, seed=0)
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from facetag.errors import DataError
+
+BoxFile = dict[str, list["FaceBox"]]  # image path (relative, as in the file) -> its faces
+
+_CSV_REQUIRED = ("image", "x", "y", "w", "h")
+
+
+@dataclass(frozen=True)
+class FaceBox:
+    """One labelled face: ``x, y, w, h`` in pixels; ``invalid`` faces are ignored regions."""
+
+    x: float
+    y: float
+    w: float
+    h: float
+    invalid: bool = False
+
+    @property
+    def xyxy(self) -> tuple[float, float, float, float]:
+        """(x1, y1, x2, y2) corners."""
+        return (self.x, self.y, self.x + self.w, self.y + self.h)
+
+
+def read_boxes(path: Path | str) -> BoxFile:
+    """Read a WIDER-format text file or a CSV (chosen by the ``.csv`` suffix).
+
+    Returns {image path as written in the file: [FaceBox, ...]} in file order; images with
+    no face map to an empty list. Raises DataError naming the file and line for anything
+    malformed (a missing count, a short face line, a non-number, a negative size).
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{p}: no such box file; check the path") from None
+    except IsADirectoryError:
+        raise DataError(f"{p}: expected a box file (WIDER .txt or .csv), got a folder") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{p}: expected a text box file, got binary data") from None
+    except OSError as e:
+        raise DataError(f"{p}: cannot read the box file ({e.strerror}); check it") from None
+    boxes = _read_csv(p, text) if p.suffix.lower() == ".csv" else _read_wider(p, text)
+    if not boxes:
+        raise DataError(
+            f"{p}: expected at least one image with its boxes, got none; is it the right file?"
+        )
+    return boxes
+
+
+def _number(p: Path, line_no: int, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise DataError(f"{p}:{line_no}: expected a number, got {text!r}; fix that line") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise DataError(f"{p}:{line_no}: expected a finite number, got {text!r}")
+    return value
+
+
+def _face(p: Path, line_no: int, x: str, y: str, w: str, h: str, invalid: bool) -> FaceBox:
+    box = FaceBox(
+        _number(p, line_no, x),
+        _number(p, line_no, y),
+        _number(p, line_no, w),
+        _number(p, line_no, h),
+        invalid,
+    )
+    if box.w < 0 or box.h < 0:
+        raise DataError(f"{p}:{line_no}: expected a box width and height >= 0, got w={w}, h={h}")
+    return box
+
+
+def _read_wider(p: Path, text: str) -> BoxFile:
+    lines = [(i + 1, line.strip()) for i, line in enumerate(text.splitlines())]
+    lines = [(n, line) for n, line in lines if line]
+    boxes: BoxFile = {}
+    i = 0
+    while i < len(lines):
+        n, image = lines[i]
+        if i + 1 >= len(lines):
+            raise DataError(f"{p}:{n}: expected a face count after image {image!r}, got the end")
+        count_no, count_text = lines[i + 1]
+        if not count_text.isdigit():
+            raise DataError(
+                f"{p}:{count_no}: expected the number of faces of {image!r}, got {count_text!r}; "
+                "is this a WIDER FACE box file?"
+            )
+        count = int(count_text)
+        faces: list[FaceBox] = []
+        # An image without faces is written with count 0 and one line of zeros.
+        rows = count
+        if count == 0 and i + 2 < len(lines) and _all_numbers(lines[i + 2][1]):
+            rows = 1
+        for k in range(rows):
+            if i + 2 + k >= len(lines):
+                raise DataError(
+                    f"{p}:{count_no}: expected {count} face lines for {image!r}, got {k}"
+                )
+            line_no, row = lines[i + 2 + k]
+            fields = row.split()
+            if len(fields) < 4:
+                raise DataError(
+                    f"{p}:{line_no}: expected 'x y w h [blur expression illumination invalid "
+                    f"occlusion pose]', got {row!r}"
+                )
+            if count == 0:
+                continue
+            invalid = len(fields) >= 8 and fields[7] == "1"
+            faces.append(_face(p, line_no, *fields[:4], invalid))
+        boxes.setdefault(image, []).extend(faces)
+        i += 2 + rows
+    return boxes
+
+
+def _all_numbers(row: str) -> bool:
+    try:
+        return all(float(f) == float(f) for f in row.split())
+    except ValueError:
+        return False
+
+
+def _read_csv(p: Path, text: str) -> BoxFile:
+    reader = csv.DictReader(text.splitlines())
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    missing = [c for c in _CSV_REQUIRED if c not in header]
+    if missing:
+        raise DataError(
+            f"{p}: expected CSV columns {', '.join(_CSV_REQUIRED)} (optional invalid), got "
+            f"{', '.join(header) or 'no header'}; missing {', '.join(missing)}"
+        )
+    reader.fieldnames = header
+    boxes: BoxFile = {}
+    for line_no, row in enumerate(reader, start=2):
+        image = (row.get("image") or "").strip()
+        if not image:
+            raise DataError(f"{p}:{line_no}: expected an image path, got an empty one")
+        values = [(row.get(c) or "").strip() for c in ("x", "y", "w", "h")]
+        if all(v == "" for v in values):  # an image listed with no face
+            boxes.setdefault(image, [])
+            continue
+        invalid = (row.get("invalid") or "0").strip() in ("1", "true", "True")
+        boxes.setdefault(image, []).append(_face(p, line_no, *values, invalid))
+    return boxes
+
+
+def split_images(
+    images: Sequence[str], val_fraction: float, seed: int
+) -> tuple[list[str], list[str]]:
+    """Split image names (not faces: all faces of a photo stay together) into train and val.
+
+    The same names, fraction and seed give the same split; both lists keep sorted order.
+    """
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"split_images: expected val_fraction in [0, 1), got {val_fraction}")
+    names = sorted(set(images))
+    shuffled = names[:]
+    random.Random(seed).shuffle(shuffled)
+    n_val = round(len(names) * val_fraction)
+    val = set(shuffled[:n_val])
+    return [n for n in names if n not in val], [n for n in names if n in val]
+
+
+def resolve_image(root: Path, name: str) -> Path:
+    """The file of image ``name`` under ``root`` (WIDER's ``images/`` folder is tried too)."""
+    direct = root / name
+    if direct.is_file():
+        return direct
+    nested = root / "images" / name
+    return nested if nested.is_file() else direct

@@ -1,0 +1,237 @@
+"""Training patches for the detector cascade: positives, part faces, negatives, hard negatives.
+
+Every patch is a square window of a photo resized to the stage's input (12, 24 or 48 px),
+labelled by its IoU with the photo's face boxes, as MTCNN does:
+
+    IoU >= 0.65        positive  (face logit 1, box offsets learnt)
+    0.4 <= IoU < 0.65  part      (box offsets learnt, no face label: it is neither)
+    IoU < 0.3          negative  (face logit 0)
+    in between         not used
+
+plus ``POS_NO_BOX`` positives from person-folder crops (aligned faces whose box in WIDER's
+convention is only roughly known: they teach "face", not where its edges are).
+
+Windows are cut out with ``crop_windows`` (roi_align with one sample per source pixel,
+i.e. area averaging), the same function the detector uses at inference, so a training patch
+and a detection crop of the same window are the same pixels. Patches are stored as uint8.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torchvision.ops import roi_align
+
+from facetag.data.boxes import FaceBox
+from facetag.inference.ap import iou_matrix
+
+NEG, POS, PART, POS_NO_BOX = 0, 1, 2, 3
+POS_IOU, PART_IOU, NEG_IOU = 0.65, 0.4, 0.3
+
+# Where the face is in aligned crops of the person-folder sets, as (centre x, centre y,
+# side) fractions of the crop, measured by eye on a few crops of each (a WIDER-like square
+# from the hairline to the chin). The box is only approximate, hence POS_NO_BOX.
+FACE_IN_CROP = {
+    "lfw": (0.5, 0.52, 0.46),  # 250x250 deep-funneled: the face fills the centre
+    "glint_celebs": (0.5, 0.52, 0.86),  # 112x112 ArcFace-aligned: the face fills the crop
+    "johns": (0.5, 0.5, 0.68),  # 150x150 dlib chips (the face box plus 25% padding)
+}
+
+
+@dataclass
+class PatchSet:
+    """images (N, 3, S, S) uint8, labels (N,) int64 in NEG/POS/PART/POS_NO_BOX, offsets (N, 4)."""
+
+    images: Tensor
+    labels: Tensor
+    offsets: Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @staticmethod
+    def empty(size: int) -> PatchSet:
+        return PatchSet(
+            torch.zeros(0, 3, size, size, dtype=torch.uint8),
+            torch.zeros(0, dtype=torch.int64),
+            torch.zeros(0, 4),
+        )
+
+    @staticmethod
+    def cat(parts: Sequence[PatchSet]) -> PatchSet:
+        return PatchSet(
+            torch.cat([p.images for p in parts]),
+            torch.cat([p.labels for p in parts]),
+            torch.cat([p.offsets for p in parts]),
+        )
+
+    def counts(self) -> dict[str, int]:
+        names = {NEG: "negative", POS: "positive", PART: "part", POS_NO_BOX: "positive_crop"}
+        return {name: int((self.labels == k).sum()) for k, name in names.items()}
+
+
+def crop_windows(image: Tensor, windows: Tensor, size: int) -> Tensor:
+    """Cut square windows out of one image and resize them to size x size.
+
+    image (3, H, W) float pixels; windows (K, 4) x1 y1 x2 y2 in pixels -> (K, 3, size, size)
+    float. Area outside the image reads as 0 (black), as MTCNN's padding.
+    """
+    if windows.numel() == 0:
+        return image.new_zeros(0, image.shape[0], size, size)
+    K = windows.shape[0]
+    rois = torch.cat([windows.new_zeros(K, 1), windows.to(image.dtype)], dim=1)  # (K, 5)
+    # sampling_ratio=-1: ceil(side / size) samples per output pixel, about one per source
+    # pixel, so large windows are averaged rather than aliased.
+    return roi_align(
+        image[None], rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True
+    )  # (K, 3, size, size)
+
+
+def box_offsets(windows: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """Regression targets: (box - window) / window side, per corner; (K, 4) each -> (K, 4)."""
+    side = (windows[:, 2] - windows[:, 0])[:, None]  # (K, 1)
+    return (boxes - windows) / np.maximum(side, 1e-6)
+
+
+def label_windows(
+    windows: np.ndarray, faces: Sequence[FaceBox], neg_iou: float = NEG_IOU
+) -> tuple[np.ndarray, np.ndarray]:
+    """Labels (K,) in NEG/POS/PART or -1 (unused) and offsets (K, 4) to the best face.
+
+    Invalid faces never yield positives, and a window near any face (invalid or not)
+    is no negative.
+    """
+    K = windows.shape[0]
+    labels = np.full(K, -1, dtype=np.int64)
+    offsets = np.zeros((K, 4), dtype=np.float32)
+    all_boxes = np.array([f.xyxy for f in faces], dtype=np.float64).reshape(-1, 4)
+    if all_boxes.shape[0] == 0:
+        labels[:] = NEG
+        return labels, offsets
+    overlaps = iou_matrix(windows, all_boxes)  # (K, G)
+    best_any = overlaps.max(axis=1)
+    valid = np.array([not f.invalid for f in faces])
+    masked = np.where(valid[None, :], overlaps, -1.0)
+    j = masked.argmax(axis=1)
+    best = masked[np.arange(K), j]
+    labels[best_any < neg_iou] = NEG
+    labels[(best >= PART_IOU) & (best < POS_IOU)] = PART
+    labels[best >= POS_IOU] = POS
+    offsets[:] = box_offsets(windows, all_boxes[j]).astype(np.float32)
+    offsets[labels == NEG] = 0.0
+    return labels, offsets
+
+
+def random_windows(
+    faces: Sequence[FaceBox],
+    width: int,
+    height: int,
+    rng: np.random.Generator,
+    *,
+    min_face: float,
+    jitter_per_face: int,
+    negatives: int,
+    near_negatives_per_face: int,
+    min_side: int,
+) -> np.ndarray:
+    """Square candidate windows (K, 4): jittered around each usable face, near faces, anywhere.
+
+    Usable faces are valid ones at least ``min_face`` px high; jitter follows MTCNN (side
+    in [0.8 min(w, h), 1.25 max(w, h)], centre moved by up to 0.2 w and 0.2 h).
+    """
+    out: list[np.ndarray] = []
+    for f in faces:
+        if f.invalid or f.h < min_face or f.w < min_face * 0.6:
+            continue
+        cx, cy = f.x + f.w / 2, f.y + f.h / 2
+        n = jitter_per_face
+        side = rng.uniform(0.8 * min(f.w, f.h), 1.25 * max(f.w, f.h), n)
+        x = cx + rng.uniform(-0.2, 0.2, n) * f.w - side / 2
+        y = cy + rng.uniform(-0.2, 0.2, n) * f.h - side / 2
+        out.append(np.stack([x, y, x + side, y + side], axis=1))
+        m = near_negatives_per_face
+        side = rng.uniform(max(min_side, 0.8 * min(f.w, f.h)), 1.5 * max(f.w, f.h) + 1, m)
+        x = cx + rng.uniform(-1.2, 1.2, m) * side - side / 2
+        y = cy + rng.uniform(-1.2, 1.2, m) * side - side / 2
+        out.append(np.stack([x, y, x + side, y + side], axis=1))
+    top = max(min(width, height) / 2, min_side + 1)
+    # log-uniform sides: as many small windows as large ones, like the pyramid sees them
+    side = np.exp(rng.uniform(math.log(min_side), math.log(top), negatives))
+    x = rng.uniform(0, 1, negatives) * np.maximum(width - side, 0)
+    y = rng.uniform(0, 1, negatives) * np.maximum(height - side, 0)
+    out.append(np.stack([x, y, x + side, y + side], axis=1))
+    return np.concatenate(out).astype(np.float64) if out else np.zeros((0, 4))
+
+
+def patches_from_windows(
+    image: Tensor, windows: np.ndarray, faces: Sequence[FaceBox], size: int
+) -> PatchSet:
+    """Label ``windows`` of ``image`` (3, H, W) by IoU with ``faces``; crop the used ones."""
+    labels, offsets = label_windows(windows, faces)
+    keep = labels >= 0
+    if not keep.any():
+        return PatchSet.empty(size)
+    crops = crop_windows(image, torch.from_numpy(windows[keep]).float(), size)
+    return PatchSet(
+        crops.round().clamp(0, 255).to(torch.uint8),
+        torch.from_numpy(labels[keep]),
+        torch.from_numpy(offsets[keep]),
+    )
+
+
+def balance(patches: PatchSet, rng: np.random.Generator, max_per_label: dict[int, int]) -> PatchSet:
+    """At most max_per_label[label] patches of each label (chosen at random)."""
+    keep: list[np.ndarray] = []
+    labels = patches.labels.numpy()
+    for label in (NEG, POS, PART, POS_NO_BOX):
+        idx = np.nonzero(labels == label)[0]
+        limit = max_per_label.get(label, len(idx))
+        if len(idx) > limit:
+            idx = rng.choice(idx, limit, replace=False)
+        keep.append(idx)
+    order = torch.from_numpy(np.sort(np.concatenate(keep)))
+    return PatchSet(patches.images[order], patches.labels[order], patches.offsets[order])
+
+
+def crop_positives(
+    folders: Iterable[tuple[str, Path]],
+    size: int,
+    rng: np.random.Generator,
+    load: Callable[[Path], Tensor],
+    per_folder_limit: int,
+    jitter: int = 1,
+) -> PatchSet:
+    """POS_NO_BOX patches from person-folder sets (name in FACE_IN_CROP, root folder).
+
+    Up to ``per_folder_limit`` images per set (chosen with rng), ``jitter`` windows each.
+    """
+    from facetag.data.images import is_image_file
+
+    parts: list[PatchSet] = []
+    for name, root in folders:
+        fx, fy, fs = FACE_IN_CROP[name]
+        files = sorted(p for p in root.glob("*/*") if is_image_file(p))
+        if len(files) > per_folder_limit:
+            files = [files[i] for i in sorted(rng.choice(len(files), per_folder_limit, False))]
+        for path in files:
+            image = load(path)  # (3, H, W)
+            H, W = image.shape[1:]
+            side = fs * min(W, H) * rng.uniform(0.9, 1.1, jitter)
+            cx = fx * W + rng.uniform(-0.05, 0.05, jitter) * side
+            cy = fy * H + rng.uniform(-0.05, 0.05, jitter) * side
+            windows = np.stack([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2], 1)
+            crops = crop_windows(image, torch.from_numpy(windows).float(), size)
+            parts.append(
+                PatchSet(
+                    crops.round().clamp(0, 255).to(torch.uint8),
+                    torch.full((jitter,), POS_NO_BOX, dtype=torch.int64),
+                    torch.zeros(jitter, 4),
+                )
+            )
+    return PatchSet.cat(parts) if parts else PatchSet.empty(size)

@@ -1,0 +1,216 @@
+"""Detector training configuration: frozen dataclasses and TOML presets, as facetag.config.
+
+Sections [data], [model], [train] (different fields from the embedder's); precedence
+defaults < TOML < overrides (CLI flags); unknown keys, wrong types and bad values raise
+ConfigError naming the key and the fix. The type checks and TOML reading are
+facetag.config's own helpers.
+
+    cfg = load_detector_config(Path("experiments/configs/detector.toml"), {"epochs": 2})
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from facetag.config import _check_type, _closest, _read_toml, _toml_value
+from facetag.errors import ConfigError
+
+Stage = Literal["pnet", "rnet", "onet"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+@dataclass(frozen=True)
+class DetectorDataConfig:
+    """Where boxes, photos and extra faces and non-faces come from (relative to ``path``)."""
+
+    path: str = ""  # data root holding the folders below; usually given with --data
+    name: str = "facetag-detector"  # MLflow experiment
+    boxes: str = "wider_train/wider_face_train_bbx_gt.txt"  # WIDER-format or CSV box file
+    images: str = "wider_train/images"  # the box file's image paths are relative to this
+    val_fraction: float = 0.15  # share of the photos (not faces) kept aside for validation
+    max_train_images: int = 0  # use at most this many training photos; 0 = all
+    val_ap_images: int = 40  # validation photos scored after every epoch (all at the end)
+    min_face: float = 12.0  # faces smaller than this (px high) are no positives
+    nonface: str = "nonface"  # photos without faces: negatives only; "" = none
+    crop_sets: tuple[str, ...] = ("lfw", "glint_celebs", "johns")  # face-crop sets
+    crops_per_set: int = 600  # images taken from each crop set
+
+
+@dataclass(frozen=True)
+class DetectorModelConfig:
+    """The cascade (facetag.models.detector): which stages and their conv widths."""
+
+    stages: tuple[str, ...] = ("pnet", "rnet", "onet")
+    pnet_widths: tuple[int, ...] = (10, 16, 32)
+    rnet_widths: tuple[int, ...] = (28, 48, 64, 128)
+    onet_widths: tuple[int, ...] = (16, 32, 32, 64, 128)
+
+
+@dataclass(frozen=True)
+class DetectorTrainConfig:
+    """Patch sampling and the optimisation of each stage."""
+
+    epochs: int = 6  # epochs per stage; the run has epochs * len(stages) epochs
+    batch_size: int = 256  # patches per step
+    lr: float = 3e-3  # AdamW peak learning rate (one-cycle)
+    weight_decay: float = 1e-4
+    box_weight: float = 0.5  # loss = BCE(face) + box_weight * smooth L1(box offsets)
+    jitter_per_face: int = 20  # windows sampled around each face (pos / part / none)
+    negatives_per_image: int = 60  # random windows anywhere in a photo
+    near_negatives_per_face: int = 4  # windows next to each face
+    hard_negatives_per_image: int = 40  # at most this many mined windows per photo
+    max_patches: int = 250000  # per stage, after balancing
+    seed: int = 0  # split, sampling, init and order
+    device: Device = "auto"
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    data: DetectorDataConfig = dataclasses.field(default_factory=DetectorDataConfig)
+    model: DetectorModelConfig = dataclasses.field(default_factory=DetectorModelConfig)
+    train: DetectorTrainConfig = dataclasses.field(default_factory=DetectorTrainConfig)
+
+
+SECTIONS: dict[str, type[Any]] = {
+    "data": DetectorDataConfig, "model": DetectorModelConfig, "train": DetectorTrainConfig,
+}
+FLAG_KEYS = {
+    "data": "data.path", "epochs": "train.epochs", "lr": "train.lr",
+    "batch_size": "train.batch_size", "seed": "train.seed", "device": "train.device",
+}
+_STAGES = ("pnet", "rnet", "onet")
+LIMITS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+    "data.val_fraction": (lambda v: 0 < v < 1, "a fraction in (0, 1)"),
+    "data.max_train_images": (lambda v: v >= 0, "an integer >= 0 (0 = all)"),
+    "data.val_ap_images": (lambda v: v >= 1, "an integer >= 1"),
+    "data.min_face": (lambda v: v >= 4, "a size >= 4 px"),
+    "data.crops_per_set": (lambda v: v >= 0, "an integer >= 0"),
+    "data.crop_sets": (
+        lambda v: all(s in ("lfw", "glint_celebs", "johns") for s in v),
+        "names from lfw, glint_celebs, johns",
+    ),
+    "model.stages": (
+        lambda v: len(v) >= 1 and tuple(v) == _STAGES[: len(v)],
+        '["pnet"], ["pnet", "rnet"] or ["pnet", "rnet", "onet"]',
+    ),
+    "model.pnet_widths": (lambda v: len(v) == 3 and min(v) >= 1, "3 widths >= 1"),
+    "model.rnet_widths": (lambda v: len(v) == 4 and min(v) >= 1, "4 widths >= 1"),
+    "model.onet_widths": (lambda v: len(v) == 5 and min(v) >= 1, "5 widths >= 1"),
+    "train.epochs": (lambda v: v >= 1, "an integer >= 1"),
+    "train.batch_size": (lambda v: v >= 2, "an integer >= 2 (batch norm needs 2)"),
+    "train.lr": (lambda v: v > 0, "a value > 0"),
+    "train.weight_decay": (lambda v: v >= 0, "a value >= 0"),
+    "train.box_weight": (lambda v: v >= 0, "a value >= 0"),
+    "train.jitter_per_face": (lambda v: v >= 1, "an integer >= 1"),
+    "train.negatives_per_image": (lambda v: v >= 0, "an integer >= 0"),
+    "train.near_negatives_per_face": (lambda v: v >= 0, "an integer >= 0"),
+    "train.hard_negatives_per_image": (lambda v: v >= 0, "an integer >= 0"),
+    "train.max_patches": (lambda v: v >= 100, "an integer >= 100"),
+    "train.seed": (lambda v: v >= 0, "an integer >= 0"),
+}
+
+
+def load_detector_config(
+    path: Path | None, overrides: Mapping[str, object] | None = None
+) -> DetectorConfig:
+    """defaults < TOML file at ``path`` (None: defaults only) < ``overrides`` (None skipped)."""
+    values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    origin: dict[str, str] = {}
+    if path is not None:
+        merge_sections(_read_toml(path), str(path), values, origin)
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        dotted = FLAG_KEYS.get(key, key)
+        where = f"--{key.replace('_', '-')}" if key in FLAG_KEYS else f"override {key}"
+        section, _, name = dotted.partition(".")
+        if section not in SECTIONS or name not in _hints(section):
+            known = sorted(FLAG_KEYS) + [f"{s}.{f}" for s in SECTIONS for f in _hints(s)]
+            close = _closest(key, known)
+            hint = f"; did you mean '{close}'?" if close else ""
+            raise ConfigError(f"unknown override '{key}'{hint}")
+        values[section][name] = _check_type(value, _hints(section)[name], where)
+        origin[dotted] = where
+    return _build(values, origin)
+
+
+def detector_config_from_dict(d: Mapping[str, Any], source: str = "config") -> DetectorConfig:
+    """Rebuild a DetectorConfig from ``detector_config_to_dict`` output (a checkpoint)."""
+    values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    origin: dict[str, str] = {}
+    merge_sections(d, source, values, origin)
+    return _build(values, origin)
+
+
+def detector_config_to_dict(config: DetectorConfig) -> dict[str, dict[str, Any]]:
+    """{"data": {...}, "model": {...}, "train": {...}} with tuples as lists."""
+    return {
+        s: {f.name: _plain(getattr(getattr(config, s), f.name)) for f in dataclasses.fields(cls)}
+        for s, cls in SECTIONS.items()
+    }
+
+
+def flatten_detector_config(config: DetectorConfig) -> dict[str, str | int | float | bool]:
+    """{"train.lr": ...} for mlflow.log_params; arrays as TOML text."""
+    return {
+        f"{s}.{k}": _toml_value(v) if isinstance(v, list) else v
+        for s, fields in detector_config_to_dict(config).items()
+        for k, v in fields.items()
+    }
+
+
+def detector_config_to_toml(config: DetectorConfig) -> str:
+    """The resolved config as TOML; ``load_detector_config`` reads it back equal."""
+    lines = ["# facetag resolved detector config (defaults < TOML < flags)"]
+    for section, fields in detector_config_to_dict(config).items():
+        lines += ["", f"[{section}]"] + [f"{k} = {_toml_value(v)}" for k, v in fields.items()]
+    return "\n".join(lines) + "\n"
+
+
+def merge_sections(
+    doc: Mapping[str, Any], source: str, values: dict[str, dict[str, Any]], origin: dict[str, str]
+) -> None:
+    for section, table in doc.items():
+        if section not in SECTIONS or not isinstance(table, Mapping):
+            raise ConfigError(
+                f"{source}: expected sections [data], [model], [train], got "
+                f"{'[' + section + ']' if isinstance(table, Mapping) else repr(section)}; "
+                "put every key under one of them"
+            )
+        hints = _hints(section)
+        for key, value in table.items():
+            if key not in hints:
+                close = _closest(key, list(hints))
+                hint = f"; did you mean '{close}'?" if close else (
+                    "; expected one of " + ", ".join(hints)
+                )
+                raise ConfigError(f"unknown key '{key}' in {source} [{section}]{hint}")
+            where = f"{source} [{section}] {key}"
+            values[section][key] = _check_type(value, hints[key], where)
+            origin[f"{section}.{key}"] = where
+
+
+def _build(values: dict[str, dict[str, Any]], origin: dict[str, str]) -> DetectorConfig:
+    config = DetectorConfig(**{s: SECTIONS[s](**values[s]) for s in SECTIONS})
+    for dotted, (test, what) in LIMITS.items():
+        section, _, key = dotted.partition(".")
+        value = getattr(getattr(config, section), key)
+        if not test(value):
+            where = origin.get(dotted, dotted)
+            raise ConfigError(f"{where}: expected {what}, got {_toml_value(_plain(value))}")
+    return config
+
+
+def _plain(value: Any) -> Any:
+    return [_plain(v) for v in value] if isinstance(value, list | tuple) else value
+
+
+@functools.cache
+def _hints(section: str) -> dict[str, Any]:
+    return typing.get_type_hints(SECTIONS[section])

@@ -1,0 +1,72 @@
+"""The AP scorer: hand-checked precision-recall cases, ignored regions, recall at 1 FP/image."""
+
+import math
+
+import numpy as np
+import pytest
+
+from facetag.data.boxes import FaceBox
+from facetag.inference.ap import average_precision, iou_matrix, score_detector
+
+
+def test_iou_matrix_known_values():
+    a = np.array([[0, 0, 10, 10], [0, 0, 10, 10]], dtype=float)
+    b = np.array([[0, 0, 10, 10], [5, 0, 15, 10], [20, 20, 30, 30]], dtype=float)
+    got = iou_matrix(a, b)
+    np.testing.assert_allclose(got[0], [1.0, 50 / 150, 0.0])
+    assert got.shape == (2, 3)
+
+
+def test_perfect_detections_score_one():
+    truth = {"a": [FaceBox(0, 0, 40, 40), FaceBox(100, 100, 20, 20)], "b": []}
+    dets = {"a": [(0, 0, 40, 40, 0.9), (100, 100, 120, 120, 0.8)]}
+    s = score_detector(dets, truth)
+    assert (s.ap50, s.recall_at_1fp, s.faces, s.images) == (1.0, 1.0, 2, 2)
+    assert s.ap50_32 == 1.0
+    assert s.faces_32 == 1
+
+
+def test_ap_hand_computed_curve():
+    # scores: TP 0.9, FP 0.8, TP 0.7 of 3 faces -> precision 1, 1/2, 2/3 at recall 1/3, 1/3, 2/3
+    # VOC all-point: 1/3 * 1 + 1/3 * 2/3 = 5/9
+    matches = [(0.9, True), (0.8, False), (0.7, True)]
+    assert average_precision(matches, 3) == pytest.approx(5 / 9)
+    assert average_precision([], 3) == 0.0
+    assert math.isnan(average_precision([], 0))
+
+
+def test_duplicates_are_false_positives_and_recall_at_one_fp():
+    truth = {"a": [FaceBox(0, 0, 40, 40)], "b": [FaceBox(0, 0, 40, 40)]}
+    dets = {
+        "a": [(0, 0, 40, 40, 0.9), (1, 1, 41, 41, 0.85), (200, 200, 240, 240, 0.8)],
+        "b": [(300, 300, 340, 340, 0.95), (0, 0, 40, 40, 0.5)],
+    }
+    s = score_detector(dets, truth)
+    # ranked: FP .95, TP .9, FP .85, FP .8, TP .5: 2 images allow 2 FPs -> recall 1/2
+    assert s.recall_at_1fp == pytest.approx(0.5)
+    # precision at recall 1/2 is 1/2, at recall 1 is 2/5
+    assert s.ap50 == pytest.approx(0.5 * 0.5 + 0.5 * 0.4)
+
+
+def test_invalid_faces_are_ignored_regions():
+    truth = {"a": [FaceBox(0, 0, 40, 40), FaceBox(100, 0, 40, 40, invalid=True)]}
+    found = score_detector({"a": [(0, 0, 40, 40, 0.9), (100, 0, 140, 40, 0.95)]}, truth)
+    missed = score_detector({"a": [(0, 0, 40, 40, 0.9)]}, truth)
+    assert found.ap50 == missed.ap50 == 1.0
+    assert found.faces == 1
+
+
+def test_ap_32_ignores_small_faces_and_small_detections():
+    truth = {"a": [FaceBox(0, 0, 50, 50), FaceBox(100, 0, 20, 20)]}
+    dets = {"a": [(300, 300, 320, 320, 0.99), (0, 0, 50, 50, 0.9), (100, 0, 120, 20, 0.8)]}
+    s = score_detector(dets, truth)
+    assert s.ap50_32 == 1.0  # the small false positive and the small face do not count
+    assert s.ap50 < 1.0  # ... but they do over all faces
+    assert s.faces_32 == 1
+
+
+def test_low_iou_detection_is_a_false_positive():
+    truth = {"a": [FaceBox(0, 0, 40, 40)]}
+    s = score_detector({"a": [(20, 20, 60, 60, 0.9)]}, truth)
+    assert s.ap50 == 0.0
+    assert s.recall_at_1fp == 0.0

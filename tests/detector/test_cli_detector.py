@@ -1,0 +1,171 @@
+"""The detector commands end to end: detect, evaluate-detector, bench detect, train-detector."""
+
+import json
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image, ImageDraw
+from typer.testing import CliRunner
+
+from facetag.cli import app
+from facetag.inference.detect import load_detector
+
+from .conftest import photo
+
+TINY_TOML = """
+[data]
+name = "tiny-faces"
+boxes = "gt.txt"
+images = "images"
+val_fraction = 0.25
+val_ap_images = 1
+nonface = ""
+crop_sets = []
+
+[model]
+stages = ["pnet", "rnet"]
+pnet_widths = [4, 4, 8]
+rnet_widths = [4, 8, 8, 16]
+
+[train]
+epochs = 1
+batch_size = 32
+jitter_per_face = 6
+negatives_per_image = 10
+near_negatives_per_face = 2
+hard_negatives_per_image = 10
+max_patches = 400
+"""
+
+
+def _cli(args: list[str]):
+    return CliRunner().invoke(app, args, env={"COLUMNS": "200"}, prog_name="facetag")
+
+
+def _faces_dataset(root):
+    """8 photos with 1-2 light ellipses ("faces") each, and their WIDER-format box file."""
+    (root / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(8):
+        img = Image.fromarray(rng.integers(0, 90, (96, 128, 3), dtype=np.uint8))
+        draw = ImageDraw.Draw(img)
+        boxes = []
+        for k in range(1 + i % 2):
+            x, y = 10 + 60 * k + int(rng.integers(0, 10)), int(rng.integers(5, 40))
+            draw.ellipse([x, y, x + 30, y + 38], fill=(220, 180, 160))
+            boxes.append(f"{x} {y} 30 38 0 0 0 0 0 0")
+        img.save(root / "images" / f"p{i}.jpg")
+        lines += [f"p{i}.jpg", str(len(boxes)), *boxes]
+    (root / "gt.txt").write_text("\n".join(lines) + "\n")
+    (root / "tiny.toml").write_text(TINY_TOML)
+    return root
+
+
+def test_detect_json_shape(tiny_model, tmp_path):
+    p = photo(tmp_path / "a.jpg")
+    r = _cli(["detect", str(p), "--json", "--model", str(tiny_model), "--device", "cpu",
+              "--threshold", "0.0", "--min-face", "16"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert set(doc) == {"device", "model", "images"}
+    assert doc["model"] == {"detector": str(tiny_model)}
+    [image] = doc["images"]
+    assert (image["path"], image["width"], image["height"]) == (str(p), 96, 64)
+    for face in image["faces"]:
+        assert len(face["box"]) == 4
+        assert 0.0 <= face["score"] <= 1.0
+
+
+def test_detect_reports_each_bad_input_and_exits_1(tiny_model, photo_zoo):
+    good, bad = photo_zoo
+    r = _cli(["detect", *map(str, good + bad), "--json", "--model", str(tiny_model),
+              "--device", "cpu"])
+    assert r.exit_code == 1
+    errors = [line for line in r.stderr.splitlines() if line]
+    assert len(errors) == len(bad), r.stderr
+    assert all(line.startswith("error: ") for line in errors)
+    assert "Traceback" not in r.output
+    doc = json.loads(r.stdout)
+    assert len(doc["images"]) == len(good)
+    assert len(doc["errors"]) == len(bad) - 1  # the empty folder is no photo
+
+
+def test_detect_usage_errors(tiny_model, tmp_path):
+    p = photo(tmp_path / "a.jpg")
+    assert _cli(["detect", str(p), "--threshold", "1.5"]).exit_code == 2
+    assert _cli(["detect", str(p), "--min-face", "0"]).exit_code == 2
+    r = _cli(["detect", str(tmp_path / "nope.jpg"), "--model", str(tiny_model)])
+    assert r.exit_code == 1
+    assert r.stderr.count("\n") == 1
+    assert "no such path" in r.stderr
+    r = _cli(["detect", str(p), "--model", str(tmp_path / "missing.pt")])
+    assert r.exit_code == 1
+    assert "missing.pt: no such file" in r.stderr
+
+
+def test_evaluate_detector_json(tiny_model, tmp_path):
+    root = _faces_dataset(tmp_path / "data")
+    csv = root / "boxes.csv"
+    csv.write_text("image,x,y,w,h\np0.jpg,10,10,30,38\nmissing.jpg,1,1,5,5\n")
+    r = _cli(["evaluate-detector", "--boxes", str(csv), "--images", str(root / "images"),
+              "--model", str(tiny_model), "--device", "cpu", "--json"])
+    assert r.exit_code == 1  # missing.jpg failed, and said so
+    assert "missing.jpg" in r.stderr
+    out = json.loads(r.stdout)
+    assert {"ap50", "ap50_32", "recall_at_1fp", "faces", "images"} <= set(out)
+    assert (out["images"], out["faces"], out["failed_images"]) == (1, 1, 1)
+
+
+def test_bench_detect_reports_speed_and_memory(tiny_model, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(2):
+        photo(folder / f"{i}.jpg", seed=i)
+    r = _cli(["bench", "detect", str(folder), "--model", str(tiny_model), "--device", "cpu",
+              "--repeats", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["photos"] == 4
+    assert out["photos_per_s"] > 0
+    assert out["peak_rss_mb"] >= out["peak_rss_mb_first_pass"] > 0
+
+
+@pytest.fixture
+def tracked(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("FACETAG_RUNS_DIR", str(tmp_path / "runs"))
+    return f"sqlite:///{tmp_path}/mlflow.db"
+
+
+def test_train_detector_records_run_registers_and_resumes(tmp_path, tracked):
+    root = _faces_dataset(tmp_path / "data")
+    out_file = tmp_path / "shipped.pt"
+    r = _cli(["train-detector", "--config", str(root / "tiny.toml"), "--data", str(root),
+              "--device", "cpu", "--json", "--out", str(out_file)])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["epochs"] == 2  # 1 per stage
+    assert out["val_images"] == 2
+    assert "epoch   2/2" in r.stderr
+    client = MlflowClient(tracked)
+    run = client.get_run(out["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.stages"] == '["pnet", "rnet"]'
+    assert run.data.params["data.val_images"] == "2"
+    for key in ("train_loss", "face_loss", "box_loss", "val_loss", "val_ap50", "lr"):
+        assert key in run.data.metrics, key
+    assert any(k.startswith("grad_norm/rnet.body.0.conv") for k in run.data.metrics)
+    assert len(client.get_metric_history(out["run_id"], "val_ap50")) == 2
+    champion = client.get_model_version_by_alias("facetag-detector", "champion")
+    assert champion.run_id == out["run_id"]
+    det = load_detector(out_file)
+    assert det.cascade.kinds == ["pnet", "rnet"]
+    # a finished run resumes to the same end without training again
+    again = _cli(["train-detector", "--resume", out["run_id"], "--json"])
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["epochs"] == 2
+    bad = _cli(["train-detector", "--resume", out["run_id"], "--lr", "0.1"])
+    assert bad.exit_code == 1
+    assert "cannot change a run that has started" in bad.stderr
