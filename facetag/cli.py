@@ -543,9 +543,10 @@ def evaluate(
 class _PhotoBar:
     """photos/s and ETA on stderr (redrawn on a terminal, a line every 30 s in a log)."""
 
-    def __init__(self) -> None:
+    def __init__(self, kind: str = "error") -> None:
         import sys
 
+        self.kind = kind  # how message() lines start: "error" (tag) or "warning" (enroll)
         self.stream = sys.stderr
         self.tty = self.stream.isatty()
         self.dirty = False
@@ -576,7 +577,8 @@ class _PhotoBar:
         if self.dirty:
             self.stream.write("\n")
             self.dirty = False
-        typer.secho(f"error: {text}", fg=typer.colors.RED, err=True)
+        colour = typer.colors.RED if self.kind == "error" else typer.colors.YELLOW
+        typer.secho(f"{self.kind}: {text}", fg=colour, err=True)
 
 
 def _distance(value: float | None) -> float | None:
@@ -616,7 +618,7 @@ def enroll(
     try:
         models = load_models(model, detector, device.value)
         typer.echo(f"device: {models.device}", err=True)
-        with _PhotoBar() as bar:
+        with _PhotoBar("warning") as bar:
             r = enroll_people(people_dir, gallery, models, batch_size=batch_size,
                               workers=workers, on_message=bar.message, progress=bar.update)
     except FacetagError as e:
