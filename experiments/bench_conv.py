@@ -8,7 +8,8 @@ reports medians, so the shared-CPU noise hits both alike; the ratio is ours / to
 Columns:
   step     forward + backward of the layer (the first layer's x is the image: no grad_x)
   bwd_w    the weight gradient alone: torch's backward with only the weight asked for,
-           against conv2d_grad_weight with each method (im2col, corr)
+           against conv2d_grad_weight with each method (im2col, winograd, corr); ratio is
+           the best method over torch
   saved    bytes the forward keeps for the backward (saved_tensors_hooks), ours vs torch
 Timings are process CPU time with --cpu-time (steadier when other jobs share the cores,
 meaningful with --threads 1), wall time otherwise.
@@ -92,6 +93,7 @@ def bench_layer(
             "torch": step(twin),
             "bw_torch": lambda: torch.autograd.grad(y_t, twin.weight, go, retain_graph=True),
             "bw_im2col": lambda: conv2d_grad_weight(*args, method="im2col"),
+            "bw_winograd": lambda: conv2d_grad_weight(*args, method="winograd"),
             "bw_corr": lambda: conv2d_grad_weight(*args, method="corr"),
         },
         repeats,
@@ -121,9 +123,9 @@ def main() -> None:
     )
     head = (
         f"{'layer':>16} {'format':>13} | {'ours':>7} {'torch':>7} {'ratio':>6} | "
-        f"{'im2col':>7} {'corr':>7} {'torch':>7} {'ratio':>6} | {'saved MiB':>13}"
+        f"{'im2col':>7} {'wino':>7} {'corr':>7} {'torch':>7} {'ratio':>6} | {'saved MiB':>13}"
     )
-    print(f"{'':>31}| {'step (fwd + bwd)':^22} | {'bwd_w (weight grad only)':^30} |")
+    print(f"{'':>31}| {'step (fwd + bwd)':^22} | {'bwd_w (weight grad only)':^38} |")
     print(head)
     print("-" * len(head))
     for i in args.layers:
@@ -134,10 +136,11 @@ def main() -> None:
         ):
             r = bench_layer(C, F, H, args.batch, fmt, args.repeats, clock)
             ms = {k: v * 1e3 for k, v in r.items() if not k.startswith("saved")}
-            best = min(ms["bw_im2col"], ms["bw_corr"])
+            best = min(ms["bw_im2col"], ms["bw_winograd"], ms["bw_corr"])
             print(
                 f"{f'{C}->{F} @{H}x{H}':>16} {name:>13} | {ms['ours']:7.1f} {ms['torch']:7.1f} "
-                f"{ms['ours'] / ms['torch']:6.3f} | {ms['bw_im2col']:7.1f} {ms['bw_corr']:7.1f} "
+                f"{ms['ours'] / ms['torch']:6.3f} | {ms['bw_im2col']:7.1f} "
+                f"{ms['bw_winograd']:7.1f} {ms['bw_corr']:7.1f} "
                 f"{ms['bw_torch']:7.1f} {best / ms['bw_torch']:6.3f} | "
                 f"{r['saved_ours'] / 2**20:6.1f} {r['saved_torch'] / 2**20:6.1f}",
                 flush=True,

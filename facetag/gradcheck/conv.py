@@ -4,8 +4,8 @@ conv2d cases cover batch 1, odd sizes, stride with a remainder the stride skips,
 dilation, rectangular kernels, groups (depthwise and channel multipliers), no bias, a
 kernel as large as the input, 1x1, an input that needs no gradient, and channels_last and
 strided inputs. The gradient functions are also checked alone against torch.nn.grad (both
-grad_weight methods, both memory formats of grad_out and x), since a fused conv + batch
-norm op calls them directly.
+grad_weight methods (and Winograd where it applies), both memory formats of grad_out and
+x), since a fused conv + batch norm op calls them directly.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from facetag.gradcheck.core import OpCase
-from facetag.layers.conv import conv2d, conv2d_grad_weight, conv2d_grad_x
+from facetag.layers.conv import conv2d, conv2d_grad_weight, conv2d_grad_x, winograd_applies
 
 Pair = tuple[int, int]
 Conv = tuple[Pair, Pair, Pair, int]  # stride, padding, dilation, groups
@@ -120,7 +120,10 @@ def _grad_cases(
         )
     ]
     conv = (S, P, D, groups)
-    for method in ("im2col", "corr"):
+    methods = ["im2col", "corr"]
+    if winograd_applies(w_shape, S, D, groups):
+        methods.append("winograd")
+    for method in methods:
         cases.append(
             OpCase(
                 "conv2d_grad_weight",
@@ -196,4 +199,7 @@ CASES: list[OpCase] = [
         groups=2,
     ),
     *_grad_cases("depthwise", (1, 3, 4, 4), (3, 1, 3, 3), groups=3, padding=1),
+    # Winograd tiles are 2x2 outputs: odd output sizes and other paddings pad the last tile
+    *_grad_cases("k3-odd-out-pad0", (2, 2, 5, 6), (2, 2, 3, 3)),
+    *_grad_cases("k3-pad2", (1, 3, 3, 4), (2, 3, 3, 3), padding=2),
 ]

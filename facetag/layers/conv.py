@@ -12,8 +12,9 @@ forward is F.conv2d (autograd is off inside Function.forward). The backward is o
 - grad_x is a transposed convolution of grad_out with the same weight
   (``conv2d_grad_x``): every x element receives grad_out times each weight it met;
 - grad_weight is a correlation of x with grad_out, summed over the batch
-  (``conv2d_grad_weight``), computed either by blocked im2col + matmul or by a
-  convolution with the batch and channel axes swapped (see that function for which and why);
+  (``conv2d_grad_weight``): on CPU by blocked im2col + matmul, or for 3x3 stride-1 layers
+  with many channels by Winograd F(2x2, 3x3) (fewer multiply-adds); on CUDA by a
+  convolution with the batch and channel axes swapped (that function says why);
 - grad_bias sums grad_out over (N, H_out, W_out).
 
 Both gradient functions are plain functions so that a fused op (conv + batch norm) can
@@ -34,7 +35,7 @@ from torch.autograd.function import once_differentiable
 IntPair = int | tuple[int, int]
 Pair = tuple[int, int]
 
-GRAD_WEIGHT_METHODS = ("auto", "im2col", "corr")
+GRAD_WEIGHT_METHODS = ("auto", "im2col", "winograd", "corr")
 
 # Bytes of im2col columns built per matmul in conv2d_grad_weight. Small enough that a block
 # stays in the 2 MiB L2 cache between being written and being read by the matmul, large
@@ -170,11 +171,20 @@ def _grad_weight_im2col(
     # first layer: 32 and 27) MKL's matmul runs 20-25% faster in this orientation.
     gw_t = grad_out.new_zeros(G, KKC, Fg)  # (G, KKC, Fg), KKC in cols' order
     rows = max(1, IM2COL_BLOCK_BYTES // (x.element_size() * KKC * G * W_out))
+    R_max = min(rows, H_out) * W_out * max(1, rows // H_out)  # positions in the largest block
+    # One buffer for every block: a fresh multi-MiB tensor per block would cost page faults.
+    buf = x.new_empty(R_max, G, KKC) if rows_major else x.new_empty(G, KKC, R_max)
     for n0, n1, i0, i1 in _blocks(N, H_out, rows):
+        R = (n1 - n0) * (i1 - i0) * W_out
         if rows_major:
-            cols = win[n0:n1, i0:i1].reshape(-1, G, KKC).permute(1, 2, 0)  # (G, KKC, R)
+            blk = buf[:R]  # (R, G, KKC)
+            blk.view(n1 - n0, i1 - i0, W_out, G, KH, KW, Cg).copy_(win[n0:n1, i0:i1])
+            cols = blk.permute(1, 2, 0)  # (G, KKC, R)
         else:
-            cols = win[..., n0:n1, i0:i1, :].reshape(G, KKC, -1)  # (G, KKC, R)
+            cols = buf[:, :, :R]  # (G, KKC, R)
+            cols.unflatten(1, (Cg, KH, KW)).unflatten(4, (n1 - n0, i1 - i0, W_out)).copy_(
+                win[..., n0:n1, i0:i1, :]
+            )
         if go_rows:
             g_blk = g[n0:n1, i0:i1].reshape(-1, G, Fg).transpose(0, 1)  # (G, R, Fg), a view
         else:
@@ -188,6 +198,110 @@ def _grad_weight_im2col(
         gw = gw.reshape(F_, KH, KW, Cg)  # (F, KH, KW, Cg)
         return gw.permute(0, 3, 1, 2)  # (F, Cg, KH, KW) in channels_last
     return gw.reshape(F_, Cg, KH, KW)
+
+
+# F(2x2, 3x3) Winograd matrices (Lavin & Gray 2016): for a 4x4 input tile d, 3x3 weight w
+# and 2x2 output tile, y = A^T [(G w G^T) * (B^T d B)] A. Columns of A and rows of B^T are
+# spelled out as the sums in _grad_weight_winograd; G is used as a matrix at the end. The
+# last row of G is negated because that function stores the 4th row of A g A^T as +g1
+# (A's is -g1), which saves a pass.
+_WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, -1.0))
+
+# Bytes of transformed tiles (both operands) built per batched matmul in the Winograd path.
+WINOGRAD_BLOCK_BYTES = 8 << 20
+# "auto" uses Winograd from this many input channels: on 2 CPU cores it was faster than
+# im2col from the 64 -> 128 layer on and slower below (experiments/bench_conv.py).
+WINOGRAD_MIN_C = 64
+
+
+def _combine(out: Tensor, a: Tensor, b: Tensor | None = None, alpha: float = 1.0) -> None:
+    """out = a + alpha * b (or out = a) in one pass over a preallocated buffer.
+
+    NOTE: torch's out= variants are not differentiable; when autograd records (a gradcheck
+    of conv2d_grad_weight itself, never inside the backward) copy + in-place add is used.
+    """
+    if b is None:
+        out.copy_(a)
+    elif torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        out.copy_(a).add_(b, alpha=alpha)
+    else:
+        torch.add(a, b, alpha=alpha, out=out)
+
+
+def _grad_weight_winograd(grad_out: Tensor, x: Tensor, padding: Pair) -> Tensor:
+    """grad_weight of a 3x3, stride-1, undilated, ungrouped conv by Winograd F(2x2, 3x3).
+
+    y is linear in w: y = A^T [(G w G^T) * V] A per tile, with V = B^T d B, so
+    dL/dw = G^T [(A g A^T) * V] G for the tile's 2x2 grad_out g, and over all tiles and
+    channel pairs: grad_weight[f, c] = G^T M[:, :, c, f] G with
+    M[s, t, c, f] = sum_tiles V[s, t, tile, c] * U[s, t, tile, f], U = A g A^T.
+    That is 16 matmuls of (C, tiles) @ (tiles, F): 16/36 of the multiply-adds of the direct
+    correlation, for a few elementwise passes that build U and V a few images at a time.
+    An odd H_out or W_out is padded with zero grad_out (and x with a zero row or column).
+    """
+    N, C = x.shape[0], x.shape[1]
+    F_, H_out, W_out = grad_out.shape[1], grad_out.shape[2], grad_out.shape[3]
+    A, B = (H_out + 1) // 2, (W_out + 1) // 2  # tiles down and across
+    eh, ew = 2 * A - H_out, 2 * B - W_out
+    if eh or ew:
+        grad_out = F.pad(grad_out, (0, ew, 0, eh))  # (N, F, 2A, 2B)
+    x = F.pad(x, (padding[1], padding[1] + ew, padding[0], padding[0] + eh))  # (N, C, 2A+2, 2B+2)
+    Wp = x.shape[3]
+    cl = _is_channels_last(grad_out)
+    g6 = grad_out.unflatten(2, (A, 2)).unflatten(4, (B, 2))  # (N, F, A, 2, B, 2)
+    tile_bytes = 16 * A * B * (F_ + C) * x.element_size()
+    nb = max(1, min(N, WINOGRAD_BLOCK_BYTES // tile_bytes))  # images per block
+    # Buffers reused by every block, laid out so each elementwise pass writes the
+    # operand's fastest axis (F or C for channels_last, W otherwise) contiguously.
+    if cl:
+        uh_buf = x.new_empty(4, nb, A, B, 2, F_).permute(0, 1, 5, 2, 3, 4)  # (4, nb, F, A, B, 2)
+        u_buf = x.new_empty(4, 4, nb, A, B, F_).permute(0, 1, 2, 5, 3, 4)  # (4, 4, nb, F, A, B)
+        vh_buf = x.new_empty(4, nb, A, Wp, C).permute(0, 1, 4, 2, 3)  # (4, nb, C, A, Wp)
+        v_buf = x.new_empty(4, 4, nb, A, B, C).permute(0, 1, 2, 5, 3, 4)  # (4, 4, nb, C, A, B)
+    else:
+        uh_buf = x.new_empty(4, nb, F_, A, B, 2)
+        u_buf = x.new_empty(4, 4, F_, nb, A, B).transpose(2, 3)  # (4, 4, nb, F, A, B)
+        vh_buf = x.new_empty(4, nb, C, A, Wp)
+        v_buf = x.new_empty(4, 4, C, nb, A, B).transpose(2, 3)  # (4, 4, nb, C, A, B)
+    M = x.new_zeros(16, C, F_)  # (4*4, C, F)
+    for n0 in range(0, N, nb):
+        n = min(N, n0 + nb) - n0
+        uh, U, vh, V = uh_buf[:, :n], u_buf[:, :, :n], vh_buf[:, :n], v_buf[:, :, :n]
+        # U = A g A^T, rows then columns: (g0, g1) -> (g0, g0 + g1, g0 - g1, g1)
+        g0, g1 = g6[n0 : n0 + n, :, :, 0], g6[n0 : n0 + n, :, :, 1]  # (n, F, A, B, 2)
+        _combine(uh[0], g0)
+        _combine(uh[1], g0, g1)
+        _combine(uh[2], g0, g1, -1.0)
+        _combine(uh[3], g1)
+        h0, h1 = uh[..., 0], uh[..., 1]  # (4, n, F, A, B)
+        _combine(U[:, 0], h0)
+        _combine(U[:, 1], h0, h1)
+        _combine(U[:, 2], h0, h1, -1.0)
+        _combine(U[:, 3], h1)
+        # V = B^T d B on overlapping 4x4 tiles (stride 2): (d0..d3) -> (d0 - d2, d1 + d2,
+        # d2 - d1, d1 - d3), rows then columns
+        xb = x[n0 : n0 + n]
+        r0, r1, r2, r3 = (xb[:, :, k : k + 2 * A : 2] for k in range(4))  # (n, C, A, Wp)
+        _combine(vh[0], r0, r2, -1.0)
+        _combine(vh[1], r1, r2)
+        _combine(vh[2], r2, r1, -1.0)
+        _combine(vh[3], r1, r3, -1.0)
+        c0, c1, c2, c3 = (vh[..., k : k + 2 * B : 2] for k in range(4))  # (4, n, C, A, B)
+        _combine(V[:, 0], c0, c2, -1.0)
+        _combine(V[:, 1], c1, c2)
+        _combine(V[:, 2], c2, c1, -1.0)
+        _combine(V[:, 3], c1, c3, -1.0)
+        if cl:
+            Um = U.permute(0, 1, 2, 4, 5, 3).reshape(16, -1, F_)  # (16, n*A*B, F), a view
+            Vm = V.permute(0, 1, 2, 4, 5, 3).reshape(16, -1, C)  # (16, n*A*B, C), a view
+            M.baddbmm_(Vm.transpose(1, 2), Um)
+        else:
+            Um = U.transpose(2, 3).reshape(16, F_, -1)  # (16, F, n*A*B), a view
+            Vm = V.transpose(2, 3).reshape(16, C, -1)  # (16, C, n*A*B), a view
+            M.baddbmm_(Vm, Um.transpose(1, 2))
+    G = torch.tensor(_WINOGRAD_G, dtype=x.dtype, device=x.device)  # (4, 3)
+    gw = torch.einsum("su,stcf,tv->fcuv", G, M.view(4, 4, C, F_), G)  # (F, C, 3, 3)
+    return gw.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
 
 
 def _grad_weight_corr(
@@ -219,6 +333,18 @@ def _grad_weight_corr(
     return out[:, :, :KH, :KW].transpose(0, 1).contiguous()  # (F, Cg, KH, KW)
 
 
+def winograd_applies(
+    weight_shape: tuple[int, ...], stride: Pair, dilation: Pair, groups: int
+) -> bool:
+    """Whether conv2d_grad_weight's "winograd" method handles this convolution."""
+    return (
+        tuple(weight_shape[2:]) == (3, 3)
+        and stride == (1, 1)
+        and dilation == (1, 1)
+        and groups == 1
+    )
+
+
 def conv2d_grad_weight(
     grad_out: Tensor,
     x: Tensor,
@@ -232,15 +358,34 @@ def conv2d_grad_weight(
     """dL/dweight of a convolution: grad_out (N, F, H_out, W_out), x (N, C, H, W)
     -> grad_weight (F, C/groups, KH, KW) = weight_shape.
 
-    method "im2col" builds receptive fields a block at a time and multiplies them with
-    grad_out (fastest on CPU for every layer of the recognition CNN, both memory formats);
-    "corr" runs one convolution with the batch as the reduced channel axis (on CPU it
-    needs x and grad_out transposed and re-blocked by oneDNN first, which costs more than
-    the matmul saves; on CUDA cuDNN takes it directly and a Python loop over blocks would
-    be the slow part). "auto" picks "corr" on CUDA and "im2col" elsewhere.
+    Methods (all exact up to float rounding; experiments/bench_conv.py times them):
+    - "im2col": receptive fields built a block at a time, then one matmul per block;
+    - "winograd": F(2x2, 3x3) Winograd, 16/36 of the multiply-adds for a few elementwise
+      passes (3x3 kernels, stride 1, dilation 1, groups 1 only);
+    - "corr": one convolution with the batch as the reduced channel axis. On CPU oneDNN
+      must first transpose and re-block grad_out as a kernel, which costs more than the
+      convolution; on CUDA cuDNN takes it directly and a loop over blocks would be slow.
+    "auto": "corr" on CUDA; on CPU "winograd" where it applies and C >= WINOGRAD_MIN_C
+    (enough channels that its (C, tiles) @ (tiles, F) matmuls run at full speed), else
+    "im2col".
     """
     if method == "auto":
-        method = "corr" if grad_out.is_cuda else "im2col"
+        if grad_out.is_cuda:
+            method = "corr"
+        elif x.shape[1] >= WINOGRAD_MIN_C and winograd_applies(
+            weight_shape, stride, dilation, groups
+        ):
+            method = "winograd"
+        else:
+            method = "im2col"
+    if method == "winograd":
+        if not winograd_applies(weight_shape, stride, dilation, groups):
+            raise ValueError(
+                "conv2d_grad_weight: expected a 3x3 kernel, stride 1, dilation 1 and groups 1 "
+                f"for method 'winograd', got weight {tuple(weight_shape)}, stride={stride}, "
+                f"dilation={dilation}, groups={groups}; use method 'im2col'"
+            )
+        return _grad_weight_winograd(grad_out, x, padding)
     if method == "im2col":
         return _grad_weight_im2col(grad_out, x, weight_shape, stride, padding, dilation, groups)
     if method == "corr":

@@ -82,6 +82,66 @@ def test_conv2d_grad_weight_blocks_sum_like_torch(monkeypatch, method, memory_fo
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("memory_format", LAYOUTS)
+@pytest.mark.parametrize("block_bytes", [1, 1 << 20], ids=["image-per-block", "one-block"])
+@pytest.mark.parametrize(("H", "W", "padding"), [(9, 7, 1), (8, 8, 0)])
+def test_conv2d_winograd_in_the_backward_matches_torch(
+    monkeypatch, memory_format, block_bytes, H, W, padding
+):
+    # The backward runs without autograd, so Winograd takes its one-pass out= branch here
+    # (the gradchecks differentiate it and take the other). Enough channels for "auto".
+    monkeypatch.setattr(conv, "WINOGRAD_BLOCK_BYTES", block_bytes)
+    torch.manual_seed(0)
+    ours, twin = _pair_of_modules(
+        memory_format, in_channels=64, out_channels=8, kernel_size=3, padding=padding
+    )
+    x = torch.randn(5, 64, H, W).contiguous(memory_format=memory_format)
+    grad_out = torch.randn_like(twin(x))
+    _, _, gw_ours, _ = _step(ours, x, grad_out)
+    _, _, gw_torch, _ = _step(twin, x, grad_out)
+    torch.testing.assert_close(gw_ours, gw_torch, rtol=1e-4, atol=1e-4)
+
+
+def test_conv2d_grad_weight_picks_winograd_from_64_channels(monkeypatch):
+    calls = []
+    monkeypatch.setattr(conv, "_grad_weight_winograd", lambda *a: calls.append(a[1].shape[1]))
+    monkeypatch.setattr(conv, "_grad_weight_im2col", lambda *a: calls.append("im2col"))
+    for C in (32, 64):
+        conv2d_grad_weight(
+            torch.zeros(1, 4, 5, 5),
+            torch.zeros(1, C, 5, 5),
+            (4, C, 3, 3),
+            (1, 1),
+            (1, 1),
+            (1, 1),
+            1,
+        )
+    conv2d_grad_weight(
+        torch.zeros(1, 4, 3, 3),
+        torch.zeros(1, 64, 5, 5),
+        (4, 64, 3, 3),
+        (2, 2),
+        (1, 1),
+        (1, 1),
+        1,
+    )
+    assert calls == ["im2col", 64, "im2col"]
+
+
+def test_conv2d_grad_weight_rejects_winograd_for_strided_conv():
+    with pytest.raises(ValueError, match="expected a 3x3 kernel, stride 1, dilation 1"):
+        conv2d_grad_weight(
+            torch.zeros(1, 2, 2, 2),
+            torch.zeros(1, 1, 5, 5),
+            (2, 1, 3, 3),
+            (2, 2),
+            (0, 0),
+            (1, 1),
+            1,
+            method="winograd",
+        )
+
+
 def test_conv2d_grad_weight_mixed_layouts():
     # A channels_last x with an NCHW grad_out (and the reverse) still agrees with torch.
     g = torch.Generator().manual_seed(0)
