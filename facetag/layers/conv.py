@@ -99,14 +99,11 @@ def conv2d_grad_x(
     return grad_x.contiguous(memory_format=memory_format)
 
 
-def _padded_windows(x: Tensor, kernel: Pair, stride: Pair, padding: Pair, dilation: Pair) -> Tensor:
-    """Every receptive field of x as a view: (N, C, H, W) -> (N, C, H_out, W_out, KH, KW).
-
-    Zero-pads x once (a copy the size of x), then takes overlapping strided windows, so
-    window (i, j) element (u, v) is x_pad[n, c, i*S + u*D, j*S + v*D]; nothing else is copied.
+def _windows(x: Tensor, kernel: Pair, stride: Pair, dilation: Pair) -> Tensor:
+    """Every receptive field of (already padded) x as a view: (N, C, Hp, Wp) ->
+    (N, C, H_out, W_out, KH, KW), element (u, v) of window (i, j) being
+    x[n, c, i*S + u*D, j*S + v*D]. Overlapping strided windows: nothing is copied.
     """
-    if padding != (0, 0):
-        x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))  # (N, C, H+2P, W+2P)
     span_h = dilation[0] * (kernel[0] - 1) + 1
     span_w = dilation[1] * (kernel[1] - 1) + 1
     win = x.unfold(2, span_h, stride[0])[..., :: dilation[0]]  # (N, C, H_out, Wp, KH)
@@ -125,6 +122,13 @@ def _blocks(N: int, H_out: int, rows: int) -> Iterator[tuple[int, int, int, int]
                 yield n, n + 1, i0, min(H_out, i0 + rows)
 
 
+def _recording(*tensors: Tensor) -> bool:
+    """True when autograd records ops on these tensors (a gradcheck of a gradient function
+    itself; inside Conv2dFn.backward it never does). Reused buffers must then be fresh per
+    block: the matmul saved the previous block's for its own backward."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _grad_weight_im2col(
     grad_out: Tensor,
     x: Tensor,
@@ -136,54 +140,73 @@ def _grad_weight_im2col(
 ) -> Tensor:
     """grad_weight = sum over positions of grad_out (x) receptive field, block by block.
 
-    With cols[r, (c, u, v)] the receptive field of output position r = (n, i, j) and
-    g[r, f] = grad_out[n, f, i, j], grad_weight[f, (c, u, v)] = sum_r g[r, f] cols[r, ...]:
+    With cols[(c, u, v), r] the receptive field of output position r = (n, i, j) and
+    g[r, f] = grad_out[n, f, i, j], grad_weight[f, (c, u, v)] = sum_r cols[..., r] g[r, f]:
     one matmul (per group) whose inner dimension runs over all N*H_out*W_out positions.
     Materialising cols whole costs KH*KW copies of x in memory traffic; building it a few
-    image rows at a time keeps each block in cache from its copy to its matmul.
+    image rows at a time keeps each block in cache from its copy to its matmul. The zero
+    padding is built per block too: the block's input rows go into a small buffer whose
+    border stays zero, so x is never copied whole.
 
     Layouts, so that every copy moves contiguous runs and g is a view where possible:
     channels_last x with C/groups >= 8 gives cols rows (n, i, j) x (u, v, c) (runs of C
-    floats) and a channels_last grad_weight; otherwise x is read as NCHW and cols is
-    (c, u, v) x (n, i, j) (runs of W_out floats). A channels_last grad_out is (R, F) as it
-    lies; an NCHW one is (F, R) per image (a small copy per block when a block holds more).
+    floats) and a channels_last grad_weight; otherwise cols is (c, u, v) x (n, i, j) (runs
+    of W_out floats). A channels_last grad_out is (R, F) as it lies; an NCHW one is (F, R)
+    per image (a small copy per block when a block holds more).
     """
-    N = x.shape[0]
+    N, C, H, W = x.shape
     F_, Cg, KH, KW = weight_shape
     G, Fg = groups, F_ // groups
     H_out, W_out = grad_out.shape[2], grad_out.shape[3]
     KKC = KH * KW * Cg
     rows_major = _is_channels_last(x) and Cg >= 8
-    if not rows_major:
-        x = x.contiguous()  # a few-channel channels_last x copies faster whole than by runs of C
     if not (_is_channels_last(grad_out) or grad_out.is_contiguous()):
         grad_out = grad_out.contiguous()  # e.g. the expanded ones of a .sum() upstream
-    win = _padded_windows(x, (KH, KW), stride, padding, dilation)  # (N, C, H_out, W_out, KH, KW)
-    win = win.unflatten(1, (G, Cg))  # (N, G, Cg, H_out, W_out, KH, KW)
-    # rows_major: (N, H_out, W_out, G, KH, KW, Cg); else (G, Cg, KH, KW, N, H_out, W_out)
-    win = win.permute((0, 3, 4, 1, 5, 6, 2) if rows_major else (1, 2, 5, 6, 0, 3, 4))
     go_rows = _is_channels_last(grad_out)
     if go_rows:
         g = grad_out.permute(0, 2, 3, 1).unflatten(3, (G, Fg))  # (N, H_out, W_out, G, Fg)
     else:
         g = grad_out.unflatten(1, (G, Fg)).permute(1, 2, 0, 3, 4)  # (G, Fg, N, H_out, W_out)
+    rows = max(1, IM2COL_BLOCK_BYTES // (x.element_size() * KKC * G * W_out))
+    b_max, rows_max = max(1, rows // H_out), min(rows, H_out)  # images, output rows per block
+    # Buffers reused by every block (a fresh multi-MiB tensor per block costs page faults):
+    # `slab` holds a block's zero-padded input rows, `buf` its columns.
+    S_h, P_h = stride[0], padding[0]
+    span_h = dilation[0] * (KH - 1) + 1
+    Wp = W + 2 * padding[1]
+    slab_rows = (rows_max - 1) * S_h + span_h
+
+    def buffers() -> tuple[Tensor, Tensor]:
+        if rows_major:
+            slab = x.new_zeros(b_max, slab_rows, Wp, C).permute(0, 3, 1, 2)  # channels_last
+            return slab, x.new_empty(b_max * rows_max * W_out, G, KKC)  # (R, G, KKC)
+        return x.new_zeros(b_max, C, slab_rows, Wp), x.new_empty(G, KKC, b_max * rows_max * W_out)
+
+    slab_buf, buf = buffers()
     # Accumulate grad_weight transposed, (KKC, Fg) per group: with Fg and KKC small (the
     # first layer: 32 and 27) MKL's matmul runs 20-25% faster in this orientation.
     gw_t = grad_out.new_zeros(G, KKC, Fg)  # (G, KKC, Fg), KKC in cols' order
-    rows = max(1, IM2COL_BLOCK_BYTES // (x.element_size() * KKC * G * W_out))
-    R_max = min(rows, H_out) * W_out * max(1, rows // H_out)  # positions in the largest block
-    # One buffer for every block: a fresh multi-MiB tensor per block would cost page faults.
-    buf = x.new_empty(R_max, G, KKC) if rows_major else x.new_empty(G, KKC, R_max)
     for n0, n1, i0, i1 in _blocks(N, H_out, rows):
-        R = (n1 - n0) * (i1 - i0) * W_out
+        if _recording(x, grad_out) and (n0, i0) != (0, 0):
+            slab_buf, buf = buffers()  # autograd saved the last block's: no reuse
+        b, R = n1 - n0, (n1 - n0) * (i1 - i0) * W_out
+        r0, r1 = i0 * S_h - P_h, (i1 - 1) * S_h - P_h + span_h  # the x rows the block reads
+        lo, hi = min(max(r0, 0), r1), max(min(r1, H), r0)  # of which inside x
+        slab = slab_buf[:b, :, : r1 - r0]  # (b, C, r1 - r0, Wp); columns outside x stay 0
+        slab[:, :, : lo - r0].zero_()
+        slab[:, :, hi - r0 :].zero_()
+        if hi > lo:
+            slab[:, :, lo - r0 : hi - r0, padding[1] : padding[1] + W].copy_(x[n0:n1, :, lo:hi])
+        win = _windows(slab, (KH, KW), stride, dilation)  # (b, C, i1 - i0, W_out, KH, KW)
+        win = win.unflatten(1, (G, Cg))  # (b, G, Cg, i1 - i0, W_out, KH, KW)
         if rows_major:
             blk = buf[:R]  # (R, G, KKC)
-            blk.view(n1 - n0, i1 - i0, W_out, G, KH, KW, Cg).copy_(win[n0:n1, i0:i1])
+            blk.view(b, i1 - i0, W_out, G, KH, KW, Cg).copy_(win.permute(0, 3, 4, 1, 5, 6, 2))
             cols = blk.permute(1, 2, 0)  # (G, KKC, R)
         else:
             cols = buf[:, :, :R]  # (G, KKC, R)
-            cols.unflatten(1, (Cg, KH, KW)).unflatten(4, (n1 - n0, i1 - i0, W_out)).copy_(
-                win[..., n0:n1, i0:i1, :]
+            cols.unflatten(1, (Cg, KH, KW)).unflatten(4, (b, i1 - i0, W_out)).copy_(
+                win.permute(1, 2, 5, 6, 0, 3, 4)  # (G, Cg, KH, KW, b, i1 - i0, W_out)
             )
         if go_rows:
             g_blk = g[n0:n1, i0:i1].reshape(-1, G, Fg).transpose(0, 1)  # (G, R, Fg), a view
@@ -222,7 +245,7 @@ def _combine(out: Tensor, a: Tensor, b: Tensor | None = None, alpha: float = 1.0
     """
     if b is None:
         out.copy_(a)
-    elif torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+    elif _recording(a, b):
         out.copy_(a).add_(b, alpha=alpha)
     else:
         torch.add(a, b, alpha=alpha, out=out)
@@ -237,7 +260,8 @@ def _grad_weight_winograd(grad_out: Tensor, x: Tensor, padding: Pair) -> Tensor:
     M[s, t, c, f] = sum_tiles V[s, t, tile, c] * U[s, t, tile, f], U = A g A^T.
     That is 16 matmuls of (C, tiles) @ (tiles, F): 16/36 of the multiply-adds of the direct
     correlation, for a few elementwise passes that build U and V a few images at a time.
-    An odd H_out or W_out is padded with zero grad_out (and x with a zero row or column).
+    An odd H_out or W_out is padded with zero grad_out (and x with a zero row or column);
+    x is zero-padded a block of images at a time, in a reused buffer.
     """
     N, C = x.shape[0], x.shape[1]
     F_, H_out, W_out = grad_out.shape[1], grad_out.shape[2], grad_out.shape[3]
@@ -245,26 +269,39 @@ def _grad_weight_winograd(grad_out: Tensor, x: Tensor, padding: Pair) -> Tensor:
     eh, ew = 2 * A - H_out, 2 * B - W_out
     if eh or ew:
         grad_out = F.pad(grad_out, (0, ew, 0, eh))  # (N, F, 2A, 2B)
-    x = F.pad(x, (padding[1], padding[1] + ew, padding[0], padding[0] + eh))  # (N, C, 2A+2, 2B+2)
-    Wp = x.shape[3]
+    H, W = x.shape[2], x.shape[3]
+    Hp, Wp = 2 * A + 2, 2 * B + 2  # = H + 2P (+1 when H_out is odd)
     cl = _is_channels_last(grad_out)
     g6 = grad_out.unflatten(2, (A, 2)).unflatten(4, (B, 2))  # (N, F, A, 2, B, 2)
     tile_bytes = 16 * A * B * (F_ + C) * x.element_size()
     nb = max(1, min(N, WINOGRAD_BLOCK_BYTES // tile_bytes))  # images per block
-    # Buffers reused by every block, laid out so each elementwise pass writes the
-    # operand's fastest axis (F or C for channels_last, W otherwise) contiguously.
-    if cl:
-        uh_buf = x.new_empty(4, nb, A, B, 2, F_).permute(0, 1, 5, 2, 3, 4)  # (4, nb, F, A, B, 2)
-        u_buf = x.new_empty(4, 4, nb, A, B, F_).permute(0, 1, 2, 5, 3, 4)  # (4, 4, nb, F, A, B)
-        vh_buf = x.new_empty(4, nb, A, Wp, C).permute(0, 1, 4, 2, 3)  # (4, nb, C, A, Wp)
-        v_buf = x.new_empty(4, 4, nb, A, B, C).permute(0, 1, 2, 5, 3, 4)  # (4, 4, nb, C, A, B)
-    else:
-        uh_buf = x.new_empty(4, nb, F_, A, B, 2)
-        u_buf = x.new_empty(4, 4, F_, nb, A, B).transpose(2, 3)  # (4, 4, nb, F, A, B)
-        vh_buf = x.new_empty(4, nb, C, A, Wp)
-        v_buf = x.new_empty(4, 4, C, nb, A, B).transpose(2, 3)  # (4, 4, nb, C, A, B)
+
+    def buffers() -> tuple[Tensor, ...]:
+        """Buffers reused by every block, laid out so each elementwise pass writes the
+        operand's fastest axis (F or C for channels_last, W otherwise) contiguously. The
+        first holds a block of images zero-padded: its border is never written, so stays 0.
+        """
+        if cl:
+            return (
+                x.new_zeros(nb, Hp, Wp, C).permute(0, 3, 1, 2),  # (nb, C, Hp, Wp)
+                x.new_empty(4, nb, A, B, 2, F_).permute(0, 1, 5, 2, 3, 4),  # (4, nb, F, A, B, 2)
+                x.new_empty(4, 4, nb, A, B, F_).permute(0, 1, 2, 5, 3, 4),  # (4, 4, nb, F, A, B)
+                x.new_empty(4, nb, A, Wp, C).permute(0, 1, 4, 2, 3),  # (4, nb, C, A, Wp)
+                x.new_empty(4, 4, nb, A, B, C).permute(0, 1, 2, 5, 3, 4),  # (4, 4, nb, C, A, B)
+            )
+        return (
+            x.new_zeros(nb, C, Hp, Wp),
+            x.new_empty(4, nb, F_, A, B, 2),
+            x.new_empty(4, 4, F_, nb, A, B).transpose(2, 3),  # (4, 4, nb, F, A, B)
+            x.new_empty(4, nb, C, A, Wp),
+            x.new_empty(4, 4, C, nb, A, B).transpose(2, 3),  # (4, 4, nb, C, A, B)
+        )
+
+    xp_buf, uh_buf, u_buf, vh_buf, v_buf = buffers()
     M = x.new_zeros(16, C, F_)  # (4*4, C, F)
     for n0 in range(0, N, nb):
+        if _recording(x, grad_out) and n0 > 0:
+            xp_buf, uh_buf, u_buf, vh_buf, v_buf = buffers()  # autograd saved the last ones
         n = min(N, n0 + nb) - n0
         uh, U, vh, V = uh_buf[:, :n], u_buf[:, :, :n], vh_buf[:, :n], v_buf[:, :, :n]
         # U = A g A^T, rows then columns: (g0, g1) -> (g0, g0 + g1, g0 - g1, g1)
@@ -280,7 +317,8 @@ def _grad_weight_winograd(grad_out: Tensor, x: Tensor, padding: Pair) -> Tensor:
         _combine(U[:, 3], h1)
         # V = B^T d B on overlapping 4x4 tiles (stride 2): (d0..d3) -> (d0 - d2, d1 + d2,
         # d2 - d1, d1 - d3), rows then columns
-        xb = x[n0 : n0 + n]
+        xb = xp_buf[:n]  # (n, C, Hp, Wp)
+        xb[:, :, padding[0] : padding[0] + H, padding[1] : padding[1] + W].copy_(x[n0 : n0 + n])
         r0, r1, r2, r3 = (xb[:, :, k : k + 2 * A : 2] for k in range(4))  # (n, C, A, Wp)
         _combine(vh[0], r0, r2, -1.0)
         _combine(vh[1], r1, r2)

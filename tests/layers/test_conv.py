@@ -142,6 +142,22 @@ def test_conv2d_grad_weight_rejects_winograd_for_strided_conv():
         )
 
 
+@pytest.mark.parametrize("method", ["im2col", "winograd"])
+def test_conv2d_grad_weight_is_differentiable_over_several_blocks(monkeypatch, method):
+    # Under autograd (only when the gradient function itself is checked) the blocks must
+    # not share buffers, since each block's matmul keeps its operands for the backward.
+    monkeypatch.setattr(conv, "IM2COL_BLOCK_BYTES", 1)
+    monkeypatch.setattr(conv, "WINOGRAD_BLOCK_BYTES", 1)
+    g = torch.Generator().manual_seed(0)
+    grad_out = torch.randn(2, 2, 4, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 2, 4, 4, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def fn(go, xx):
+        return conv2d_grad_weight(go, xx, (2, 2, 3, 3), (1, 1), (1, 1), (1, 1), 1, method=method)
+
+    assert torch.autograd.gradcheck(fn, (grad_out, x))
+
+
 def test_conv2d_grad_weight_mixed_layouts():
     # A channels_last x with an NCHW grad_out (and the reverse) still agrees with torch.
     g = torch.Generator().manual_seed(0)
