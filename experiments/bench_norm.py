@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -99,22 +100,31 @@ def saved_bytes(block: nn.Module, x: Tensor) -> int:
 
 
 def peak_rss_mib(variant: str, shape: tuple[int, ...], channels_last: bool) -> float:
-    """Peak RSS growth (MiB) of warm-up + one forward/backward, in a fresh subprocess."""
+    """Peak RSS growth (MiB) of one forward/backward after a warm-up, in a fresh subprocess.
+
+    Counted: the output, the saved tensors and every temporary of forward and backward,
+    and grad_x; the input x and the upstream gradient exist before and are not counted.
+    """
     code = f"""
 import json, resource, torch
 import experiments.bench_norm as b
 x, g = b.inputs({shape!r}, {channels_last})
 block = b.build({variant!r}, {shape[1]})
-run = b.step(block, x, g)
-run()  # warm-up (compiles); its peak is not counted
+leaf = x.requires_grad_()
+block(leaf).backward(g)  # warm-up (compiles); its peak is not counted
+leaf.grad = None
+block.zero_grad(set_to_none=True)
 open('/proc/self/clear_refs', 'w').write('5')  # reset the peak RSS to the current RSS
 base = int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0])
-run()
+block(leaf).backward(g)
 peak = int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])
 print(json.dumps((peak - base) / 1024))
 """
+    # A fixed mmap threshold makes glibc return every tensor's memory on free, so the
+    # resident set follows the live tensors instead of what malloc keeps cached.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
     ).stdout
     return float(json.loads(out.strip().splitlines()[-1]))
 
@@ -143,16 +153,22 @@ def main() -> None:
     p.add_argument("--stages", type=int, nargs="*", default=[0, 1, 2, 3])
     p.add_argument("--layouts", nargs="*", default=["nchw", "cl"])
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument(
+        "--variants",
+        nargs="*",
+        default=[
+            "torch:prelu",
+            "separate:prelu",
+            "fused-eager:prelu",
+            "fused-compiled:prelu",
+            "torch:relu",
+            "fused-eager:relu",
+            "fused-compiled:relu",
+        ],
+        help="kind:activation; each activation needs its torch:activation twin",
+    )
     args = p.parse_args()
-    variants = [
-        "torch:prelu",
-        "separate:prelu",
-        "fused-eager:prelu",
-        "fused-compiled:prelu",
-        "torch:relu",
-        "fused-eager:relu",
-        "fused-compiled:relu",
-    ]
+    variants = args.variants
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     t0 = time.perf_counter()
     x, grad = inputs((64, 32, 24, 24), False)
