@@ -11,6 +11,8 @@ Columns:
            against conv2d_grad_weight with each method (im2col, winograd, corr); ratio is
            the best method over torch
   saved    bytes the forward keeps for the backward (saved_tensors_hooks), ours vs torch
+  peak     with --memory: growth of the peak RSS over 3 forward + backward steps, each
+           implementation in a fresh process (after the inputs exist), ours vs torch
 Timings are process CPU time with --cpu-time (steadier when other jobs share the cores,
 meaningful with --threads 1), wall time otherwise.
 """
@@ -19,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -104,6 +108,52 @@ def bench_layer(
     return r
 
 
+PEAK_SCRIPT = """
+import re, sys, torch
+from torch import nn
+from facetag.layers.conv import Conv2d
+impl, C, F, H, N, fmt, threads = sys.argv[1:]
+C, F, H, N = int(C), int(F), int(H), int(N)
+torch.set_num_threads(int(threads))
+fmt = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+make = Conv2d if impl == "ours" else nn.Conv2d
+m = make(C, F, 3, padding=1, bias=False).to(memory_format=fmt)
+x = torch.randn(N, C, H, H).contiguous(memory_format=fmt).requires_grad_(C != 3)
+go = torch.randn(N, F, H, H).contiguous(memory_format=fmt)
+def hwm():
+    return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak to the current RSS
+before = hwm()
+for _ in range(3):
+    x.grad = None
+    m.zero_grad(set_to_none=True)
+    m(x).backward(go)
+print((hwm() - before) / 1024)
+"""
+
+
+def peak_mib(impl: str, C: int, F: int, H: int, N: int, fmt: str, threads: int) -> float:
+    """Peak RSS growth (MiB) of 3 steps of one implementation, in a fresh process."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            PEAK_SCRIPT,
+            impl,
+            str(C),
+            str(F),
+            str(H),
+            str(N),
+            fmt,
+            str(threads),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return float(out.stdout.strip())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -113,6 +163,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--cpu-time", action="store_true", help="time with process CPU time")
     parser.add_argument("--layers", type=int, nargs="*", default=list(range(len(LAYERS))))
+    parser.add_argument("--memory", action="store_true", help="also measure peak RSS growth")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     clock = time.process_time if args.cpu_time else time.perf_counter
@@ -124,6 +175,7 @@ def main() -> None:
     head = (
         f"{'layer':>16} {'format':>13} | {'ours':>7} {'torch':>7} {'ratio':>6} | "
         f"{'im2col':>7} {'wino':>7} {'corr':>7} {'torch':>7} {'ratio':>6} | {'saved MiB':>13}"
+        + (f" | {'peak MiB':>13}" if args.memory else "")
     )
     print(f"{'':>31}| {'step (fwd + bwd)':^22} | {'bwd_w (weight grad only)':^38} |")
     print(head)
@@ -143,8 +195,15 @@ def main() -> None:
                 f"{ms['bw_winograd']:7.1f} {ms['bw_corr']:7.1f} "
                 f"{ms['bw_torch']:7.1f} {best / ms['bw_torch']:6.3f} | "
                 f"{r['saved_ours'] / 2**20:6.1f} {r['saved_torch'] / 2**20:6.1f}",
-                flush=True,
+                end="",
             )
+            if args.memory:
+                peaks = [
+                    peak_mib(impl, C, F, H, args.batch, name, args.threads)
+                    for impl in ("ours", "torch")
+                ]
+                print(f" | {peaks[0]:6.1f} {peaks[1]:6.1f}", end="")
+            print(flush=True)
 
 
 if __name__ == "__main__":
