@@ -37,10 +37,10 @@ Pair = tuple[int, int]
 
 GRAD_WEIGHT_METHODS = ("auto", "im2col", "winograd", "corr")
 
-# Bytes of im2col columns built per matmul in conv2d_grad_weight. Small enough that a block
-# stays in the 2 MiB L2 cache between being written and being read by the matmul, large
-# enough that the Python loop over blocks costs little (about 60 blocks for a 64x32x48x48
-# input); 1, 2 and 4 MiB measured the same within noise, see experiments/bench_conv.py.
+# Bytes of im2col columns built per matmul in conv2d_grad_weight: small enough that a block
+# is still in cache when the matmul reads it, large enough that the Python loop costs
+# little (128 blocks for a 64x32x48x48 input). On the 2-core dev box 0.5-2 MiB were
+# fastest; 8 MiB was up to 15% slower and one block for everything up to 2x.
 IM2COL_BLOCK_BYTES = 2 << 20
 
 
@@ -232,8 +232,8 @@ _WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, -1
 
 # Bytes of transformed tiles (both operands) built per batched matmul in the Winograd path.
 WINOGRAD_BLOCK_BYTES = 8 << 20
-# "auto" uses Winograd from this many input channels: on 2 CPU cores it was faster than
-# im2col from the 64 -> 128 layer on and slower below (experiments/bench_conv.py).
+# "auto" uses Winograd from this many input channels: in experiments/bench_conv.py it beat
+# im2col from the 64 -> 128 layer on (by 10-30%) and lost below (32 -> 64: by 5-10%).
 WINOGRAD_MIN_C = 64
 
 
