@@ -39,9 +39,9 @@ GRAD_WEIGHT_METHODS = ("auto", "im2col", "winograd", "corr")
 
 # Bytes of im2col columns built per matmul in conv2d_grad_weight: small enough that a block
 # is still in cache when the matmul reads it, large enough that the Python loop costs
-# little (128 blocks for a 64x32x48x48 input). On the 2-core dev box 0.5-2 MiB were
-# fastest; 8 MiB was up to 15% slower and one block for everything up to 2x.
-IM2COL_BLOCK_BYTES = 2 << 20
+# little (64 blocks for a 64x32x48x48 input). On the 2-core dev box 1-4 MiB were fastest;
+# 8 MiB was up to 25% slower and one block for everything up to 2x.
+IM2COL_BLOCK_BYTES = 4 << 20
 
 
 def _pair(value: IntPair, op: str, name: str) -> Pair:
@@ -168,6 +168,10 @@ def _grad_weight_im2col(
     else:
         g = grad_out.unflatten(1, (G, Fg)).permute(1, 2, 0, 3, 4)  # (G, Fg, N, H_out, W_out)
     rows = max(1, IM2COL_BLOCK_BYTES // (x.element_size() * KKC * G * W_out))
+    if not go_rows and rows > H_out and H_out * W_out >= 1024:
+        # An NCHW grad_out block spanning several images is a copy; one image already gives
+        # the matmul a long enough inner dimension, and keeps it a view.
+        rows = H_out
     b_max, rows_max = max(1, rows // H_out), min(rows, H_out)  # images, output rows per block
     # Buffers reused by every block (a fresh multi-MiB tensor per block costs page faults):
     # `slab` holds a block's zero-padded input rows, `buf` its columns.

@@ -142,6 +142,19 @@ def test_conv2d_grad_weight_rejects_winograd_for_strided_conv():
         )
 
 
+@pytest.mark.parametrize("memory_format", LAYOUTS)
+def test_conv2d_grad_weight_im2col_large_images_like_torch(monkeypatch, memory_format):
+    # From 1024 output positions an NCHW grad_out is taken one image per block (a view)
+    # even when the block budget would hold several.
+    monkeypatch.setattr(conv, "IM2COL_BLOCK_BYTES", 1 << 20)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 32, 33, generator=g).contiguous(memory_format=memory_format)
+    grad_out = torch.randn(3, 5, 32, 33, generator=g)
+    got = conv2d_grad_weight(grad_out, x, (5, 4, 3, 3), (1, 1), (1, 1), (1, 1), 1, method="im2col")
+    expected = torch.nn.grad.conv2d_weight(x, (5, 4, 3, 3), grad_out, 1, 1)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("method", ["im2col", "winograd"])
 def test_conv2d_grad_weight_is_differentiable_over_several_blocks(monkeypatch, method):
     # Under autograd (only when the gradient function itself is checked) the blocks must
