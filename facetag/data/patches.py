@@ -11,8 +11,9 @@ labelled by its IoU with the photo's face boxes, as MTCNN does:
 plus ``POS_NO_BOX`` positives from person-folder crops (aligned faces whose box in WIDER's
 convention is only roughly known: they teach "face", not where its edges are).
 
-Windows are cut out with ``crop_windows`` (roi_align with one sample per source pixel,
-i.e. area averaging), the same function the detector uses at inference, so a training patch
+Windows are cut out with ``crop_windows`` (roi_align with about one sample per source
+pixel of a 2x2-averaged halving of the photo: area averaging), the same function the
+detector uses at inference, so a training patch
 and a detection crop of the same window are the same pixels. Patches are stored as uint8.
 """
 
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import roi_align
 
@@ -76,21 +78,39 @@ class PatchSet:
         return {name: int((self.labels == k).sum()) for k, name in names.items()}
 
 
-def crop_windows(image: Tensor, windows: Tensor, size: int) -> Tensor:
+def halvings(image: Tensor, levels: int = 4) -> list[Tensor]:
+    """image (3, H, W) and up to levels - 1 successive 2x2-averaged halvings of it."""
+    out = [image]
+    while len(out) < levels and min(out[-1].shape[1:]) >= 2:
+        out.append(F.avg_pool2d(out[-1][None], 2)[0])  # (3, H / 2^k, W / 2^k)
+    return out
+
+
+def crop_windows(image: Tensor | list[Tensor], windows: Tensor, size: int) -> Tensor:
     """Cut square windows out of one image and resize them to size x size.
 
-    image (3, H, W) float pixels; windows (K, 4) x1 y1 x2 y2 in pixels -> (K, 3, size, size)
-    float. Area outside the image reads as 0 (black), as MTCNN's padding.
+    image (3, H, W) float pixels, or its ``halvings``; windows (K, 4) x1 y1 x2 y2 in pixels
+    of the full image -> (K, 3, size, size) float. Each window is read from the smallest
+    halving still at least ``size`` px across it, with roi_align averaging about one sample
+    per source pixel there: large windows are area-averaged (no aliasing) at a bounded
+    cost. Area outside the image reads as 0 (black), as MTCNN's padding.
     """
-    if windows.numel() == 0:
-        return image.new_zeros(0, image.shape[0], size, size)
+    levels = image if isinstance(image, list) else halvings(image)
+    C = levels[0].shape[0]
     K = windows.shape[0]
-    rois = torch.cat([windows.new_zeros(K, 1), windows.to(image.dtype)], dim=1)  # (K, 5)
-    # sampling_ratio=-1: ceil(side / size) samples per output pixel, about one per source
-    # pixel, so large windows are averaged rather than aliased.
-    return roi_align(
-        image[None], rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True
-    )  # (K, 3, size, size)
+    out = levels[0].new_zeros(K, C, size, size)
+    if K == 0:
+        return out
+    windows = windows.to(levels[0].dtype)
+    side = (windows[:, 2] - windows[:, 0]).clamp(min=1.0)
+    level = torch.log2(side / size).floor().clamp(0, len(levels) - 1).long()  # (K,)
+    for k in level.unique().tolist():
+        idx = (level == k).nonzero()[:, 0]
+        rois = torch.cat([windows.new_zeros(idx.numel(), 1), windows[idx]], dim=1)  # (k, 5)
+        # sampling_ratio=-1: ceil(side / 2^k / size) samples per output pixel and direction
+        out[idx] = roi_align(levels[k][None], rois, output_size=size, spatial_scale=0.5**k,
+                             sampling_ratio=-1, aligned=True)  # (k, C, size, size)
+    return out
 
 
 def box_offsets(windows: np.ndarray, boxes: np.ndarray) -> np.ndarray:

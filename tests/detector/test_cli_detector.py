@@ -124,7 +124,7 @@ def test_bench_detect_reports_speed_and_memory(tiny_model, tmp_path):
     for i in range(2):
         photo(folder / f"{i}.jpg", seed=i)
     r = _cli(["bench", "detect", str(folder), "--model", str(tiny_model), "--device", "cpu",
-              "--repeats", "2", "--json"])
+              "--repeats", "2", "--threads", "1", "--json"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     assert out["photos"] == 4

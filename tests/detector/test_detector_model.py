@@ -4,13 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from facetag import layers
 from facetag.data.patches import NEG, PART, POS, POS_NO_BOX
-from facetag.layers import activation, conv, fused, loss, pool
+from facetag.layers import fused
 from facetag.models.detector import DEFAULT_WIDTHS, STAGE_SIZES, Cascade, StageNet
 from facetag.training.detector_train import detector_losses
-
-OUR_FNS = [*conv.FUNCTIONS, *fused.FUNCTIONS, *activation.FUNCTIONS, *pool.FUNCTIONS,
-           *loss.FUNCTIONS]
 
 
 def _graph_nodes(*roots: torch.Tensor) -> set[str]:
@@ -41,7 +39,7 @@ def test_detector_graph_has_only_our_functions(kind):
     torch.manual_seed(0)
     net = StageNet(kind).train()
     face, box, _, _ = detector_losses(net, *_batch(kind))
-    allowed = {f"{fn.__name__}Backward" for fn in OUR_FNS} | {"AccumulateGrad"}
+    allowed = {f"{fn.__name__}Backward" for fn in layers.FUNCTIONS} | {"AccumulateGrad"}
     leaked = _graph_nodes(face, box) - allowed
     assert not leaked, f"built-in autograd nodes in the graph: {sorted(leaked)}"
 
