@@ -474,6 +474,9 @@ def bench_detect_cmd(
     model: ModelOpt = None,
     repeats: Annotated[int, typer.Option(min=1, help="Passes over the folder.")] = 3,
     min_face: MinFaceOpt = None,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="CPU threads (default: torch's, one per core).")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Photos/s and peak memory of the detector over FOLDER (decoding included)."""
@@ -481,7 +484,8 @@ def bench_detect_cmd(
 
     try:
         r = bench_detect(
-            folder, device=device.value, model=model, repeats=repeats, min_face=min_face
+            folder, device=device.value, model=model, repeats=repeats, min_face=min_face,
+            threads=threads,
         )
     except FacetagError as e:
         raise _fail(e) from None
