@@ -12,6 +12,7 @@ from facetag.errors import DataError, ModelError
 from facetag.inference.detect import (
     detect_paths,
     detect_photo,
+    drop_nested,
     load_detector,
     regress,
     square,
@@ -98,3 +99,15 @@ def test_load_detector_rejects_other_files(tmp_path):
         load_detector(other)
     with pytest.raises(ModelError, match="no such file"):
         load_detector(tmp_path / "missing.pt")
+
+
+def test_drop_nested_removes_boxes_inside_better_ones():
+    boxes = torch.tensor([
+        [0.0, 0.0, 100.0, 120.0],  # the face
+        [40.0, 20.0, 90.0, 85.0],  # inside it (IoU 0.27): dropped
+        [90.0, 0.0, 190.0, 120.0],  # a neighbour overlapping a little: kept
+        [95.0, 10.0, 185.0, 110.0],  # inside the neighbour: dropped
+    ])
+    assert drop_nested(boxes, 0.7).tolist() == [0, 2]
+    assert drop_nested(boxes[:1], 0.7).tolist() == [0]
+    assert drop_nested(boxes, 1.0).tolist() == [0, 1, 2, 3]
