@@ -62,6 +62,7 @@ TWIN = Ops(
     BatchNormAct2d=_twin_bn_act,
     MaxPool2d=nn.MaxPool2d,
     GlobalAvgPool2d=_TwinGlobalAvgPool,
+    Flatten=nn.Flatten,
     Linear=nn.Linear,
     BatchNorm1d=nn.BatchNorm1d,
     Dropout=nn.Dropout,

@@ -33,6 +33,7 @@ else:  # pragma: no cover - Python 3.10 needs the tomli backport
 
 Activation = Literal["prelu", "relu"]
 Head = Literal["softmax", "arcface"]
+Pool = Literal["gap", "flatten"]
 Optimizer = Literal["adamw", "sgd"]
 Schedule = Literal["onecycle", "cosine", "constant"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -63,6 +64,7 @@ class ModelConfig:
     embedding_dim: int = 128  # D, the length of a face embedding
     activation: Activation = "prelu"  # after each BatchNorm
     dropout: float = 0.0  # before the embedding Linear
+    pool: Pool = "gap"  # gap: global average pool; flatten: keep where features are
     head: Head = "softmax"  # classifier used in training only
     arcface_scale: float = 30.0  # s: logits are s * cos(theta (+ m))
     arcface_margin: float = 0.5  # m: additive angular margin in radians

@@ -6,7 +6,7 @@ Built only from facetag.layers. The same code builds the torch.nn twin used by
     x (N, C, H, W)
       -> S stages of [conv3x3 (no bias) -> BatchNorm2d + activation -> max-pool 2x2]
                                                           # (N, widths[-1], H/2^S, W/2^S)
-      -> global average pool                              # (N, widths[-1])
+      -> global average pool (N, widths[-1]) or flatten  (N, widths[-1] * h * w)
       -> dropout -> Linear -> BatchNorm1d                 # (N, D) the embedding
     classifier (training only): Linear (N, D) -> (N, P) or an ArcFace margin head.
 """
@@ -30,6 +30,7 @@ class Ops:
     BatchNormAct2d: Callable[..., nn.Module]
     MaxPool2d: Callable[..., nn.Module]
     GlobalAvgPool2d: Callable[..., nn.Module]
+    Flatten: Callable[..., nn.Module]
     Linear: Callable[..., nn.Module]
     BatchNorm1d: Callable[..., nn.Module]
     Dropout: Callable[..., nn.Module]
@@ -40,6 +41,7 @@ OURS = Ops(
     BatchNormAct2d=layers.BatchNormAct2d,
     MaxPool2d=layers.MaxPool2d,
     GlobalAvgPool2d=layers.GlobalAvgPool2d,
+    Flatten=layers.Flatten,
     Linear=layers.Linear,
     BatchNorm1d=layers.BatchNorm1d,
     Dropout=layers.Dropout,
@@ -72,6 +74,8 @@ class EmbeddingNet(nn.Module):
         embedding_dim: int = 128,
         activation: str = "prelu",
         dropout: float = 0.0,
+        pool: str = "gap",
+        image_size: Sequence[int] = (64, 64),
         ops: Ops = OURS,
     ) -> None:
         super().__init__()
@@ -83,16 +87,32 @@ class EmbeddingNet(nn.Module):
             stages.append(ConvStage(C, F, activation, ops))
             C = F
         self.stages = nn.Sequential(*stages)
-        self.pool = ops.GlobalAvgPool2d()
+        if pool == "gap":
+            self.pool = ops.GlobalAvgPool2d()
+            D_in = C
+        elif pool == "flatten":
+            # Each stage halves H and W (floor), like MaxPool2d(2).
+            h, w = int(image_size[0]), int(image_size[1])
+            for _ in widths:
+                h, w = h // 2, w // 2
+            if h < 1 or w < 1:
+                raise ValueError(
+                    f"EmbeddingNet: expected image_size of at least {2 ** len(widths)} px for "
+                    f"{len(widths)} stages, got {tuple(image_size)}"
+                )
+            self.pool = ops.Flatten()
+            D_in = C * h * w
+        else:
+            raise ValueError(f"EmbeddingNet: expected pool 'gap' or 'flatten', got {pool!r}")
         self.dropout = ops.Dropout(dropout)
-        self.fc = ops.Linear(C, embedding_dim, bias=False)
+        self.fc = ops.Linear(D_in, embedding_dim, bias=False)
         self.bn = ops.BatchNorm1d(embedding_dim)
         self.in_channels = in_channels
         self.embedding_dim = embedding_dim
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.stages(x)  # (N, F, h, w)
-        x = self.pool(x)  # (N, F)
+        x = self.pool(x)  # (N, F) or (N, F * h * w)
         x = self.dropout(x)
         return self.bn(self.fc(x))  # (N, D)
 

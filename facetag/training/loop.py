@@ -86,7 +86,15 @@ def runs_dir() -> Path:
 
 def build_classifier(config: Config, num_classes: int, in_channels: int) -> FaceClassifier:
     m = config.model
-    embedder = EmbeddingNet(in_channels, m.widths, m.embedding_dim, m.activation, dropout=m.dropout)
+    embedder = EmbeddingNet(
+        in_channels,
+        m.widths,
+        m.embedding_dim,
+        m.activation,
+        dropout=m.dropout,
+        pool=m.pool,
+        image_size=config.data.image_size,
+    )
     return FaceClassifier(
         embedder,
         num_classes,
