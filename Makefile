@@ -13,7 +13,8 @@ STAMP := $(VENV)/.installed
 FACETAG_DATA_DIR ?= $(abspath ../shared/data)
 export FACETAG_DATA_DIR
 
-.PHONY: setup install test lint fmt check gradcheck bench demo clean
+.PHONY: setup install test lint fmt check gradcheck bench demo clean train-orl train-yaleb \
+	sweep ui
 
 setup: $(STAMP)
 install: $(STAMP)
@@ -46,10 +47,34 @@ bench: $(STAMP)
 	$(BIN)/facetag bench train
 	$(BIN)/facetag bench infer
 
+SEEDS ?= 0 1 2 3 4
+
+# The issue's ORL protocol: split 5/5, one run per seed; each prints its JSON result.
+train-orl: $(STAMP)
+	for s in $(SEEDS); do \
+		$(BIN)/facetag train --config experiments/configs/orl.toml \
+			--data $(FACETAG_DATA_DIR)/orl --seed $$s --json || exit 1; \
+	done
+
+train-yaleb: $(STAMP)
+	$(BIN)/facetag train --config experiments/configs/yaleb.toml \
+		--data $(FACETAG_DATA_DIR)/yaleb --json
+
+sweep: $(STAMP)
+	$(BIN)/facetag sweep --config experiments/configs/orl.toml --data $(FACETAG_DATA_DIR)/orl \
+		--lrs 3e-3,1e-2 --batch-sizes 16,32
+
+ui: $(STAMP)
+	$(BIN)/facetag ui
+
+# The main job: prove the gradients, time the layers, train and evaluate on ORL.
 demo: $(STAMP)
 	$(BIN)/facetag gradcheck
 	$(BIN)/facetag bench train --steps 5
 	$(BIN)/facetag bench infer --steps 10
+	$(BIN)/facetag train --config experiments/configs/orl.toml --data $(FACETAG_DATA_DIR)/orl
+	$(BIN)/facetag evaluate --model models:/facetag-embedder@champion
+	@echo "MLflow dashboard: make ui  (or .venv/bin/facetag ui), then open http://127.0.0.1:5000"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
