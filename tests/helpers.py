@@ -27,3 +27,26 @@ def write_faces(
             pixels = (noisy * 255).round().to(torch.uint8).numpy()
             Image.fromarray(pixels, mode="L").save(root / name / f"{k}.png")
     return root
+
+
+def graph_nodes(*roots: torch.Tensor) -> set[str]:
+    """Names of every autograd node behind ``roots`` (walks grad_fn.next_functions)."""
+    seen: set[int] = set()
+    names: set[str] = set()
+    stack = [r.grad_fn for r in roots]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        names.add(type(node).__name__)
+        stack.extend(fn for fn, _ in node.next_functions)
+    return names
+
+
+def leaked_nodes(*roots: torch.Tensor) -> set[str]:
+    """Autograd nodes that are neither facetag Functions nor AccumulateGrad."""
+    from facetag import layers
+
+    allowed = {f"{fn.__name__}Backward" for fn in layers.FUNCTIONS} | {"AccumulateGrad"}
+    return graph_nodes(*roots) - allowed

@@ -4,24 +4,7 @@ import torch
 
 from facetag import layers
 from facetag.models.embedder import EmbeddingNet, FaceClassifier
-
-
-def _graph_nodes(t: torch.Tensor) -> set[str]:
-    seen: set[str] = set()
-    names: set[str] = set()
-    stack = [t.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        names.add(type(node).__name__)
-        stack.extend(fn for fn, _ in node.next_functions)
-    return names
-
-
-def _allowed() -> set[str]:
-    return {f"{fn.__name__}Backward" for fn in layers.FUNCTIONS} | {"AccumulateGrad"}
+from tests.helpers import leaked_nodes
 
 
 def _model(head: str = "softmax", in_channels: int = 1, P: int = 5) -> FaceClassifier:
@@ -35,7 +18,7 @@ def test_classifier_graph_has_only_our_functions():
     x = torch.randn(4, 1, 32, 32)
     y = torch.tensor([0, 1, 2, 3])
     loss = layers.cross_entropy(model(x), y, label_smoothing=0.1)
-    leaked = _graph_nodes(loss) - _allowed()
+    leaked = leaked_nodes(loss)
     assert not leaked, f"built-in autograd nodes in the graph: {sorted(leaked)}"
 
 
@@ -45,7 +28,7 @@ def test_arcface_graph_and_embedding_have_only_our_functions():
     y = torch.tensor([0, 1, 2, 3])
     loss = layers.cross_entropy(model(x, y), y)
     emb = model.embedder.embed(x)
-    leaked = (_graph_nodes(loss) | _graph_nodes(emb)) - _allowed()
+    leaked = leaked_nodes(loss, emb)
     assert not leaked, f"built-in autograd nodes in the graph: {sorted(leaked)}"
 
 

@@ -29,6 +29,7 @@ from facetag.training.evaluate import (
     verify,
 )
 from facetag.training.figures import roc_auc
+from tests.helpers import write_faces
 
 SMOKE = Path(__file__).resolve().parents[2] / "experiments" / "configs" / "smoke.toml"
 
@@ -187,23 +188,6 @@ def test_verify_rejects_pairs_of_one_kind():
 
 # ---------------------------------------------------------------------------------------
 # A tiny trained model: evaluate, store the threshold, log to its run.
-
-
-def write_faces(root: Path, people: list[str], per_person: int, seed: int) -> Path:
-    """A person-folder dataset of 32x32 grey PNGs: a fixed blob pattern per person + noise."""
-    from PIL import Image
-
-    g = torch.Generator().manual_seed(seed)
-    for name in people:
-        base = torch.nn.functional.interpolate(
-            torch.rand(1, 1, 4, 4, generator=g), size=(32, 32), mode="bilinear"
-        )[0, 0]  # (32, 32) smooth, different for each person
-        (root / name).mkdir(parents=True)
-        for k in range(per_person):
-            noisy = (base + 0.08 * torch.randn(32, 32, generator=g)).clamp(0, 1)
-            pixels = (noisy * 255).round().to(torch.uint8).numpy()
-            Image.fromarray(pixels, mode="L").save(root / name / f"{k}.png")
-    return root
 
 
 @pytest.fixture(scope="module")
