@@ -13,8 +13,6 @@ import pytest
 import torch
 from torch import nn
 
-from facetag.config import Config, config_from_dict, config_to_dict
-from facetag.errors import ModelError
 from facetag import checkpoint as ckpt_module
 from facetag.checkpoint import (
     FORMAT,
@@ -23,6 +21,8 @@ from facetag.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from facetag.config import Config, config_from_dict, config_to_dict
+from facetag.errors import ModelError
 
 NOT_OURS = r"not a facetag checkpoint; expected a file written by facetag train$"
 

@@ -14,9 +14,9 @@ import torch
 from mlflow import MlflowClient
 from torch import nn
 
+from facetag.checkpoint import load_checkpoint, save_checkpoint
 from facetag.config import Config, flatten
 from facetag.errors import ConfigError, ModelError, TrainingError
-from facetag.checkpoint import load_checkpoint, save_checkpoint
 from facetag.training.tracking import (
     DEFAULT_URI,
     ModelRegistration,
