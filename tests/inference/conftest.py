@@ -92,3 +92,9 @@ def people(tmp_path: Path) -> Path:
     save(root / "Alice" / "1.png", pattern(1))
     save(root / "Bob" / "1.png", pattern(2))
     return root
+
+
+@pytest.fixture(autouse=True)
+def _run_in_tmp(tmp_path, monkeypatch):
+    """tag's default manifest is ./facetag-manifest.jsonl: keep it out of the repository."""
+    monkeypatch.chdir(tmp_path)
