@@ -377,14 +377,19 @@ def detect_paths(
 
     images: list[dict[str, Any]] = []
     errors: list[dict[str, str]] = []
-    for r in iter_detections(detector, paths, recursive=recursive, min_face=min_face,
-                             threshold=threshold, on_problem=problem):
-        if r.error is not None:
-            problem(r.path, r.error)
-            errors.append({"path": str(r.path), "error": r.error})
-        else:
-            assert r.result is not None
-            images.append(r.result)
+    found = iter_detections(detector, paths, recursive=recursive, min_face=min_face,
+                            threshold=threshold, on_problem=problem)
+    try:
+        for r in found:
+            if r.error is not None:
+                problem(r.path, r.error)
+                errors.append({"path": str(r.path), "error": r.error})
+            else:
+                assert r.result is not None
+                images.append(r.result)
+    except DataError:
+        if not failed:  # "no images at all": not yet said, unless each folder said it
+            raise
     doc: dict[str, Any] = {"device": dev, "model": {"detector": detector.name}, "images": images}
     if errors:
         doc["errors"] = errors

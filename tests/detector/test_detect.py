@@ -85,8 +85,13 @@ def test_detect_paths_goes_on_after_bad_inputs(tiny_model, photo_zoo):
 
 
 def test_detect_paths_with_nothing_to_read(tiny_model, tmp_path):
-    with pytest.raises(DataError, match="expected image files"):
-        detect_paths([tmp_path], model=str(tiny_model), device="cpu")
+    lines: list[str] = []
+    doc, failed = detect_paths([tmp_path], model=str(tiny_model), device="cpu",
+                               on_error=lines.append)
+    assert (failed, len(lines), doc["images"]) == (1, 1, [])  # said once, not twice
+    assert "expected image files" in lines[0]
+    with pytest.raises(DataError, match="no such path"):
+        detect_paths([tmp_path / "missing"], model=str(tiny_model), device="cpu")
 
 
 def test_load_detector_rejects_other_files(tmp_path):
