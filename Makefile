@@ -14,7 +14,7 @@ FACETAG_DATA_DIR ?= $(abspath ../shared/data)
 export FACETAG_DATA_DIR
 
 .PHONY: setup install test lint fmt check gradcheck bench demo clean train-orl train-yaleb \
-	sweep ui
+	sweep ui weights
 
 setup: $(STAMP)
 install: $(STAMP)
@@ -67,6 +67,13 @@ sweep: $(STAMP)
 ui: $(STAMP)
 	$(BIN)/facetag ui
 
+# The weights facetag ships, from the shared data with the config's fixed seed (about 13
+# minutes on 2 cores). One thread: bit-identical weights need the same thread count and
+# CPU, and two threads on a busy machine were 13x slower.
+weights: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/facetag train-detector --config experiments/configs/detector.toml \
+		--data $(FACETAG_DATA_DIR) --out facetag/weights/detector.pt
+
 # The main job: prove the gradients, time the layers, train and evaluate on ORL.
 demo: $(STAMP)
 	$(BIN)/facetag gradcheck
@@ -74,6 +81,7 @@ demo: $(STAMP)
 	$(BIN)/facetag bench infer --steps 10
 	$(BIN)/facetag train --config experiments/configs/orl.toml --data $(FACETAG_DATA_DIR)/orl
 	$(BIN)/facetag evaluate --model models:/facetag-embedder@champion
+	$(BIN)/facetag detect $(FACETAG_DATA_DIR)/knn_examples/test --json
 	@echo "MLflow dashboard: make ui  (or .venv/bin/facetag ui), then open http://127.0.0.1:5000"
 
 clean:
