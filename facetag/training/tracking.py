@@ -481,6 +481,11 @@ def resolve_model_uri(spec: str, dst: Path | None = None) -> Path:
         _check_remote(spec, MlflowClient(tracking_uri=uri, registry_uri=uri), uri)
         target = dst if dst is not None else Path(tempfile.mkdtemp(prefix="facetag-model-"))
         target.mkdir(parents=True, exist_ok=True)
+        # NOTE: download_artifacts resolves models:/ through the global registry URI, not
+        # its tracking_uri argument: without this, a models:/ spec is looked up in the
+        # default store whenever MLFLOW_TRACKING_URI is unset.
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
         try:
             local = Path(
                 mlflow.artifacts.download_artifacts(

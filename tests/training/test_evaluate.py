@@ -386,3 +386,38 @@ def test_evaluate_bad_data_raises_before_writing(trained, tmp_path):
     with pytest.raises(DataError, match="has no person folders"):
         evaluate(str(path), tmp_path / "empty", split=None, seed=None, device="cpu")
     assert path.read_bytes() == before
+
+
+def test_champion_resolves_with_the_default_tracking_uri(trained, store, tmp_path):
+    """No MLFLOW_TRACKING_URI: the project store (experiments/mlflow.db) is used for the
+    registry too (a fresh process, so no earlier mlflow.set_* call hides the default)."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "experiments" / "mlflow.db").symlink_to(store / "mlflow.db")
+    # MLflow's own default store (./mlflow.db), as any earlier mlflow call leaves it: the
+    # registry must not be looked up there.
+    shutil.copyfile(store / "mlflow.db", tmp_path / "mlflow.db")
+    from mlflow import MlflowClient
+
+    default = f"sqlite:///{tmp_path}/mlflow.db"
+    MlflowClient(default, registry_uri=default).delete_registered_model("facetag-embedder")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    code = (
+        "from facetag.training.tracking import resolve_model_uri; "
+        "from facetag.models.io import load_embedder; "
+        "print(load_embedder(resolve_model_uri('models:/facetag-embedder@champion')).version)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().startswith("embedder-")
