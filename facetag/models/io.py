@@ -51,6 +51,8 @@ def load_embedder(path: Path | str, device: str = "cpu") -> LoadedEmbedder:
         int(m["embedding_dim"]),
         m["activation"],
         dropout=float(m["dropout"]),
+        pool=str(m.get("pool", "gap")),
+        image_size=tuple(int(v) for v in state["image_size"]),
     )
     net.load_state_dict(state["embedder"])
     net.to(device).eval()
