@@ -193,6 +193,20 @@ def data_fetch(
     typer.echo(str(out))
 
 
+def _flag_overrides(**flags: object) -> dict[str, object]:
+    """The training flags that were given, as config overrides (paths and enums as text)."""
+    out: dict[str, object] = {}
+    for key, value in flags.items():
+        if value is None:
+            continue
+        if isinstance(value, Enum):
+            value = value.value
+        elif isinstance(value, Path):
+            value = str(value)
+        out[key] = value
+    return out
+
+
 @app.command()
 def train(
     config: Annotated[
@@ -213,18 +227,9 @@ def train(
     from facetag.training.progress import ProgressBar
     from facetag.training.runner import run_training
 
-    overrides = {
-        k: v
-        for k, v in {
-            "data": str(data) if data else None,
-            "epochs": epochs,
-            "lr": lr,
-            "batch_size": batch_size,
-            "seed": seed,
-            "device": device.value if device else None,
-        }.items()
-        if v is not None
-    }
+    overrides = _flag_overrides(
+        data=data, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device
+    )
     try:
         with ProgressBar() as bar:
             result = run_training(config, overrides, resume=resume, progress=bar.update)
@@ -361,18 +366,9 @@ def train_detector_cmd(
     """Train the face detector cascade; metrics and model go to MLflow."""
     from facetag.training.detector_train import DetectorProgressBar, train_detector
 
-    overrides = {
-        k: v
-        for k, v in {
-            "data": str(data) if data else None,
-            "epochs": epochs,
-            "lr": lr,
-            "batch_size": batch_size,
-            "seed": seed,
-            "device": device.value if device else None,
-        }.items()
-        if v is not None
-    }
+    overrides = _flag_overrides(
+        data=data, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device
+    )
     try:
         with DetectorProgressBar() as bar:
             r = train_detector(config, overrides, resume=resume, progress=bar.update, out=out)
@@ -484,7 +480,11 @@ def bench_detect_cmd(
 
     try:
         r = bench_detect(
-            folder, device=device.value, model=model, repeats=repeats, min_face=min_face,
+            folder,
+            device=device.value,
+            model=model,
+            repeats=repeats,
+            min_face=min_face,
             threads=threads,
         )
     except FacetagError as e:
@@ -593,13 +593,17 @@ def _distance(value: float | None) -> float | None:
 
 EmbedderOpt = Annotated[
     str | None,
-    typer.Option("--model", help="Embedder: a model.pt, runs:/... or models:/... "
-                 "(default: the shipped one)."),
+    typer.Option(
+        "--model", help="Embedder: a model.pt, runs:/... or models:/... (default: the shipped one)."
+    ),
 ]
 FaceDetectorOpt = Annotated[
     str | None,
-    typer.Option("--detector", help="Detector: a checkpoint, runs:/..., models:/..., or 'none' "
-                 "when each photo is already a face crop (default: the shipped one)."),
+    typer.Option(
+        "--detector",
+        help="Detector: a checkpoint, runs:/..., models:/..., or 'none' "
+        "when each photo is already a face crop (default: the shipped one).",
+    ),
 ]
 TagBatchOpt = Annotated[int, typer.Option(min=1, help="Faces per embedding batch.")]
 WorkersOpt = Annotated[int, typer.Option(min=0, help="Photo-decoding processes (0: none).")]
@@ -623,13 +627,22 @@ def enroll(
         models = load_models(model, detector, device.value)
         typer.echo(f"device: {models.device}", err=True)
         with _PhotoBar("warning") as bar:
-            r = enroll_people(people_dir, gallery, models, batch_size=batch_size,
-                              workers=workers, on_message=bar.message, progress=bar.update)
+            r = enroll_people(
+                people_dir,
+                gallery,
+                models,
+                batch_size=batch_size,
+                workers=workers,
+                on_message=bar.message,
+                progress=bar.update,
+            )
     except FacetagError as e:
         raise _fail(e) from None
-    typer.echo(f"{r.gallery}: {r.people} people, {r.photos} photos ({r.embedded} embedded, "
-               f"{r.kept} unchanged, {r.removed} removed, {r.skipped} skipped), model "
-               f"{r.model} on {r.device}")
+    typer.echo(
+        f"{r.gallery}: {r.people} people, {r.photos} photos ({r.embedded} embedded, "
+        f"{r.kept} unchanged, {r.removed} removed, {r.skipped} skipped), model "
+        f"{r.model} on {r.device}"
+    )
 
 
 @app.command()
@@ -659,14 +672,22 @@ def tag(
     from facetag.inference.tag import TagOptions, load_models, tag_photos
     from facetag.inference.writers import format_tags, to_json
 
-    options = TagOptions(recursive=recursive, batch_size=batch_size, workers=workers, csv=csv,
-                         xmp=xmp, annotate=annotate, manifest=manifest)
+    options = TagOptions(
+        recursive=recursive,
+        batch_size=batch_size,
+        workers=workers,
+        csv=csv,
+        xmp=xmp,
+        annotate=annotate,
+        manifest=manifest,
+    )
     try:
         models = load_models(model, detector, device.value, threshold)
         typer.echo(f"device: {models.device}", err=True)
         with _PhotoBar() as bar:
-            run = tag_photos(photos, gallery, models, options, on_message=bar.message,
-                             progress=bar.update)
+            run = tag_photos(
+                photos, gallery, models, options, on_message=bar.message, progress=bar.update
+            )
     except FacetagError as e:
         raise _fail(e) from None
     typer.echo(to_json(run.doc) if as_json else format_tags(run.doc))
@@ -696,13 +717,21 @@ def bench_tag_cmd(
     try:
         models = load_models(model, detector, device.value, 0.5)
         with tempfile.TemporaryDirectory(prefix="facetag-bench-") as scratch:
-            r = bench_tag(folder, models, gallery_path=gallery, batch_size=batch_size,
-                          workers=workers, repeats=repeats, scratch=Path(scratch))
+            r = bench_tag(
+                folder,
+                models,
+                gallery_path=gallery,
+                batch_size=batch_size,
+                workers=workers,
+                repeats=repeats,
+                scratch=Path(scratch),
+            )
     except FacetagError as e:
         raise _fail(e) from None
     typer.echo(
-        json.dumps(r, indent=2) if as_json else
-        f"tag on {r['device']} ({r['torch_threads']} threads, {r['workers']} workers): "
+        json.dumps(r, indent=2)
+        if as_json
+        else f"tag on {r['device']} ({r['torch_threads']} threads, {r['workers']} workers): "
         f"{r['photos_per_s']:.2f} photos/s over {r['photos']} photos "
         f"({r['distinct_photos']} distinct), {r['faces_per_photo']} faces/photo\n"
         f"peak memory {r['peak_rss_mb']:.0f} MiB (after the first pass "
