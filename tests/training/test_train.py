@@ -194,3 +194,38 @@ def test_torchrun_two_cpu_processes_log_one_run(env, tmp_path):
     run = MlflowClient(env["uri"]).get_run(out["run_id"])
     assert run.data.params["world_size"] == "2"
     assert run.info.status == "FINISHED"
+
+
+def test_sweep_logs_child_runs_under_one_parent(env):
+    from facetag.training.runner import run_sweep
+
+    out = run_sweep(SMOKE, {"data": str(env["data"]), "epochs": 1}, [1e-3, 3e-3], [8])
+    client = MlflowClient(env["uri"])
+    parent = client.get_run(out["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["sweep.lr"] == "0.001,0.003"
+    children = [client.get_run(r["run_id"]) for r in out["runs"]]
+    assert len(children) == 2
+    for child, lr in zip(children, ["0.001", "0.003"], strict=True):
+        assert child.data.tags["mlflow.parentRunId"] == out["parent_run_id"]
+        assert child.data.params["train.lr"] == lr
+        assert child.info.status == "FINISHED"
+    assert parent.data.tags["best_run_id"] in {r["run_id"] for r in out["runs"]}
+
+
+def test_data_info_cli_prints_people_and_problems(env, tmp_path):
+    data = write_faces(tmp_path / "faces", ["ann", "bob"], 3)
+    (data / "bob" / "broken.jpg").write_bytes(b"not a jpeg")
+    result = _cli(["data", "info", str(data)])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert "people         2" in lines
+    assert "images         6 (3 to 3 per person, median 3)" in lines
+    assert any(line.startswith("bob/broken.jpg  expected an image") for line in lines)
+
+
+def test_data_info_cli_missing_folder_is_one_line(tmp_path):
+    result = _cli(["data", "info", str(tmp_path / "nope")])
+    assert result.exit_code == 1
+    assert "no such path" in result.stderr
+    assert "Traceback" not in result.output
