@@ -193,6 +193,40 @@ def data_fetch(
     typer.echo(str(out))
 
 
+@data_app.command("crops")
+def data_crops(
+    sources: Annotated[list[Path], typer.Argument(help="Folders of person folders.")],
+    out: Annotated[Path, typer.Option(file_okay=False, help="Where the crops go.")],
+    size: Annotated[int, typer.Option(min=16, help="Side of the saved crops, px.")] = 112,
+    detector: Annotated[
+        str | None, typer.Option(help="Detector (default: the shipped one).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Cut the face of every photo the way tagging does, into OUT/<person>/ for training.
+
+    People with the same folder name in two sources are merged into one person.
+    """
+    from facetag.inference.crops import cut_crops
+    from facetag.inference.detect import load_detector
+
+    try:
+        det = load_detector(detector, "cpu")
+        with _PhotoBar("warning") as bar:
+            report = cut_crops(sources, out, det, size=size, on_message=bar.message,
+                               progress=bar.update)
+    except FacetagError as e:
+        raise _fail(e) from None
+    summary = report.summary()
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    merged = ", ".join(f"{k} ({' + '.join(v)})" for k, v in report.merged.items()) or "none"
+    typer.echo(f"{summary['crops']} crops of {report.people} people in {out} "
+               f"({report.written} new, {report.kept} kept); no face found in "
+               f"{len(report.missed)} photos; merged: {merged}")
+
+
 def _flag_overrides(**flags: object) -> dict[str, object]:
     """The training flags that were given, as config overrides (paths and enums as text)."""
     out: dict[str, object] = {}
@@ -667,8 +701,13 @@ def tag(
     manifest: Annotated[
         Path | None, typer.Option(dir_okay=False, help="Resume file [beside --csv/--annotate].")
     ] = None,
+    expected: Annotated[
+        Path | None,
+        typer.Option(dir_okay=False, help="CSV image,names to score against (expected.csv)."),
+    ] = None,
 ) -> None:
     """Name the faces in PHOTOS; rerunning skips finished photos. Exit 1 if any failed."""
+    from facetag.inference.score import format_score, read_expected, score_tags
     from facetag.inference.tag import TagOptions, load_models, tag_photos
     from facetag.inference.writers import format_tags, to_json
 
@@ -682,6 +721,7 @@ def tag(
         manifest=manifest,
     )
     try:
+        wanted = read_expected(expected) if expected is not None else None
         models = load_models(model, detector, device.value, threshold)
         typer.echo(f"device: {models.device}", err=True)
         with _PhotoBar() as bar:
@@ -690,7 +730,13 @@ def tag(
             )
     except FacetagError as e:
         raise _fail(e) from None
-    typer.echo(to_json(run.doc) if as_json else format_tags(run.doc))
+    score = score_tags(run.doc["images"], wanted) if wanted is not None else None
+    if as_json:
+        typer.echo(to_json({**run.doc, "score": score.to_json()} if score else run.doc))
+    else:
+        typer.echo(format_tags(run.doc))
+        if score is not None:
+            typer.echo(format_score(score))
     if run.failed:
         raise typer.Exit(code=1)
 

@@ -1,0 +1,202 @@
+"""Training crops for the colour embedder, cut the way tagging cuts faces.
+
+At tag time a face reaches the embedder as: detector box -> face_square (side (1 + margin)
+* the box's longer side, grey outside the photo) -> resize. Face datasets come cropped
+in their own ways (LFW 250x250 with the face in the middle, Glint360K 112x112 ArcFace
+alignment, CelebA whole photos), so training on them as they are teaches the network a
+framing it never sees at tag time. ``cut_crops`` runs the same detector over every
+photo and saves the same square crop tagging would embed:
+
+    SRC/<person>/<photo>            (several sources; people with the same folder name
+      -> detect (largest face,       in two sources are merged: lfw/Halle_Berry and
+         like enrolment)             glint_celebs/Halle_Berry are one person)
+      -> face_square(box, margin)
+      -> OUT/<person>/<source>__<photo stem>.png   (size x size, RGB)
+
+A tight crop (Glint's 112x112) can leave too little around the face for the detector's
+proposal net; such photos are tried again with a grey border of ``pad`` * their longer
+side. A photo with no face found even then is reported and left out. Person folders
+named only with digits (CelebA's identity ids) are prefixed with their source's name,
+since two sources' numeric ids are different people.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from facetag.data.images import is_image_file, load_image
+from facetag.errors import DataError
+from facetag.inference.align import DEFAULT_MARGIN, FILL, face_square
+from facetag.inference.gallery import atomic_write
+from facetag.inference.tag import ProgressFn, _Meter
+
+MessageFn = Callable[[str], None]
+
+
+@dataclass
+class CropReport:
+    """What cut_crops did: counts per source and the people merged across sources."""
+
+    out: Path
+    people: int = 0
+    written: int = 0
+    kept: int = 0  # already in OUT from an earlier run with the same settings
+    padded: int = 0  # found only after padding the photo with grey
+    missed: list[str] = field(default_factory=list)  # photos without a face
+    merged: dict[str, list[str]] = field(default_factory=dict)  # person -> sources
+    per_source: dict[str, int] = field(default_factory=dict)  # crops per source
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "out": str(self.out), "people": self.people, "crops": self.written + self.kept,
+            "written": self.written, "kept": self.kept, "padded": self.padded,
+            "no_face": len(self.missed), "merged": self.merged, "per_source": self.per_source,
+        }
+
+
+def person_key(source: Path, folder: str) -> str:
+    """The identity a person folder stands for: its name; digits-only ids get the source."""
+    return f"{source.name}_{folder}" if folder.isdigit() else folder
+
+
+def _people(sources: Sequence[Path]) -> dict[str, list[tuple[Path, Path]]]:
+    """{person: [(source, photo)]} over all sources, sorted (a fixed order for a seed)."""
+    people: dict[str, list[tuple[Path, Path]]] = {}
+    for src in sources:
+        if not src.is_dir():
+            got = "a file" if src.exists() else "no such folder"
+            raise DataError(
+                f"{src}: expected a folder of person folders (SRC/<person>/*.jpg), got "
+                f"{got}; check the path"
+            )
+        for child in sorted(src.iterdir(), key=lambda p: p.name):
+            if not child.is_dir() or child.name.startswith("."):
+                continue  # FILES.csv and the like
+            photos = sorted((f for f in child.iterdir() if is_image_file(f)),
+                            key=lambda f: f.name)
+            people.setdefault(person_key(src, child.name), []).extend(
+                (src, f) for f in photos)
+    return {k: v for k, v in people.items() if v}
+
+
+def largest(found: torch.Tensor) -> list[float] | None:
+    """The largest box (x1, y1, x2, y2) of a (K, 5) detection, None when K = 0."""
+    if found.shape[0] == 0:
+        return None
+    area = (found[:, 2] - found[:, 0]) * (found[:, 3] - found[:, 1])  # (K,)
+    return [float(v) for v in found[int(area.argmax())][:4]]
+
+
+def find_face(detector, img: Image.Image, pad: float) -> tuple[list[float] | None, bool]:
+    """(box of the largest face in img's pixels or None, whether padding was needed)."""
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float()
+    box = largest(detector.detect(x))
+    if box is not None or pad <= 0:
+        return box, False
+    b = round(pad * max(img.size))
+    W, H = img.size
+    grown = Image.new("RGB", (W + 2 * b, H + 2 * b), (FILL, FILL, FILL))
+    grown.paste(img, (b, b))
+    x = torch.from_numpy(np.asarray(grown, dtype=np.uint8).copy()).permute(2, 0, 1).float()
+    box = largest(detector.detect(x))
+    if box is None:
+        return None, True
+    return [box[0] - b, box[1] - b, box[2] - b, box[3] - b], True
+
+
+def square_crop(img: Image.Image, box: Sequence[float], size: int, margin: float) -> Image.Image:
+    """face_square(box, margin) of img, grey outside the photo, resized to size x size."""
+    x1, y1, x2, y2 = face_square(box, margin)
+    W, H = img.size
+    square = Image.new("RGB", (x2 - x1, y2 - y1), (FILL, FILL, FILL))
+    ix1, iy1, ix2, iy2 = max(x1, 0), max(y1, 0), min(x2, W), min(y2, H)
+    if ix2 > ix1 and iy2 > iy1:
+        square.paste(img.crop((ix1, iy1, ix2, iy2)), (ix1 - x1, iy1 - y1))
+    return square.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
+
+
+def _cut_one(detector, photo: Path, target: Path, size: int, margin: float, pad: float,
+             report: CropReport, say: MessageFn) -> bool:
+    """Detect, crop and write one photo's face; False (reported) when there is none."""
+    try:
+        img = load_image(photo, "RGB", max_side=detector.settings.max_side)
+    except DataError as e:
+        say(str(e))
+        report.missed.append(str(photo))
+        return False
+    box, padded = find_face(detector, img, pad)
+    if box is None:
+        say(f"{photo}: expected a face, got none; left out")
+        report.missed.append(str(photo))
+        return False
+    report.padded += int(padded)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    buf = BytesIO()
+    square_crop(img, box, size, margin).save(buf, format="PNG")
+    atomic_write(target, buf.getvalue())
+    return True
+
+
+def cut_crops(
+    sources: Sequence[Path],
+    out: Path,
+    detector,
+    *,
+    size: int = 112,
+    margin: float = DEFAULT_MARGIN,
+    pad: float = 0.25,
+    on_message: MessageFn | None = None,
+    progress: ProgressFn | None = None,
+) -> CropReport:
+    """Detect and crop every photo of ``sources`` into OUT/<person>/ (see the module doc).
+
+    Re-running with the same settings keeps crops already written (OUT/.crops.json
+    records the settings; other settings rewrite everything). Each PNG is written
+    atomically, so an interrupted run leaves only whole files.
+    """
+    say = on_message or (lambda _: None)
+    people = _people(sources)
+    if not people:
+        raise DataError(
+            f"{', '.join(map(str, sources))}: expected person folders with photos, got none; "
+            "check the paths"
+        )
+    settings = {"detector": detector.name, "size": size, "margin": margin, "pad": pad}
+    stamp = out / ".crops.json"
+    same = stamp.is_file() and json.loads(stamp.read_text()).get("settings") == settings
+    out.mkdir(parents=True, exist_ok=True)
+    report = CropReport(out=out, people=len(people))
+    meter = _Meter(sum(len(v) for v in people.values()), progress)
+    made: set[Path] = set()
+    for person, photos in people.items():
+        srcs = sorted({s.name for s, _ in photos})
+        if len(srcs) > 1:
+            report.merged[person] = srcs
+        for src, photo in photos:
+            target = out / person / f"{src.name}__{photo.stem}.png"
+            made.add(target)
+            if same and target.is_file():
+                report.kept += 1
+                report.per_source[src.name] = report.per_source.get(src.name, 0) + 1
+            elif _cut_one(detector, photo, target, size, margin, pad, report, say):
+                report.written += 1
+                report.per_source[src.name] = report.per_source.get(src.name, 0) + 1
+            meter.step()
+    if stamp.is_file():  # OUT is a crops folder: drop crops of photos no longer there
+        for old in out.glob("*/*__*.png"):
+            if old not in made:
+                old.unlink()
+        for folder in out.iterdir():
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+    atomic_write(stamp, json.dumps({"settings": settings, **report.summary()},
+                                         indent=1).encode())
+    return report
