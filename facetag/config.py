@@ -54,6 +54,10 @@ class DataConfig:
     scale: tuple[float, float] = (0.95, 1.05)  # random zoom range (low, high)
     brightness: float = 0.2  # ColorJitter brightness; 0 = off
     contrast: float = 0.2  # ColorJitter contrast; 0 = off
+    saturation: float = 0.0  # ColorJitter saturation (colour images); 0 = off
+    grey: float = 0.0  # probability of a colour image turned grey; 0 = off
+    lowres: float = 0.0  # probability of a 2-4x shrink and enlarge (small faces); 0 = off
+    blur: float = 0.0  # largest Gaussian blur sigma, px at the input size; 0 = off
 
 
 @dataclass(frozen=True)
@@ -136,6 +140,10 @@ LIMITS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "data.scale": (lambda v: 0 < v[0] <= v[1], "0 < low <= high"),
     "data.brightness": (_ge0, "a value >= 0"),
     "data.contrast": (_ge0, "a value >= 0"),
+    "data.saturation": (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
+    "data.grey": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    "data.lowres": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    "data.blur": (lambda v: 0 <= v <= 10, "a sigma in [0, 10] px"),
     "model.widths": (lambda v: 4 <= len(v) <= 6 and all(w >= 1 for w in v), "4 to 6 widths >= 1"),
     "model.embedding_dim": (lambda v: v >= 2, "an integer >= 2"),
     "model.dropout": (_unit, "a probability in [0, 1)"),

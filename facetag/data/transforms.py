@@ -6,6 +6,7 @@ each file once. Augmentation runs on whole float batches, drawing from torch's g
 the same parameters, which the tests check.
 """
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,10 @@ class AugmentConfig:
     scale: tuple[float, float] = (0.95, 1.05)  # zoom range; (1.0, 1.0) is no zoom
     brightness: float = 0.2  # brightness factor drawn from [1 - b, 1 + b]
     contrast: float = 0.2  # contrast factor drawn from [1 - c, 1 + c]
+    saturation: float = 0.0  # saturation factor drawn from [1 - s, 1 + s] (colour only)
+    grey: float = 0.0  # probability of turning a colour image grey (still 3 channels)
+    lowres: float = 0.0  # probability of shrinking to 1/2 .. 1/4 and back (a small face)
+    blur: float = 0.0  # Gaussian blur, sigma drawn from [0, blur] px (focus, motion)
     fill: int = 128  # grey for the corners an affine transform uncovers (0 after normalise)
 
     def __post_init__(self) -> None:
@@ -37,6 +42,10 @@ class AugmentConfig:
             ("translate", 0.0 <= self.translate < 1.0, "a fraction in [0, 1)"),
             ("brightness", 0.0 <= self.brightness < 1.0, "a fraction in [0, 1)"),
             ("contrast", 0.0 <= self.contrast < 1.0, "a fraction in [0, 1)"),
+            ("saturation", 0.0 <= self.saturation <= 1.0, "a fraction in [0, 1]"),
+            ("grey", 0.0 <= self.grey <= 1.0, "a probability in [0, 1]"),
+            ("lowres", 0.0 <= self.lowres <= 1.0, "a probability in [0, 1]"),
+            ("blur", 0.0 <= self.blur <= 10.0, "a sigma in [0, 10] px"),
             ("fill", 0 <= self.fill <= 255, "a grey level in [0, 255]"),
         ]
         for name, ok, what in checks:
@@ -61,18 +70,26 @@ class AugmentConfig:
 def augment_batch(
     x: Tensor, cfg: AugmentConfig, generator: torch.Generator | None = None
 ) -> Tensor:
-    """Random flip, affine and brightness/contrast, drawn per image, for a whole batch.
+    """Random flip, affine, colour, resolution and blur, drawn per image, for a whole batch.
 
     x float (N, C, H, W) in [0, 1] -> float (N, C, H, W) in [0, 1]; C is 1 or 3.
-    Per image: a horizontal flip with probability cfg.flip; a rotation angle from
-    U(-degrees, degrees), a shift from U(-translate, translate) * (W, H) and a zoom from
-    U(*scale), applied about the centre (bilinear, uncovered corners filled with
-    cfg.fill); then brightness x * b and contrast c * x + (1 - c) * mean(grey(x)), with b
-    and c from U(1 - amount, 1 + amount), each clamped to [0, 1]. Each step equals
-    torchvision.transforms.v2.functional's hflip / affine / adjust_brightness /
-    adjust_contrast for the same parameters (tests/data check this), but runs once per
-    batch instead of once per image (per-image v2 calls cost about 1 ms each on our 2
-    cores). Random numbers come from `generator`, or torch's global RNG when None.
+    Per image, in this order, each step only when its amount is > 0:
+      flip        horizontal, with probability cfg.flip
+      affine      rotation U(-degrees, degrees), shift U(-translate, translate) * (W, H),
+                  zoom U(*scale), about the centre (bilinear, corners filled with cfg.fill)
+      brightness  x * b, b ~ U(1 - brightness, 1 + brightness)
+      contrast    c * x + (1 - c) * mean(grey(x)), c ~ U(1 - contrast, 1 + contrast)
+      saturation  s * x + (1 - s) * grey(x), s ~ U(1 - saturation, 1 + saturation)
+      grey        x -> grey(x) in every channel, with probability cfg.grey
+      lowres      with probability cfg.lowres, shrink by k ~ {2, 3, 4} (antialiased)
+                  and enlarge back (bilinear): the detail a k-times smaller face has
+      blur        Gaussian, sigma ~ U(0, blur), kernel 2 * ceil(3 * blur) + 1, reflect
+    each clamped to [0, 1]. flip, affine, brightness, contrast, saturation, grey and blur
+    equal torchvision.transforms.v2.functional's hflip / affine / adjust_brightness /
+    adjust_contrast / adjust_saturation / rgb_to_grayscale / gaussian_blur for the same
+    parameters (tests/data check this), but run once per batch instead of once per image
+    (per-image v2 calls cost about 1 ms each on our 2 cores). Random numbers come from
+    `generator`, or torch's global RNG when None.
     """
     if x.ndim != 4 or not x.is_floating_point() or x.shape[1] not in (1, 3):
         raise ValueError(
@@ -103,7 +120,54 @@ def augment_batch(
         c = uniform(1.0 - cfg.contrast, 1.0 + cfg.contrast).view(N, 1, 1, 1)
         mean = _grey(x).mean(dim=(1, 2, 3), keepdim=True)  # (N, 1, 1, 1)
         x = (c * x + (1.0 - c) * mean).clamp_(0.0, 1.0)
+    colour = x.shape[1] == 3
+    if cfg.saturation > 0 and colour:
+        s = uniform(1.0 - cfg.saturation, 1.0 + cfg.saturation).view(N, 1, 1, 1)
+        x = (s * x + (1.0 - s) * _grey(x)).clamp_(0.0, 1.0)
+    if cfg.grey > 0 and colour:
+        grey = (torch.rand(N, generator=generator) < cfg.grey).view(N, 1, 1, 1)
+        x = torch.where(grey, _grey(x).expand_as(x), x)
+    if cfg.lowres > 0:
+        small = torch.rand(N, generator=generator) < cfg.lowres  # (N,)
+        k = torch.randint(2, 5, (N,), generator=generator)  # shrink factor 2, 3 or 4
+        x = x.clone() if bool(small.any()) else x
+        for i in small.nonzero().flatten().tolist():
+            x[i : i + 1] = lowres(x[i : i + 1], int(k[i]))
+    if cfg.blur > 0:
+        sigma = uniform(0.0, cfg.blur)
+        x = blur_batch(x, sigma, 2 * math.ceil(3 * cfg.blur) + 1)
     return x
+
+
+def lowres(x: Tensor, k: int) -> Tensor:
+    """(N, C, H, W) -> the same size with the detail of an image k times smaller."""
+    H, W = x.shape[-2:]
+    small = F.interpolate(x, size=(max(1, H // k), max(1, W // k)), mode="bilinear",
+                          antialias=True, align_corners=False)
+    return F.interpolate(small, size=(H, W), mode="bilinear", align_corners=False).clamp_(0, 1)
+
+
+def blur_batch(x: Tensor, sigma: Tensor, size: int) -> Tensor:
+    """Gaussian blur with a sigma per image: x (N, C, H, W), sigma (N,) px, odd kernel size.
+
+    Equal to torchvision's gaussian_blur(x[i], [size, size], [sigma[i], sigma[i]]) for
+    each i: a separable kernel exp(-t^2 / (2 sigma^2)) / sum over t in [-size//2,
+    size//2], reflect padding. One grouped convolution per direction does the batch,
+    each (image, channel) plane with its own kernel. sigma ~ 0 leaves an image as it is.
+    """
+    N, C, H, W = x.shape
+    r = size // 2
+    if r >= min(H, W):
+        raise ValueError(f"blur_batch: kernel {size} too large for images {H}x{W}")
+    t = torch.arange(-r, r + 1, dtype=x.dtype)  # (size,)
+    s = sigma.to(x.dtype).clamp(min=1e-3).view(N, 1)  # (N, 1)
+    k = torch.exp(-(t * t) / (2 * s * s))
+    k = (k / k.sum(dim=1, keepdim=True)).repeat_interleave(C, dim=0)  # (N*C, size)
+    planes = x.reshape(1, N * C, H, W)
+    planes = F.pad(planes, (r, r, r, r), mode="reflect")
+    planes = F.conv2d(planes, k.view(N * C, 1, 1, size), groups=N * C)  # along W
+    planes = F.conv2d(planes, k.view(N * C, 1, size, 1), groups=N * C)  # along H
+    return planes.view(N, C, H, W)
 
 
 def affine_batch(

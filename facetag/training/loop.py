@@ -113,6 +113,10 @@ def augment_config(config: Config) -> AugmentConfig:
         scale=d.scale,
         brightness=d.brightness,
         contrast=d.contrast,
+        saturation=d.saturation,
+        grey=d.grey,
+        lowres=d.lowres,
+        blur=d.blur,
     )
 
 

@@ -13,7 +13,9 @@ from facetag.data.transforms import (
     AugmentConfig,
     affine_batch,
     augment_batch,
+    blur_batch,
     fit_image,
+    lowres,
     normalize,
 )
 from facetag.errors import ConfigError
@@ -125,6 +127,10 @@ def test_augment_batch_rejects_uint8_and_wrong_shapes():
         ({"brightness": 1.0}, "augment.brightness: expected a fraction"),
         ({"scale": (1.1, 0.9)}, r"augment.scale: expected \(low, high\) with 0 < low <= high"),
         ({"fill": 300}, "augment.fill: expected a grey level"),
+        ({"grey": 2.0}, r"augment.grey: expected a probability in \[0, 1\], got 2.0"),
+        ({"blur": -1.0}, r"augment.blur: expected a sigma in \[0, 10\] px"),
+        ({"saturation": 1.5}, "augment.saturation: expected a fraction"),
+        ({"lowres": -0.1}, "augment.lowres: expected a probability"),
     ],
 )
 def test_augment_config_rejects_bad_values(change, match):
@@ -169,3 +175,65 @@ def test_normalize_maps_pixels_to_minus_one_one():
     torch.testing.assert_close(normalize(u8.float() / 255), normalize(u8))
     with pytest.raises(ValueError, match="normalize: expected a uint8 or float tensor"):
         normalize(torch.zeros(2, dtype=torch.int64))
+
+
+def test_augment_batch_saturation_matches_torchvision():
+    x = _images((4, 3, 5, 6))
+    cfg = dataclasses.replace(NOTHING, saturation=0.6)
+    ours = augment_batch(x, cfg, generator=torch.Generator().manual_seed(3))
+    s = torch.rand(4, generator=torch.Generator().manual_seed(3)) * 1.2 + 0.4
+    expected = torch.stack([TF.adjust_saturation(x[i], float(s[i])) for i in range(4)])
+    torch.testing.assert_close(ours, expected)
+
+
+def test_augment_batch_grey_probability_one_matches_torchvision_and_skips_grey_input():
+    x = _images((3, 3, 4, 5))
+    cfg = dataclasses.replace(NOTHING, grey=1.0)
+    expected = TF.rgb_to_grayscale(x, num_output_channels=3)
+    torch.testing.assert_close(augment_batch(x, cfg), expected)
+    one = _images((2, 1, 4, 5))
+    assert torch.equal(augment_batch(one, dataclasses.replace(NOTHING, grey=1.0,
+                                                              saturation=0.5)), one)
+
+
+def test_blur_batch_matches_torchvision_per_image():
+    x = _images((3, 3, 12, 10))
+    sigma = torch.tensor([0.5, 1.0, 2.0])
+    ours = blur_batch(x, sigma, 7)
+    expected = torch.stack(
+        [TF.gaussian_blur(x[i], [7, 7], [float(sigma[i])] * 2) for i in range(3)]
+    )
+    torch.testing.assert_close(ours, expected)
+    # A tiny sigma leaves the image as it is.
+    torch.testing.assert_close(blur_batch(x, torch.full((3,), 1e-4), 7), x)
+
+
+def test_augment_batch_blur_draws_sigma_up_to_the_limit():
+    x = _images((5, 3, 16, 16))
+    cfg = dataclasses.replace(NOTHING, blur=1.5)
+    ours = augment_batch(x, cfg, generator=torch.Generator().manual_seed(4))
+    sigma = torch.rand(5, generator=torch.Generator().manual_seed(4)) * 1.5
+    torch.testing.assert_close(ours, blur_batch(x, sigma, 2 * 5 + 1))
+
+
+def test_lowres_keeps_size_and_loses_detail():
+    # A one-pixel checkerboard has all its energy at the highest frequency: shrinking by
+    # 2 and enlarging back flattens it to its mean; a smooth ramp survives.
+    H = W = 16
+    checker = ((torch.arange(H).view(H, 1) + torch.arange(W).view(1, W)) % 2).float()
+    x = checker.expand(1, 3, H, W).contiguous()
+    out = lowres(x, 2)
+    assert out.shape == x.shape
+    assert (out - 0.5).abs().max() < 0.05
+    ramp = torch.linspace(0, 1, W).expand(1, 1, H, W).contiguous()
+    assert (lowres(ramp, 2) - ramp)[..., 2:-2].abs().max() < 0.05
+
+
+def test_augment_batch_lowres_probability_zero_and_one():
+    x = _images((4, 3, 16, 16))
+    assert torch.equal(augment_batch(x, dataclasses.replace(NOTHING, lowres=0.0)), x)
+    out = augment_batch(x, dataclasses.replace(NOTHING, lowres=1.0),
+                        generator=torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    assert all(not torch.allclose(out[i], x[i]) for i in range(4))
+    assert out.min() >= 0 and out.max() <= 1
