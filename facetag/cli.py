@@ -255,6 +255,9 @@ def train(
     resume: Annotated[
         str | None, typer.Option(help="Continue the run with this MLflow run id.")
     ] = None,
+    out: Annotated[
+        Path | None, typer.Option(dir_okay=False, help="Also copy the model file here.")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train the face-embedding network; metrics and model go to MLflow."""
@@ -271,6 +274,17 @@ def train(
         raise _fail(e) from None
     if result.get("rank", 0) != 0:
         return  # under torchrun, rank 0 reports for all
+    if out is not None:
+        from facetag.inference.gallery import atomic_write
+
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(out, Path(str(result["model_path"])).read_bytes())
+        except OSError as e:
+            raise _fail(FacetagError(
+                f"{out}: expected a writable file, got {e.strerror or type(e).__name__}; "
+                f"the model is still at {result['model_path']}")) from None
+        result["out"] = str(out)
     typer.echo(json.dumps(result, indent=2) if as_json else _train_summary(result))
 
 
@@ -380,6 +394,28 @@ ModelOpt = Annotated[
 MinFaceOpt = Annotated[
     float | None, typer.Option(callback=_positive, help="Smallest face to find, px high [20].")
 ]
+
+
+@app.command()
+def export(
+    model: Annotated[
+        str, typer.Argument(help="Model file, runs:/<run>/<path> or models:/<name>@<alias>.")
+    ],
+    out: Annotated[Path, typer.Option(dir_okay=False, help="Where to write the model.")],
+    half: Annotated[bool, typer.Option(help="Store weights as float16 (half the size).")] = True,
+) -> None:
+    """Write an embedder without its training-only parts, to ship or copy (make weights)."""
+    from facetag.models.io import export_embedder
+    from facetag.training.tracking import resolve_model_uri
+
+    try:
+        state = export_embedder(resolve_model_uri(model), out, half=half)
+    except FacetagError as e:
+        raise _fail(e) from None
+    t = state.get("threshold")
+    typer.echo(f"{out}: {state['model_id']} ({out.stat().st_size / 1e6:.1f} MB, "
+               f"{state['weights_dtype']}), threshold "
+               f"{'none: run facetag evaluate first' if t is None else f'{t:.4f}'}")
 
 
 @app.command("train-detector")

@@ -7,6 +7,7 @@ and, after ``facetag evaluate``, the calibrated verification threshold.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,3 +76,43 @@ def write_threshold(path: Path | str, threshold: float, extra: dict[str, Any]) -
     state["threshold"] = float(threshold)
     state["calibration"] = extra
     save_checkpoint(path, state)
+
+
+def weights_id(weights: dict[str, Any]) -> str:
+    """``embedder-<sha256 of the weights' names and bytes, 16 hex>``: the model version."""
+    digest = hashlib.sha256()
+    for name, t in weights.items():
+        digest.update(name.encode())
+        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return f"embedder-{digest.hexdigest()[:16]}"
+
+
+def export_embedder(src: Path | str, dst: Path | str, half: bool = True) -> dict[str, Any]:
+    """Write the part of a model file that enrolment and tagging need, to ship it.
+
+    Drops the training-only classifier head (one row per training person). ``half``
+    stores floating-point weights as float16: load_embedder copies them into the float32
+    network (load_state_dict casts), embeddings move by ~1e-3 in cosine distance, and the
+    file halves. The exported weights get their own model_id (galleries made with the
+    full-precision model are re-embedded); threshold, calibration, config and run id stay.
+    """
+    state = load_checkpoint(src)
+    if state.get("format") != EMBEDDER_FORMAT:
+        raise ModelError(
+            f"{src}: expected a facetag embedder model (format {EMBEDDER_FORMAT}), got "
+            f"{state.get('format', 'a checkpoint without a model format')!r}; pass the "
+            "model.pt that facetag train wrote"
+        )
+    weights = {
+        k: v.half() if half and v.is_floating_point() else v
+        for k, v in state["embedder"].items()
+    }
+    if half:  # the id of what loaders will run: float32 copies of the float16 values
+        as_run = {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
+    else:
+        as_run = weights
+    out = {k: v for k, v in state.items() if k not in ("classifier", "facetag")}
+    out.update(embedder=weights, model_id=weights_id(as_run), exported_from=state.get(
+        "model_id"), weights_dtype="float16" if half else "float32")
+    save_checkpoint(dst, out)
+    return out

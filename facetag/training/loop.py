@@ -12,7 +12,6 @@ seeded the same way, so a resumed run replays exactly the epochs it missed.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import time
@@ -33,6 +32,7 @@ from facetag.device import resolve_device
 from facetag.errors import DataError, TrainingError
 from facetag.models.embedder import EmbeddingNet, FaceClassifier
 from facetag.models.io import EMBEDDER_FORMAT as MODEL_FORMAT
+from facetag.models.io import weights_id
 from facetag.training.health import GradientHealth
 
 
@@ -210,12 +210,8 @@ def model_file_state(
     record it, so embeddings of two different models are never compared.
     """
     weights = model.embedder.state_dict()
-    digest = hashlib.sha256()
-    for name, t in weights.items():
-        digest.update(name.encode())
-        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
     return {
-        "model_id": f"embedder-{digest.hexdigest()[:16]}",
+        "model_id": weights_id(weights),
         "format": MODEL_FORMAT,
         "facetag_version": __version__,
         "config": config_to_dict(config),

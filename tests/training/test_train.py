@@ -229,3 +229,47 @@ def test_data_info_cli_missing_folder_is_one_line(tmp_path):
     assert result.exit_code == 1
     assert "no such path" in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_train_out_then_export_ships_a_smaller_model_that_embeds_the_same(env, tmp_path):
+    import torch
+
+    from facetag.checkpoint import load_checkpoint
+    from facetag.models.io import load_embedder
+
+    full = tmp_path / "build" / "embedder-full.pt"
+    result = _cli(["train", "--config", str(SMOKE), "--data", str(env["data"]),
+                   "--out", str(full), "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["out"] == str(full)
+    assert full.read_bytes() == Path(out["model_path"]).read_bytes()
+
+    shipped = tmp_path / "embedder.pt"
+    result = _cli(["export", str(full), "--out", str(shipped)])
+    assert result.exit_code == 0, result.output
+    assert "threshold none: run facetag evaluate first" in result.stdout
+    state = load_checkpoint(shipped)
+    assert "classifier" not in state and state["weights_dtype"] == "float16"
+    assert all(v.dtype == torch.float16 for v in state["embedder"].values()
+               if v.is_floating_point())
+    assert state["exported_from"] == load_checkpoint(full)["model_id"]
+    assert state["model_id"] != state["exported_from"]  # other numbers, other version
+    a, b = load_embedder(full), load_embedder(shipped)
+    assert b.net.fc.weight.dtype == torch.float32  # float16 in the file, float32 to run
+    x = torch.randn(3, a.in_channels, *a.image_size)
+    with torch.no_grad():
+        dist = 1 - (a.net.embed(x) * b.net.embed(x)).sum(1)
+    assert dist.abs().max() < 1e-2
+    assert shipped.stat().st_size < full.stat().st_size
+
+
+def test_export_refuses_a_file_that_is_not_an_embedder(tmp_path):
+    bad = tmp_path / "detector.pt"
+    from facetag.checkpoint import save_checkpoint
+
+    save_checkpoint(bad, {"format": "facetag-detector/1"})
+    result = _cli(["export", str(bad), "--out", str(tmp_path / "x.pt")])
+    assert result.exit_code == 1
+    assert "expected a facetag embedder model" in result.stderr
+    assert not (tmp_path / "x.pt").exists()
