@@ -69,6 +69,7 @@ class ModelConfig:
     activation: Activation = "prelu"  # after each BatchNorm
     dropout: float = 0.0  # before the embedding Linear
     pool: Pool = "gap"  # gap: global average pool; flatten: keep where features are
+    flip_average: bool = False  # embed = normalise(f(x) + f(mirrored x)) when comparing faces
     head: Head = "softmax"  # classifier used in training only
     arcface_scale: float = 30.0  # s: logits are s * cos(theta (+ m))
     arcface_margin: float = 0.5  # m: additive angular margin in radians

@@ -54,6 +54,7 @@ def load_embedder(path: Path | str, device: str = "cpu") -> LoadedEmbedder:
         dropout=float(m["dropout"]),
         pool=str(m.get("pool", "gap")),
         image_size=tuple(int(v) for v in state["image_size"]),
+        flip_average=bool(m.get("flip_average", False)),
     )
     net.load_state_dict(state["embedder"])
     net.to(device).eval()

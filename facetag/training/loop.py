@@ -94,6 +94,7 @@ def build_classifier(config: Config, num_classes: int, in_channels: int) -> Face
         dropout=m.dropout,
         pool=m.pool,
         image_size=config.data.image_size,
+        flip_average=m.flip_average,
     )
     return FaceClassifier(
         embedder,
