@@ -173,6 +173,11 @@ def data_info(
     typer.echo(format_info(report))
 
 
+class Far(str, Enum):
+    strict = "1e-3"  # one wrong name in a thousand different-person pairs
+    loose = "1e-2"
+
+
 class FetchName(str, Enum):
     olivetti = "olivetti"
     lfw = "lfw"
@@ -589,6 +594,9 @@ def evaluate(
     store_threshold: Annotated[
         bool, typer.Option(help="Store the calibrated threshold with the model.")
     ] = True,
+    far: Annotated[
+        Far, typer.Option(help="False accept rate the stored threshold is chosen at.")
+    ] = Far.strict,
     as_json: JsonOpt = False,
 ) -> None:
     """Closed-set accuracy and open-set verification (ROC, EER, TAR@FAR, threshold)."""
@@ -605,6 +613,7 @@ def evaluate(
             device=resolve_device(device.value),
             log=log,
             store_threshold=store_threshold,
+            far=far.value,
         )
     except FacetagError as e:
         raise _fail(e) from None

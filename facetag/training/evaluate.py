@@ -291,11 +291,14 @@ def thin_roc(fpr: Tensor, tpr: Tensor, resolution: int = 2000) -> Tensor:
     return torch.nonzero(keep).flatten()  # (K,)
 
 
-def choose_threshold(v: Verification) -> tuple[str, OperatingPoint]:
-    """(rule, point) tagging should use: FAR 1e-3 when measurable, else best accuracy."""
-    at_default = v.at_far.get(DEFAULT_FAR)
-    if at_default is not None:
-        return f"far{DEFAULT_FAR}", at_default
+def choose_threshold(v: Verification, far: str = DEFAULT_FAR) -> tuple[str, OperatingPoint]:
+    """(rule, point) tagging should use: the FAR ``far`` (a FARS name) when measurable,
+    else best accuracy."""
+    if far not in FARS:
+        raise ValueError(f"choose_threshold: expected far in {sorted(FARS)}, got {far!r}")
+    at = v.at_far.get(far)
+    if at is not None:
+        return f"far{far}", at
     return "best_accuracy", v.best
 
 
@@ -309,6 +312,7 @@ def evaluate(
     log: bool = True,
     store_threshold: bool = True,
     batch_size: int = 256,
+    far: str = DEFAULT_FAR,
     progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     """Evaluate a trained embedder; the dict ``facetag evaluate --json`` prints.
@@ -318,6 +322,7 @@ def evaluate(
     default to the model's own (its config's data.path, data.split and train.seed).
     ``log``: metrics, ROC figure and result JSON to the model's run. ``store_threshold``:
     the chosen threshold into the model file and the run / version tags (module doc).
+    ``far``: the false accept rate the stored threshold is chosen at ("1e-3" or "1e-2").
     ``progress(stage, done, total)`` reports image loading and embedding.
 
     Nothing is written before every number is computed: a bad model, dataset or split
@@ -354,7 +359,7 @@ def evaluate(
         )
         scores, same = pair_scores(probes, test_set.labels)
         v = verify(scores, same)
-        rule, chosen = choose_threshold(v)
+        rule, chosen = choose_threshold(v, far)
 
         # A local file names its run itself; model_run_id would only set up the store.
         run_id = tracking.model_run_id(model_spec) if remote else None

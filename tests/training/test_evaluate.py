@@ -148,6 +148,9 @@ def test_verify_tar_at_far_is_read_at_the_allowed_false_accepts():
         far, tar = rates_at(scores, same, point.threshold)
         assert (far, tar) == (pytest.approx(point.far), pytest.approx(point.tar))
     assert choose_threshold(v) == ("far1e-3", at_3)
+    assert choose_threshold(v, "1e-2") == ("far1e-2", at_2)
+    with pytest.raises(ValueError, match=r"expected far in \['1e-2', '1e-3'\], got '1e-4'"):
+        choose_threshold(v, "1e-4")
 
 
 def test_verify_needs_1_over_far_impostor_pairs():
