@@ -16,6 +16,7 @@ is reported and left as it is.
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import json
 import xml.etree.ElementTree as ET
@@ -25,6 +26,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
+from facetag.data.images import is_image_file
 from facetag.errors import DataError
 from facetag.inference.gallery import atomic_write
 
@@ -70,10 +72,19 @@ def write_csv(path: Path, images: Iterable[dict[str, Any]]) -> Path:
 
 
 def sidecar_path(photo: Path) -> Path:
-    """``photo.xmp`` beside the photo (Adobe's naming), or ``photo.jpg.xmp`` when that
-    one exists already (digiKam's and darktable's naming)."""
+    """``photo.xmp`` beside the photo (Adobe's naming), or ``photo.jpg.xmp`` (digiKam's and
+    darktable's naming) when that one exists already or when another image in the folder
+    has the same stem: photo.jpg and photo.png would otherwise share photo.xmp, and each
+    would overwrite the other's face regions."""
     long = photo.with_name(photo.name + ".xmp")
-    return long if long.exists() else photo.with_suffix(".xmp")
+    if long.exists():
+        return long
+    try:
+        twins = [p for p in photo.parent.glob(glob.escape(photo.stem) + ".*")
+                 if p.name != photo.name and p.stem == photo.stem and is_image_file(p)]
+    except OSError:
+        twins = []
+    return long if twins else photo.with_suffix(".xmp")
 
 
 def regions(image: dict[str, Any]) -> list[dict[str, float | str]]:
@@ -173,6 +184,7 @@ def _merge(root: ET.Element, ours: Sequence[dict[str, float | str]], W: int, H: 
         desc = ET.SubElement(rdf, _q("rdf", "Description"), {_q("rdf", "about"): ""})
         regions_el = ET.SubElement(desc, _q("mwg-rs", "Regions"),
                                    {_q("rdf", "parseType"): "Resource"})
+    owner = desc  # the Description holding the Regions block
     region_list = regions_el.find(_q("mwg-rs", "RegionList"))
     if region_list is None:
         region_list = ET.SubElement(regions_el, _q("mwg-rs", "RegionList"))
@@ -206,6 +218,13 @@ def _merge(root: ET.Element, ours: Sequence[dict[str, float | str]], W: int, H: 
         ET.SubElement(dims, _q("stDim", "w")).text = str(W)
         ET.SubElement(dims, _q("stDim", "h")).text = str(H)
         ET.SubElement(dims, _q("stDim", "unit")).text = "pixel"
+    elif len(bag) == 0:
+        # No region left (ours gone, none of anyone else's): drop the empty block, and
+        # its Description when that held nothing else, rather than leave an empty list.
+        owner.remove(regions_el)
+        if len(owner) == 0 and set(owner.attrib) <= {_q("rdf", "about")}:
+            rdf.remove(owner)
+        return True
     return ET.tostring(regions_el) != before
 
 

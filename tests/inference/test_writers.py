@@ -92,6 +92,38 @@ def test_xmp_merge_keeps_foreign_content_and_replaces_ours(tmp_path: Path):
     assert sorted(r["name"] for r in read_regions(sidecar)) == ["Alicia", "Grandma"]
 
 
+def test_photos_sharing_a_stem_get_a_sidecar_each(tmp_path: Path):
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    (tmp_path / "a.png").write_bytes(b"x")
+    (tmp_path / "b.jpg").write_bytes(b"x")
+    (tmp_path / "b.txt").write_text("notes")  # not an image: no clash
+    assert sidecar_path(tmp_path / "a.jpg") == tmp_path / "a.jpg.xmp"
+    assert sidecar_path(tmp_path / "a.png") == tmp_path / "a.png.xmp"
+    assert sidecar_path(tmp_path / "b.jpg") == tmp_path / "b.xmp"
+    write_xmp(tmp_path / "a.jpg", IMAGE)
+    other = {**IMAGE, "faces": [{**IMAGE["faces"][0], "name": "Bob"}]}
+    write_xmp(tmp_path / "a.png", other)
+    assert [r["name"] for r in read_regions(tmp_path / "a.jpg.xmp")] == ["Alice"]
+    assert [r["name"] for r in read_regions(tmp_path / "a.png.xmp")] == ["Bob"]
+    assert not (tmp_path / "a.xmp").exists()
+
+
+def test_regions_block_goes_when_no_named_face_is_left(tmp_path: Path):
+    sidecar = tmp_path / "a.jpg.xmp"
+    sidecar.write_text(FOREIGN, encoding="utf-8")
+    foreign = read_regions(sidecar)
+    write_xmp(tmp_path / "a.jpg", IMAGE)
+    write_xmp(tmp_path / "a.jpg", {**IMAGE, "faces": IMAGE["faces"][1:]})  # Alice gone
+    assert read_regions(sidecar) == foreign  # someone else's regions stay
+    alone = tmp_path / "b.xmp"
+    write_xmp(tmp_path / "b.jpg", IMAGE)
+    write_xmp(tmp_path / "b.jpg", {**IMAGE, "faces": IMAGE["faces"][1:]})
+    text = alone.read_text(encoding="utf-8")
+    assert "Regions" not in text
+    assert "RegionList" not in text
+    assert read_regions(alone) == []
+
+
 def test_invalid_sidecar_is_reported_and_left_untouched(tmp_path: Path):
     sidecar = tmp_path / "a.xmp"
     sidecar.write_bytes(b"<x:xmpmeta><unclosed>")
