@@ -236,4 +236,5 @@ def test_augment_batch_lowres_probability_zero_and_one():
                         generator=torch.Generator().manual_seed(0))
     assert out.shape == x.shape
     assert all(not torch.allclose(out[i], x[i]) for i in range(4))
-    assert out.min() >= 0 and out.max() <= 1
+    assert out.min() >= 0
+    assert out.max() <= 1

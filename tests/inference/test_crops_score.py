@@ -82,7 +82,9 @@ def test_cut_crops_merges_people_prefixes_ids_and_records_sources(tmp_path: Path
                      "Tom_Hanks/lfw__1.png", "celeba_7201/celeba__1.png"]
     assert report.merged == {"Halle_Berry": ["celeba", "lfw"]}
     assert report.per_source == {"lfw": 2, "celeba": 2}
-    assert report.people == 3 and report.written == 4 and not report.missed
+    assert report.people == 3
+    assert report.written == 4
+    assert not report.missed
     assert Image.open(out / "Tom_Hanks" / "lfw__1.png").size == (24, 24)
 
 
@@ -107,13 +109,15 @@ def test_cut_crops_pads_tight_crops_and_reports_photos_without_faces(tmp_path: P
     det = PadOnlyDetector()
     report = cut_crops([src], tmp_path / "out", det, size=16, on_message=messages.append)
     assert det.seen == [(40, 40), (60, 60)]  # tried as it is, then with a 10-px border
-    assert report.padded == 1 and report.written == 1
+    assert report.padded == 1
+    assert report.written == 1
     # The box found in the padded photo maps back to the photo: the face is the photo.
     crop = np.asarray(Image.open(tmp_path / "out" / "Ann" / "glint__1.png"))
     assert crop[8, 8].tolist() == [200, 200, 200]  # the middle is the photo
     assert crop[0, 0].tolist() == [128, 128, 128]  # margin outside the photo is grey
     none = cut_crops([src], tmp_path / "out2", FakeDetector([]), on_message=messages.append)
-    assert none.written == 0 and none.missed == [str(src / "Ann" / "1.png")]
+    assert none.written == 0
+    assert none.missed == [str(src / "Ann" / "1.png")]
     assert messages == [f"{src / 'Ann' / '1.png'}: expected a face, got none; left out"]
 
 
@@ -149,9 +153,12 @@ def test_score_counts_names_not_boxes(tmp_path: Path):
     ]
     score = score_tags(images, expected)
     assert (score.tp, score.given, score.expected) == (3, 4, 4)
-    assert score.precision == 0.75 and score.recall == 0.75
+    assert score.precision == 0.75
+    assert score.recall == 0.75
     b = score.photos[1]
-    assert b.wrong == ["kit"] and b.missed == ["biden"] and not b.ok
+    assert b.wrong == ["kit"]
+    assert b.missed == ["biden"]
+    assert not b.ok
     text = format_score(score)
     assert "b.jpg  obama, biden, unknown  obama, kit, unknown  wrong: kit; missed: biden" in text
     assert text.endswith("name precision 0.750 (3/4), recall 0.750 (3/4)")
@@ -188,5 +195,6 @@ def test_shipped_detector_finds_every_johns_face(tmp_path: Path):
     from facetag.inference.detect import load_detector
 
     report = cut_crops([Path(DATA) / "johns"], tmp_path / "out", load_detector(None), size=64)
-    assert report.summary()["crops"] == 55 and not report.missed
+    assert report.summary()["crops"] == 55
+    assert not report.missed
     assert report.people == 5

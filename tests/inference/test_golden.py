@@ -43,11 +43,13 @@ def _portable(doc: Any, tmp: str) -> Any:
 
 def _close(got: Any, want: Any, where: str = "$") -> None:
     if isinstance(want, dict):
-        assert isinstance(got, dict) and list(got) == list(want), f"{where}: keys {list(got)}"
+        assert isinstance(got, dict), f"{where}: {got!r} is not an object"
+        assert list(got) == list(want), f"{where}: keys {list(got)}"
         for k in want:
             _close(got[k], want[k], f"{where}.{k}")
     elif isinstance(want, list):
-        assert isinstance(got, list) and len(got) == len(want), f"{where}: length"
+        assert isinstance(got, list), f"{where}: {got!r} is not a list"
+        assert len(got) == len(want), f"{where}: length {len(got)}, want {len(want)}"
         for i, (g, w) in enumerate(zip(got, want, strict=True)):
             _close(g, w, f"{where}[{i}]")
     elif isinstance(want, float) and not isinstance(want, bool):

@@ -250,7 +250,8 @@ def test_train_out_then_export_ships_a_smaller_model_that_embeds_the_same(env, t
     assert result.exit_code == 0, result.output
     assert "threshold none: run facetag evaluate first" in result.stdout
     state = load_checkpoint(shipped)
-    assert "classifier" not in state and state["weights_dtype"] == "float16"
+    assert "classifier" not in state
+    assert state["weights_dtype"] == "float16"
     assert all(v.dtype == torch.float16 for v in state["embedder"].values()
                if v.is_floating_point())
     assert state["exported_from"] == load_checkpoint(full)["model_id"]
