@@ -65,6 +65,12 @@ def crop_face(
     """
     if box is None:
         return fit_image(img, image_size, channels)
+    return fit_image(square_image(img, box, margin), image_size, channels)
+
+
+def square_image(img: Image.Image, box: Sequence[float], margin: float = DEFAULT_MARGIN
+                 ) -> Image.Image:
+    """The face_square of ``box`` cut from img (L or RGB), grey FILL outside the photo."""
     x1, y1, x2, y2 = face_square(box, margin)
     W, H = img.size
     mode = "L" if img.mode == "L" else "RGB"
@@ -75,7 +81,7 @@ def crop_face(
     ix1, iy1, ix2, iy2 = max(x1, 0), max(y1, 0), min(x2, W), min(y2, H)
     if ix2 > ix1 and iy2 > iy1:
         square.paste(src.crop((ix1, iy1, ix2, iy2)), (ix1 - x1, iy1 - y1))
-    return fit_image(square, image_size, channels)
+    return square
 
 
 def crop_faces(

@@ -34,7 +34,7 @@ from PIL import Image
 
 from facetag.data.images import is_image_file, load_image
 from facetag.errors import DataError
-from facetag.inference.align import DEFAULT_MARGIN, FILL, face_square
+from facetag.inference.align import DEFAULT_MARGIN, FILL, crop_face
 from facetag.inference.gallery import atomic_write
 from facetag.inference.tag import ProgressFn, _Meter
 
@@ -113,14 +113,9 @@ def find_face(detector, img: Image.Image, pad: float) -> tuple[list[float] | Non
 
 
 def square_crop(img: Image.Image, box: Sequence[float], size: int, margin: float) -> Image.Image:
-    """face_square(box, margin) of img, grey outside the photo, resized to size x size."""
-    x1, y1, x2, y2 = face_square(box, margin)
-    W, H = img.size
-    square = Image.new("RGB", (x2 - x1, y2 - y1), (FILL, FILL, FILL))
-    ix1, iy1, ix2, iy2 = max(x1, 0), max(y1, 0), min(x2, W), min(y2, H)
-    if ix2 > ix1 and iy2 > iy1:
-        square.paste(img.crop((ix1, iy1, ix2, iy2)), (ix1 - x1, iy1 - y1))
-    return square.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
+    """What tagging embeds for ``box`` (align.crop_face), as a size x size RGB image."""
+    pixels = crop_face(img, box, (size, size), 3, margin)  # uint8 (3, size, size)
+    return Image.fromarray(pixels.permute(1, 2, 0).numpy())
 
 
 def _cut_one(detector, photo: Path, target: Path, size: int, margin: float, pad: float,
