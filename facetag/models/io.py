@@ -35,9 +35,8 @@ class LoadedEmbedder:
         return str(self.state.get("model_id", self.path.name))
 
 
-def load_embedder(path: Path | str, device: str = "cpu") -> LoadedEmbedder:
-    """Rebuild the embedding network from a model file, in eval mode on ``device``."""
-    path = Path(path)
+def read_embedder_state(path: Path | str) -> dict[str, Any]:
+    """A model file's contents; ModelError (one line) when it is not an embedder's."""
     state = load_checkpoint(path)
     if state.get("format") != EMBEDDER_FORMAT:
         raise ModelError(
@@ -45,6 +44,13 @@ def load_embedder(path: Path | str, device: str = "cpu") -> LoadedEmbedder:
             f"{state.get('format', 'a checkpoint without a model format')!r}; pass the "
             "model.pt that facetag train wrote, or a runs:/ or models:/ URI"
         )
+    return state
+
+
+def load_embedder(path: Path | str, device: str = "cpu") -> LoadedEmbedder:
+    """Rebuild the embedding network from a model file, in eval mode on ``device``."""
+    path = Path(path)
+    state = read_embedder_state(path)
     m = state["config"]["model"]
     net = EmbeddingNet(
         int(state["in_channels"]),
@@ -97,13 +103,7 @@ def export_embedder(src: Path | str, dst: Path | str, half: bool = True) -> dict
     file halves. The exported weights get their own model_id (galleries made with the
     full-precision model are re-embedded); threshold, calibration, config and run id stay.
     """
-    state = load_checkpoint(src)
-    if state.get("format") != EMBEDDER_FORMAT:
-        raise ModelError(
-            f"{src}: expected a facetag embedder model (format {EMBEDDER_FORMAT}), got "
-            f"{state.get('format', 'a checkpoint without a model format')!r}; pass the "
-            "model.pt that facetag train wrote"
-        )
+    state = read_embedder_state(src)
     weights = {
         k: v.half() if half and v.is_floating_point() else v
         for k, v in state["embedder"].items()
