@@ -34,7 +34,7 @@ from PIL import Image
 
 from facetag.data.images import is_image_file, load_image
 from facetag.errors import DataError
-from facetag.inference.align import DEFAULT_MARGIN, FILL, crop_face
+from facetag.inference.align import DEFAULT_MARGIN, FILL, FaceDetector, crop_face
 from facetag.inference.gallery import atomic_write
 from facetag.inference.tag import ProgressFn, _Meter
 
@@ -95,18 +95,22 @@ def largest(found: torch.Tensor) -> list[float] | None:
     return [float(v) for v in found[int(area.argmax())][:4]]
 
 
-def find_face(detector, img: Image.Image, pad: float) -> tuple[list[float] | None, bool]:
+def _pixels(img: Image.Image) -> torch.Tensor:
+    """An RGB PIL image -> float (3, H, W) in 0..255, what detectors take."""
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float()
+
+
+def find_face(detector: FaceDetector, img: Image.Image, pad: float
+              ) -> tuple[list[float] | None, bool]:
     """(box of the largest face in img's pixels or None, whether padding was needed)."""
-    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float()
-    box = largest(detector.detect(x))
+    box = largest(detector.detect(_pixels(img)))
     if box is not None or pad <= 0:
         return box, False
     b = round(pad * max(img.size))
     W, H = img.size
     grown = Image.new("RGB", (W + 2 * b, H + 2 * b), (FILL, FILL, FILL))
     grown.paste(img, (b, b))
-    x = torch.from_numpy(np.asarray(grown, dtype=np.uint8).copy()).permute(2, 0, 1).float()
-    box = largest(detector.detect(x))
+    box = largest(detector.detect(_pixels(grown)))
     if box is None:
         return None, True
     return [box[0] - b, box[1] - b, box[2] - b, box[3] - b], True
@@ -118,8 +122,8 @@ def square_crop(img: Image.Image, box: Sequence[float], size: int, margin: float
     return Image.fromarray(pixels.permute(1, 2, 0).numpy())
 
 
-def _cut_one(detector, photo: Path, target: Path, size: int, margin: float, pad: float,
-             report: CropReport, say: MessageFn) -> bool:
+def _cut_one(detector: FaceDetector, photo: Path, target: Path, size: int, margin: float,
+             pad: float, report: CropReport, say: MessageFn) -> bool:
     """Detect, crop and write one photo's face; False (reported) when there is none."""
     try:
         img = load_image(photo, "RGB", max_side=detector.settings.max_side)
@@ -143,7 +147,7 @@ def _cut_one(detector, photo: Path, target: Path, size: int, margin: float, pad:
 def cut_crops(
     sources: Sequence[Path],
     out: Path,
-    detector,
+    detector: FaceDetector,
     *,
     size: int = 112,
     margin: float = DEFAULT_MARGIN,
