@@ -21,9 +21,9 @@ import pickle
 import random
 import tempfile
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, BinaryIO, cast
 
 import numpy as np
 import torch
@@ -67,12 +67,30 @@ def save_checkpoint(path: Path | str, state: Mapping[str, Any]) -> Path:
     path = Path(path)
     _check_plain(state, "state")
     payload = {**state, MARKER: {"format": FORMAT, "version": __version__}}
+    return _replace_atomically(path, lambda f: torch.save(payload, f))
+
+
+def copy_checkpoint(src: Path | str, dst: Path | str) -> Path:
+    """Copy a model file byte for byte to ``dst``, atomically like save_checkpoint
+    (``train --out``, ``train-detector --out``). Raises ModelError, one line, when ``dst``
+    cannot be written; ``src`` is left where it is."""
+    src, dst = Path(src), Path(dst)
+    data = src.read_bytes()
+    try:
+        return _replace_atomically(dst, lambda f: f.write(data))
+    except OSError as e:
+        raise ModelError(f"{dst}: expected a writable file, got "
+                         f"{e.strerror or type(e).__name__}; the model is still at {src}") from None
+
+
+def _replace_atomically(path: Path, write: Callable[[BinaryIO], object]) -> Path:
+    """Write through ``write`` to a temporary file beside ``path``, fsync, rename over it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

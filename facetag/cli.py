@@ -274,22 +274,12 @@ def train(
     )
     try:
         with ProgressBar() as bar:
-            result = run_training(config, overrides, resume=resume, progress=bar.update)
+            result = run_training(config, overrides, resume=resume, progress=bar.update,
+                                  out_path=out)
     except FacetagError as e:
         raise _fail(e) from None
     if result.get("rank", 0) != 0:
         return  # under torchrun, rank 0 reports for all
-    if out is not None:
-        from facetag.inference.gallery import atomic_write
-
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(out, Path(str(result["model_path"])).read_bytes())
-        except OSError as e:
-            raise _fail(FacetagError(
-                f"{out}: expected a writable file, got {e.strerror or type(e).__name__}; "
-                f"the model is still at {result['model_path']}")) from None
-        result["out"] = str(out)
     typer.echo(json.dumps(result, indent=2) if as_json else _train_summary(result))
 
 

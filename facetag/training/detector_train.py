@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from facetag import __version__
-from facetag.checkpoint import load_checkpoint, save_checkpoint
+from facetag.checkpoint import copy_checkpoint, load_checkpoint, save_checkpoint
 from facetag.data.boxes import BoxFile, FaceBox, read_boxes, resolve_image, split_images
 from facetag.data.images import image_size, is_image_file, load_image
 from facetag.data.patches import (
@@ -610,7 +610,7 @@ def train_detector(
     model_path = save_checkpoint(run_dir / "detector.pt",
                                  model_state(cascade.cpu(), config, scores, run_id))
     if out is not None:
-        save_checkpoint(out, load_checkpoint(model_path))
+        copy_checkpoint(model_path, out)
     result = DetectorResult(run_id, model_path, scores, history,
                             time.perf_counter() - t_start, device)
     if hooks is not None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from facetag.checkpoint import copy_checkpoint
 from facetag.config import (
     Config,
     config_from_dict,
@@ -168,8 +169,12 @@ def run_training(
     resume: str | None = None,
     progress: ProgressFn | None = None,
     track: bool = True,
+    out_path: Path | None = None,
 ) -> dict[str, Any]:
-    """Train from a config file + flags (or resume a run); the dict ``--json`` prints."""
+    """Train from a config file + flags (or resume a run); the dict ``--json`` prints.
+
+    ``out_path``: also copy the finished model file there (rank 0).
+    """
     config = resolve_config(config_path, overrides, resume)
     hooks = MlflowHooks(config) if track else Hooks()
     trained = train(config, resume=resume, progress=progress, hooks=hooks)
@@ -187,6 +192,8 @@ def run_training(
     }
     if isinstance(hooks, MlflowHooks) and hooks.tracker is not None:
         out.update(finish(hooks, trained))
+    if out_path is not None and trained.rank == 0 and r.model_path:
+        out["out"] = str(copy_checkpoint(r.model_path, out_path))
     return out
 
 
