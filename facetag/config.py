@@ -176,18 +176,32 @@ def load_config(path: Path | None, overrides: Mapping[str, object] | None = None
     origin: dict[str, str] = {}  # dotted key -> where its value came from, for errors
     if path is not None:
         _merge_sections(_read_toml(path), str(path), values, origin)
-    for key, value in (overrides or {}).items():
+    apply_overrides(overrides or {}, values, origin)
+    return _build(values, origin)
+
+
+def apply_overrides(
+    overrides: Mapping[str, object],
+    values: dict[str, dict[str, Any]],
+    origin: dict[str, str],
+    sections: Mapping[str, type[Any]] = SECTIONS,
+    flag_keys: Mapping[str, str] = FLAG_KEYS,
+) -> None:
+    """Type-check CLI overrides into ``values``: dotted keys ("train.epochs") or flag names
+    in ``flag_keys`` ("epochs"); None means "flag not given" and is skipped. The detector's
+    config (facetag.detector_config) passes its own sections and flags."""
+    for key, value in overrides.items():
         if value is None:
             continue
-        dotted = FLAG_KEYS.get(key, key)
-        where = f"--{key.replace('_', '-')}" if key in FLAG_KEYS else f"override {key}"
+        dotted = flag_keys.get(key, key)
+        where = f"--{key.replace('_', '-')}" if key in flag_keys else f"override {key}"
         section, _, field = dotted.partition(".")
-        if section not in SECTIONS or field not in _fields(section):
-            known = sorted(FLAG_KEYS) + [f"{s}.{f}" for s in SECTIONS for f in _fields(s)]
+        if section not in sections or field not in _fields(sections[section]):
+            known = sorted(flag_keys) + [
+                f"{s}.{f}" for s, cls in sections.items() for f in _fields(cls)]
             raise ConfigError(f"unknown override '{key}'{_suggest(key, known)}")
-        values[section][field] = _check_type(value, _hints(section)[field], where)
+        values[section][field] = _check_type(value, _hints(sections[section])[field], where)
         origin[dotted] = where
-    return _build(values, origin)
 
 
 def config_from_dict(d: Mapping[str, Any], source: str = "config") -> Config:
@@ -254,17 +268,17 @@ def _merge_sections(
     source: str,
     values: dict[str, dict[str, Any]],
     origin: dict[str, str],
+    sections: Mapping[str, type[Any]] = SECTIONS,
 ) -> None:
     """Type-check the [section] tables of ``doc`` into ``values``."""
+    names = ", ".join(f"[{n}]" for n in sections)
     for section, table in doc.items():
-        if section not in SECTIONS:
+        if section not in sections:
             if isinstance(table, Mapping):
-                close = difflib.get_close_matches(section, list(SECTIONS), n=1)
-                hint = (
-                    f"did you mean [{close[0]}]?" if close else "expected [data], [model], [train]"
-                )
+                close = difflib.get_close_matches(section, list(sections), n=1)
+                hint = f"did you mean [{close[0]}]?" if close else f"expected {names}"
                 raise ConfigError(f"unknown section [{section}] in {source}; {hint}")
-            owners = [s for s in SECTIONS if section in _fields(s)]
+            owners = [s for s, cls in sections.items() if section in _fields(cls)]
             hint = f"; did you mean [{owners[0]}] {section}?" if owners else ""
             raise ConfigError(f"unknown key '{section}' in {source} (top level){hint}")
         if not isinstance(table, Mapping):
@@ -272,15 +286,17 @@ def _merge_sections(
                 f"{source} [{section}]: expected a table of keys, got {_describe(table)}; "
                 f"write the keys under a [{section}] line"
             )
-        hints = _hints(section)
+        hints = _hints(sections[section])
         for key, value in table.items():
             if key not in hints:
-                raise ConfigError(
-                    f"unknown key '{key}' in {source} [{section}]" + _suggest_key(key, section)
-                )
+                raise ConfigError(f"unknown key '{key}' in {source} [{section}]"
+                                  + _suggest_key(key, section, sections))
             where = f"{source} [{section}] {key}"
             values[section][key] = _check_type(value, hints[key], where)
             origin[f"{section}.{key}"] = where
+
+
+merge_sections = _merge_sections  # the name facetag.detector_config uses
 
 
 def _build(values: dict[str, dict[str, Any]], origin: dict[str, str]) -> Config:
@@ -293,13 +309,22 @@ def _build(values: dict[str, dict[str, Any]], origin: dict[str, str]) -> Config:
     return config
 
 
-def _check_values(config: Config, origin: dict[str, str]) -> None:
-    for dotted, (test, what) in LIMITS.items():
+def check_limits(
+    config: Any,
+    origin: dict[str, str],
+    limits: Mapping[str, tuple[typing.Callable[[Any], bool], str]],
+) -> None:
+    """ConfigError naming where a value came from when it fails its range check."""
+    for dotted, (test, what) in limits.items():
         section, _, key = dotted.partition(".")
         value = getattr(getattr(config, section), key)
         if not test(value):
             where = origin.get(dotted, dotted)
             raise ConfigError(f"{where}: expected {what}, got {_toml_value(_plain(value))}")
+
+
+def _check_values(config: Config, origin: dict[str, str]) -> None:
+    check_limits(config, origin, LIMITS)
     split = config.data.split
     m = _SPLIT_COUNTS.match(split)
     ok = bool(m and int(m[1]) >= 1 and int(m[2]) >= 1)
@@ -430,13 +455,20 @@ def _toml_string(s: str) -> str:
     return '"' + "".join(out) + '"'
 
 
-def _fields(section: str) -> list[str]:
-    return [f.name for f in dataclasses.fields(SECTIONS[section])]
+def _fields(section: str | type[Any]) -> list[str]:
+    """Field names of a section dataclass (or of SECTIONS[name])."""
+    cls = SECTIONS[section] if isinstance(section, str) else section
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _hints(section: str | type[Any]) -> dict[str, Any]:
+    """Field types of a section dataclass (or of SECTIONS[name])."""
+    return _type_hints(SECTIONS[section] if isinstance(section, str) else section)
 
 
 @functools.cache
-def _hints(section: str) -> dict[str, Any]:
-    return typing.get_type_hints(SECTIONS[section])
+def _type_hints(cls: type[Any]) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
 def _closest(word: str, options: list[str]) -> str | None:
@@ -456,11 +488,12 @@ def _suggest(word: str, options: list[str]) -> str:
     return "; expected one of " + ", ".join(options)
 
 
-def _suggest_key(key: str, section: str) -> str:
-    close = _closest(key, _fields(section))
+def _suggest_key(key: str, section: str, sections: Mapping[str, type[Any]] = SECTIONS) -> str:
+    fields = _fields(sections[section])
+    close = _closest(key, fields)
     if close:
         return f"; did you mean '{close}'?"
-    owners = [s for s in SECTIONS if s != section and key in _fields(s)]
+    owners = [s for s, cls in sections.items() if s != section and key in _fields(cls)]
     if owners:
         return f"; '{key}' belongs in [{owners[0]}]"
-    return "; expected one of " + ", ".join(_fields(section))
+    return "; expected one of " + ", ".join(fields)

@@ -11,15 +11,20 @@ facetag.config's own helpers.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from facetag.config import _check_type, _closest, _read_toml, _toml_value
-from facetag.errors import ConfigError
+from facetag.config import (
+    _plain,
+    _read_toml,
+    _toml_value,
+    apply_overrides,
+    check_limits,
+    merge_sections,
+)
 
 Stage = Literal["pnet", "rnet", "onet"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -123,20 +128,8 @@ def load_detector_config(
     values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     origin: dict[str, str] = {}
     if path is not None:
-        merge_sections(_read_toml(path), str(path), values, origin)
-    for key, value in (overrides or {}).items():
-        if value is None:
-            continue
-        dotted = FLAG_KEYS.get(key, key)
-        where = f"--{key.replace('_', '-')}" if key in FLAG_KEYS else f"override {key}"
-        section, _, name = dotted.partition(".")
-        if section not in SECTIONS or name not in _hints(section):
-            known = sorted(FLAG_KEYS) + [f"{s}.{f}" for s in SECTIONS for f in _hints(s)]
-            close = _closest(key, known)
-            hint = f"; did you mean '{close}'?" if close else ""
-            raise ConfigError(f"unknown override '{key}'{hint}")
-        values[section][name] = _check_type(value, _hints(section)[name], where)
-        origin[dotted] = where
+        merge_sections(_read_toml(path), str(path), values, origin, SECTIONS)
+    apply_overrides(overrides or {}, values, origin, SECTIONS, FLAG_KEYS)
     return _build(values, origin)
 
 
@@ -144,7 +137,7 @@ def detector_config_from_dict(d: Mapping[str, Any], source: str = "config") -> D
     """Rebuild a DetectorConfig from ``detector_config_to_dict`` output (a checkpoint)."""
     values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     origin: dict[str, str] = {}
-    merge_sections(d, source, values, origin)
+    merge_sections(d, source, values, origin, SECTIONS)
     return _build(values, origin)
 
 
@@ -173,44 +166,7 @@ def detector_config_to_toml(config: DetectorConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-def merge_sections(
-    doc: Mapping[str, Any], source: str, values: dict[str, dict[str, Any]], origin: dict[str, str]
-) -> None:
-    for section, table in doc.items():
-        if section not in SECTIONS or not isinstance(table, Mapping):
-            raise ConfigError(
-                f"{source}: expected sections [data], [model], [train], got "
-                f"{'[' + section + ']' if isinstance(table, Mapping) else repr(section)}; "
-                "put every key under one of them"
-            )
-        hints = _hints(section)
-        for key, value in table.items():
-            if key not in hints:
-                close = _closest(key, list(hints))
-                hint = f"; did you mean '{close}'?" if close else (
-                    "; expected one of " + ", ".join(hints)
-                )
-                raise ConfigError(f"unknown key '{key}' in {source} [{section}]{hint}")
-            where = f"{source} [{section}] {key}"
-            values[section][key] = _check_type(value, hints[key], where)
-            origin[f"{section}.{key}"] = where
-
-
 def _build(values: dict[str, dict[str, Any]], origin: dict[str, str]) -> DetectorConfig:
     config = DetectorConfig(**{s: SECTIONS[s](**values[s]) for s in SECTIONS})
-    for dotted, (test, what) in LIMITS.items():
-        section, _, key = dotted.partition(".")
-        value = getattr(getattr(config, section), key)
-        if not test(value):
-            where = origin.get(dotted, dotted)
-            raise ConfigError(f"{where}: expected {what}, got {_toml_value(_plain(value))}")
+    check_limits(config, origin, LIMITS)
     return config
-
-
-def _plain(value: Any) -> Any:
-    return [_plain(v) for v in value] if isinstance(value, list | tuple) else value
-
-
-@functools.cache
-def _hints(section: str) -> dict[str, Any]:
-    return typing.get_type_hints(SECTIONS[section])
