@@ -79,8 +79,10 @@ def copy_checkpoint(src: Path | str, dst: Path | str) -> Path:
     try:
         return _replace_atomically(dst, lambda f: f.write(data))
     except OSError as e:
-        raise ModelError(f"{dst}: expected a writable file, got "
-                         f"{e.strerror or type(e).__name__}; the model is still at {src}") from None
+        raise ModelError(
+            f"{dst}: expected a writable file, got "
+            f"{e.strerror or type(e).__name__}; the model is still at {src}"
+        ) from None
 
 
 def _replace_atomically(path: Path, write: Callable[[BinaryIO], object]) -> Path:

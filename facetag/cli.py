@@ -218,8 +218,9 @@ def data_crops(
     try:
         det = load_detector(detector, "cpu")
         with _PhotoBar("warning") as bar:
-            report = cut_crops(sources, out, det, size=size, on_message=bar.message,
-                               progress=bar.update)
+            report = cut_crops(
+                sources, out, det, size=size, on_message=bar.message, progress=bar.update
+            )
     except FacetagError as e:
         raise _fail(e) from None
     summary = report.summary()
@@ -227,9 +228,11 @@ def data_crops(
         typer.echo(json.dumps(summary, indent=2))
         return
     merged = ", ".join(f"{k} ({' + '.join(v)})" for k, v in report.merged.items()) or "none"
-    typer.echo(f"{summary['crops']} crops of {report.people} people in {out} "
-               f"({report.written} new, {report.kept} kept); no face found in "
-               f"{len(report.missed)} photos; merged: {merged}")
+    typer.echo(
+        f"{summary['crops']} crops of {report.people} people in {out} "
+        f"({report.written} new, {report.kept} kept); no face found in "
+        f"{len(report.missed)} photos; merged: {merged}"
+    )
 
 
 def _flag_overrides(**flags: object) -> dict[str, object]:
@@ -274,8 +277,9 @@ def train(
     )
     try:
         with ProgressBar() as bar:
-            result = run_training(config, overrides, resume=resume, progress=bar.update,
-                                  out_path=out)
+            result = run_training(
+                config, overrides, resume=resume, progress=bar.update, out_path=out
+            )
     except FacetagError as e:
         raise _fail(e) from None
     if result.get("rank", 0) != 0:
@@ -408,9 +412,11 @@ def export(
     except FacetagError as e:
         raise _fail(e) from None
     t = state.get("threshold")
-    typer.echo(f"{out}: {state['model_id']} ({out.stat().st_size / 1e6:.1f} MB, "
-               f"{state['weights_dtype']}), threshold "
-               f"{'none: run facetag evaluate first' if t is None else f'{t:.4f}'}")
+    typer.echo(
+        f"{out}: {state['model_id']} ({out.stat().st_size / 1e6:.1f} MB, "
+        f"{state['weights_dtype']}), threshold "
+        f"{'none: run facetag evaluate first' if t is None else f'{t:.4f}'}"
+    )
 
 
 @app.command("train-detector")

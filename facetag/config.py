@@ -198,7 +198,8 @@ def apply_overrides(
         section, _, field = dotted.partition(".")
         if section not in sections or field not in _fields(sections[section]):
             known = sorted(flag_keys) + [
-                f"{s}.{f}" for s, cls in sections.items() for f in _fields(cls)]
+                f"{s}.{f}" for s, cls in sections.items() for f in _fields(cls)
+            ]
             raise ConfigError(f"unknown override '{key}'{_suggest(key, known)}")
         values[section][field] = _check_type(value, _hints(sections[section])[field], where)
         origin[dotted] = where
@@ -289,8 +290,10 @@ def _merge_sections(
         hints = _hints(sections[section])
         for key, value in table.items():
             if key not in hints:
-                raise ConfigError(f"unknown key '{key}' in {source} [{section}]"
-                                  + _suggest_key(key, section, sections))
+                raise ConfigError(
+                    f"unknown key '{key}' in {source} [{section}]"
+                    + _suggest_key(key, section, sections)
+                )
             where = f"{source} [{section}] {key}"
             values[section][key] = _check_type(value, hints[key], where)
             origin[f"{section}.{key}"] = where

@@ -83,11 +83,17 @@ class DetectorConfig:
 
 
 SECTIONS: dict[str, type[Any]] = {
-    "data": DetectorDataConfig, "model": DetectorModelConfig, "train": DetectorTrainConfig,
+    "data": DetectorDataConfig,
+    "model": DetectorModelConfig,
+    "train": DetectorTrainConfig,
 }
 FLAG_KEYS = {
-    "data": "data.path", "epochs": "train.epochs", "lr": "train.lr",
-    "batch_size": "train.batch_size", "seed": "train.seed", "device": "train.device",
+    "data": "data.path",
+    "epochs": "train.epochs",
+    "lr": "train.lr",
+    "batch_size": "train.batch_size",
+    "seed": "train.seed",
+    "device": "train.device",
 }
 _STAGES = ("pnet", "rnet", "onet")
 LIMITS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {

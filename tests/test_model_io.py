@@ -32,8 +32,9 @@ def test_load_embedder_rebuilds_the_trained_network(tmp_path, pool):
 def test_flip_average_embeds_a_face_and_its_mirror_alike(tmp_path):
     config = Config(
         data=DataConfig(image_size=(16, 16), channels=3),
-        model=dataclasses.replace(ModelConfig(), widths=(4, 8, 8, 8), embedding_dim=8,
-                                  flip_average=True),
+        model=dataclasses.replace(
+            ModelConfig(), widths=(4, 8, 8, 8), embedding_dim=8, flip_average=True
+        ),
     )
     torch.manual_seed(0)
     model = build_classifier(config, num_classes=2, in_channels=3).eval()

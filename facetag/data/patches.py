@@ -108,8 +108,14 @@ def crop_windows(image: Tensor | list[Tensor], windows: Tensor, size: int) -> Te
         idx = (level == k).nonzero()[:, 0]
         rois = torch.cat([windows.new_zeros(idx.numel(), 1), windows[idx]], dim=1)  # (k, 5)
         # sampling_ratio=-1: ceil(side / 2^k / size) samples per output pixel and direction
-        out[idx] = roi_align(levels[k][None], rois, output_size=size, spatial_scale=0.5**k,
-                             sampling_ratio=-1, aligned=True)  # (k, C, size, size)
+        out[idx] = roi_align(
+            levels[k][None],
+            rois,
+            output_size=size,
+            spatial_scale=0.5**k,
+            sampling_ratio=-1,
+            aligned=True,
+        )  # (k, C, size, size)
     return out
 
 

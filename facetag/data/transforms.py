@@ -142,8 +142,13 @@ def augment_batch(
 def lowres(x: Tensor, k: int) -> Tensor:
     """(N, C, H, W) -> the same size with the detail of an image k times smaller."""
     H, W = x.shape[-2:]
-    small = F.interpolate(x, size=(max(1, H // k), max(1, W // k)), mode="bilinear",
-                          antialias=True, align_corners=False)
+    small = F.interpolate(
+        x,
+        size=(max(1, H // k), max(1, W // k)),
+        mode="bilinear",
+        antialias=True,
+        align_corners=False,
+    )
     return F.interpolate(small, size=(H, W), mode="bilinear", align_corners=False).clamp_(0, 1)
 
 

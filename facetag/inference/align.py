@@ -68,8 +68,9 @@ def crop_face(
     return fit_image(square_image(img, box, margin), image_size, channels)
 
 
-def square_image(img: Image.Image, box: Sequence[float], margin: float = DEFAULT_MARGIN
-                 ) -> Image.Image:
+def square_image(
+    img: Image.Image, box: Sequence[float], margin: float = DEFAULT_MARGIN
+) -> Image.Image:
     """The face_square of ``box`` cut from img (L or RGB), grey FILL outside the photo."""
     x1, y1, x2, y2 = face_square(box, margin)
     W, H = img.size

@@ -56,9 +56,15 @@ class CropReport:
 
     def summary(self) -> dict[str, object]:
         return {
-            "out": str(self.out), "people": self.people, "crops": self.written + self.kept,
-            "written": self.written, "kept": self.kept, "padded": self.padded,
-            "no_face": len(self.missed), "merged": self.merged, "per_source": self.per_source,
+            "out": str(self.out),
+            "people": self.people,
+            "crops": self.written + self.kept,
+            "written": self.written,
+            "kept": self.kept,
+            "padded": self.padded,
+            "no_face": len(self.missed),
+            "merged": self.merged,
+            "per_source": self.per_source,
         }
 
 
@@ -80,10 +86,8 @@ def _people(sources: Sequence[Path]) -> dict[str, list[tuple[Path, Path]]]:
         for child in sorted(src.iterdir(), key=lambda p: p.name):
             if not child.is_dir() or child.name.startswith("."):
                 continue  # FILES.csv and the like
-            photos = sorted((f for f in child.iterdir() if is_image_file(f)),
-                            key=lambda f: f.name)
-            people.setdefault(person_key(src, child.name), []).extend(
-                (src, f) for f in photos)
+            photos = sorted((f for f in child.iterdir() if is_image_file(f)), key=lambda f: f.name)
+            people.setdefault(person_key(src, child.name), []).extend((src, f) for f in photos)
     return {k: v for k, v in people.items() if v}
 
 
@@ -100,8 +104,9 @@ def _pixels(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float()
 
 
-def find_face(detector: FaceDetector, img: Image.Image, pad: float
-              ) -> tuple[list[float] | None, bool]:
+def find_face(
+    detector: FaceDetector, img: Image.Image, pad: float
+) -> tuple[list[float] | None, bool]:
     """(box of the largest face in img's pixels or None, whether padding was needed)."""
     box = largest(detector.detect(_pixels(img)))
     if box is not None or pad <= 0:
@@ -122,8 +127,16 @@ def square_crop(img: Image.Image, box: Sequence[float], size: int, margin: float
     return Image.fromarray(pixels.permute(1, 2, 0).numpy())
 
 
-def _cut_one(detector: FaceDetector, photo: Path, target: Path, size: int, margin: float,
-             pad: float, report: CropReport, say: MessageFn) -> bool:
+def _cut_one(
+    detector: FaceDetector,
+    photo: Path,
+    target: Path,
+    size: int,
+    margin: float,
+    pad: float,
+    report: CropReport,
+    say: MessageFn,
+) -> bool:
     """Detect, crop and write one photo's face; False (reported) when there is none."""
     try:
         img = load_image(photo, "RGB", max_side=detector.settings.max_side)
@@ -196,6 +209,5 @@ def cut_crops(
         for folder in out.iterdir():
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
-    atomic_write(stamp, json.dumps({"settings": settings, **report.summary()},
-                                         indent=1).encode())
+    atomic_write(stamp, json.dumps({"settings": settings, **report.summary()}, indent=1).encode())
     return report

@@ -79,8 +79,9 @@ class Detector:
         Boxes are in the image's pixels, clipped to it, sorted by decreasing score.
         """
         s = self.settings
-        windows, scores = self.propose(image, stages=len(self.cascade.kinds),
-                                       min_face=min_face, threshold=threshold)
+        windows, scores = self.propose(
+            image, stages=len(self.cascade.kinds), min_face=min_face, threshold=threshold
+        )
         if windows.numel() == 0:
             return image.new_zeros(0, 5)
         keep = nms(windows, scores, s.nms_final)
@@ -132,8 +133,13 @@ class Detector:
             h, w = max(12, math.ceil(H * scale)), max(12, math.ceil(W * scale))
             # Each level is resized from the one before (0.709x), not from the photo: the
             # pyramid then costs about twice its first level rather than once per level.
-            x = F.interpolate(previous, size=(h, w), mode="bilinear", align_corners=False,
-                              antialias=h < previous.shape[2])  # (1, 3, h, w)
+            x = F.interpolate(
+                previous,
+                size=(h, w),
+                mode="bilinear",
+                align_corners=False,
+                antialias=h < previous.shape[2],
+            )  # (1, 3, h, w)
             previous = x
             logit, offsets = pnet(_channels_last(normalize_patches(x)))  # (1, 1|4, h', w')
             prob = torch.sigmoid(logit[0, 0])  # (h', w')
@@ -144,10 +150,15 @@ class Detector:
                     top = score.topk(MAX_CANDIDATES).indices
                     ys, xs, score = ys[top], xs[top], score[top]
                 sx, sy = w / W, h / H
-                win = torch.stack([
-                    xs * PNET_STRIDE / sx, ys * PNET_STRIDE / sy,
-                    (xs * PNET_STRIDE + 12) / sx, (ys * PNET_STRIDE + 12) / sy,
-                ], dim=1).float()  # (K, 4) in image pixels
+                win = torch.stack(
+                    [
+                        xs * PNET_STRIDE / sx,
+                        ys * PNET_STRIDE / sy,
+                        (xs * PNET_STRIDE + 12) / sx,
+                        (ys * PNET_STRIDE + 12) / sy,
+                    ],
+                    dim=1,
+                ).float()  # (K, 4) in image pixels
                 reg = offsets[0, :, ys, xs].T  # (K, 4)
                 keep = nms(win, score, s.nms_per_scale)
                 found_w.append(win[keep])
@@ -239,10 +250,13 @@ def detector_from_state(state: dict[str, Any], name: str, device: str = "cpu") -
         cascade.stage(kind).fuse()
     cascade.to(device).eval()
     raw = state.get("settings", {})
-    settings = DetectSettings(**{
-        k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()
-        if k in DetectSettings.__dataclass_fields__
-    })
+    settings = DetectSettings(
+        **{
+            k: tuple(v) if isinstance(v, list) else v
+            for k, v in raw.items()
+            if k in DetectSettings.__dataclass_fields__
+        }
+    )
     return Detector(cascade, settings, name, device, state)
 
 
@@ -277,7 +291,10 @@ def load_photo(path: Path, max_side: int) -> tuple[Tensor, int, int, float]:
 
 
 def detect_photo(
-    detector: Detector, path: Path, *, min_face: float | None = None,
+    detector: Detector,
+    path: Path,
+    *,
+    min_face: float | None = None,
     threshold: float | None = None,
 ) -> dict[str, Any]:
     """One photo -> {"path", "width", "height", "faces": [{"box": [x1, y1, x2, y2], "score"}]}.
@@ -320,15 +337,20 @@ def iter_detections(
     """
     for path in find_images(paths, recursive, on_problem=on_problem):
         try:
-            yield PhotoResult(path, detect_photo(detector, path, min_face=min_face,
-                                                 threshold=threshold))
+            yield PhotoResult(
+                path, detect_photo(detector, path, min_face=min_face, threshold=threshold)
+            )
         except DataError as e:
             yield PhotoResult(path, error=str(e))
 
 
 def detect_for_scoring(
-    detector: Detector, images: dict[str, Path], *, min_face: float | None = None,
-    threshold: float = 0.05, on_error: Callable[[str, str], None] | None = None,
+    detector: Detector,
+    images: dict[str, Path],
+    *,
+    min_face: float | None = None,
+    threshold: float = 0.05,
+    on_error: Callable[[str, str], None] | None = None,
 ) -> dict[str, list[tuple[float, float, float, float, float]]]:
     """{image name: [(x1, y1, x2, y2, score)]} with a low threshold, for the AP scorer."""
     out: dict[str, list[tuple[float, float, float, float, float]]] = {}
@@ -377,8 +399,14 @@ def detect_paths(
 
     images: list[dict[str, Any]] = []
     errors: list[dict[str, str]] = []
-    found = iter_detections(detector, paths, recursive=recursive, min_face=min_face,
-                            threshold=threshold, on_problem=problem)
+    found = iter_detections(
+        detector,
+        paths,
+        recursive=recursive,
+        min_face=min_face,
+        threshold=threshold,
+        on_problem=problem,
+    )
     try:
         for r in found:
             if r.error is not None:
@@ -431,13 +459,23 @@ def evaluate_boxes(
             "check --images"
         )
     scores = score_detector(found, {k: v for k, v in truth.items() if k in found})
-    return {"device": dev, "model": {"detector": detector.name}, "boxes": str(boxes_file),
-            "failed_images": len(failed), **scores.as_dict()}
+    return {
+        "device": dev,
+        "model": {"detector": detector.name},
+        "boxes": str(boxes_file),
+        "failed_images": len(failed),
+        **scores.as_dict(),
+    }
 
 
 def bench_detect(
-    folder: Path, *, device: str = "auto", model: str | None = None, repeats: int = 3,
-    min_face: float | None = None, threads: int | None = None,
+    folder: Path,
+    *,
+    device: str = "auto",
+    model: str | None = None,
+    repeats: int = 3,
+    min_face: float | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """``facetag bench detect``: photos/s over the photos of ``folder`` (decoding included).
 
@@ -476,10 +514,18 @@ def bench_detect(
     seconds = time.perf_counter() - t0
     sizes = sorted({image_size(p) for p in paths})
     return {
-        "device": dev, "device_name": torch.cuda.get_device_name() if dev == "cuda" else
-        platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
-        "model": detector.name, "photos": n, "distinct_photos": len(paths),
-        "sizes": [list(s) for s in sizes[:5]], "seconds": round(seconds, 3),
-        "photos_per_s": round(n / seconds, 3), "faces_per_photo": round(faces / max(n, 1), 2),
-        "peak_rss_mb_first_pass": round(peak_first, 1), "peak_rss_mb": round(rss_mb(), 1),
+        "device": dev,
+        "device_name": torch.cuda.get_device_name()
+        if dev == "cuda"
+        else platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "model": detector.name,
+        "photos": n,
+        "distinct_photos": len(paths),
+        "sizes": [list(s) for s in sizes[:5]],
+        "seconds": round(seconds, 3),
+        "photos_per_s": round(n / seconds, 3),
+        "faces_per_photo": round(faces / max(n, 1), 2),
+        "peak_rss_mb_first_pass": round(peak_first, 1),
+        "peak_rss_mb": round(rss_mb(), 1),
     }

@@ -112,8 +112,11 @@ class Gallery:
 def _entry_to_json(e: GalleryEntry) -> dict[str, Any]:
     raw = e.embedding.detach().cpu().numpy().astype("<f4").tobytes()
     return {
-        "path": e.path, "sha256": e.sha256, "box": [round(float(v), 1) for v in e.box],
-        "score": round(float(e.score), 4), "faces": int(e.faces),
+        "path": e.path,
+        "sha256": e.sha256,
+        "box": [round(float(v), 1) for v in e.box],
+        "score": round(float(e.score), 4),
+        "faces": int(e.faces),
         "embedding": base64.b64encode(raw).decode("ascii"),
     }
 
@@ -124,8 +127,12 @@ def _entry_from_json(d: dict[str, Any]) -> GalleryEntry:
         raise ValueError("embedding is not a float32 vector")
     emb = torch.from_numpy(np.frombuffer(raw, dtype="<f4").astype(np.float32))
     return GalleryEntry(
-        path=str(d["path"]), sha256=str(d["sha256"]), box=[float(v) for v in d["box"]],
-        score=float(d["score"]), faces=int(d["faces"]), embedding=emb,
+        path=str(d["path"]),
+        sha256=str(d["sha256"]),
+        box=[float(v) for v in d["box"]],
+        score=float(d["score"]),
+        faces=int(d["faces"]),
+        embedding=emb,
     )
 
 
@@ -154,8 +161,9 @@ def load_gallery(path: Path | str, expect_model: str | None = None) -> Gallery:
     try:
         text = path.read_text(encoding="utf-8")
     except PermissionError:
-        raise DataError(f"{path}: expected a readable gallery, got no permission; "
-                        "check its permissions") from None
+        raise DataError(
+            f"{path}: expected a readable gallery, got no permission; check its permissions"
+        ) from None
     except (OSError, UnicodeDecodeError):
         raise DataError(corrupt.format(what="a file that is not text")) from None
     try:
@@ -167,14 +175,18 @@ def load_gallery(path: Path | str, expect_model: str | None = None) -> Gallery:
         raise DataError(corrupt.format(what=f"format {got!r}" if got else "another file"))
     try:
         gallery = Gallery(
-            model=str(doc["model"]), detector=str(doc.get("detector", "")),
-            margin=float(doc.get("margin", 0.0)), root=str(doc.get("root", "")),
+            model=str(doc["model"]),
+            detector=str(doc.get("detector", "")),
+            margin=float(doc.get("margin", 0.0)),
+            root=str(doc.get("root", "")),
             people={
                 str(name): [_entry_from_json(e) for e in entries]
                 for name, entries in doc["people"].items()
             },
-            skipped={str(k): {"sha256": str(v["sha256"]), "reason": str(v["reason"])}
-                     for k, v in doc.get("skipped", {}).items()},
+            skipped={
+                str(k): {"sha256": str(v["sha256"]), "reason": str(v["reason"])}
+                for k, v in doc.get("skipped", {}).items()
+            },
         )
     except (KeyError, TypeError, ValueError, AttributeError):
         raise DataError(corrupt.format(what="a damaged gallery")) from None

@@ -75,8 +75,10 @@ class Manifest:
 
     def compact(self) -> None:
         """Rewrite the file atomically: the header and the latest record of each photo."""
-        text = json.dumps({"format": MANIFEST_FORMAT}) + "\n" + "".join(
-            json.dumps(r, ensure_ascii=False) + "\n" for r in self.records.values()
+        text = (
+            json.dumps({"format": MANIFEST_FORMAT})
+            + "\n"
+            + "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.records.values())
         )
         self.close()
         try:

@@ -38,19 +38,23 @@ def read_expected(path: Path) -> dict[str, list[str]]:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         reason = getattr(e, "strerror", None) or type(e).__name__
-        raise DataError(f"{path}: expected a readable CSV (image,names), got {reason}; "
-                        "check the path") from None
+        raise DataError(
+            f"{path}: expected a readable CSV (image,names), got {reason}; check the path"
+        ) from None
     rows = list(csv.reader(text.splitlines()))
     if not rows or [c.strip() for c in rows[0][:2]] != ["image", "names"]:
-        raise DataError(f"{path}: expected a header line 'image,names', got "
-                        f"{','.join(rows[0]) if rows else 'an empty file'!r}; add it")
+        raise DataError(
+            f"{path}: expected a header line 'image,names', got "
+            f"{','.join(rows[0]) if rows else 'an empty file'!r}; add it"
+        )
     out: dict[str, list[str]] = {}
     for n, row in enumerate(rows[1:], start=2):
         if not row or not "".join(row).strip():
             continue
         if len(row) != 2 or not row[0].strip():
-            raise DataError(f"{path}:{n}: expected 'image,name1;name2', got "
-                            f"{','.join(row)!r}; fix the line")
+            raise DataError(
+                f"{path}:{n}: expected 'image,name1;name2', got {','.join(row)!r}; fix the line"
+            )
         photo = str((path.parent / row[0].strip()).resolve())
         out[photo] = [s.strip() for s in row[1].split(";") if s.strip()]
     return out
@@ -98,10 +102,21 @@ class Score:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "precision": round(self.precision, 4), "recall": round(self.recall, 4),
-            "names_expected": self.expected, "names_given": self.given, "correct": self.tp,
-            "photos": [{"path": p.path, "expected": p.expected, "given": p.given,
-                        "wrong": p.wrong, "missed": p.missed} for p in self.photos],
+            "precision": round(self.precision, 4),
+            "recall": round(self.recall, 4),
+            "names_expected": self.expected,
+            "names_given": self.given,
+            "correct": self.tp,
+            "photos": [
+                {
+                    "path": p.path,
+                    "expected": p.expected,
+                    "given": p.given,
+                    "wrong": p.wrong,
+                    "missed": p.missed,
+                }
+                for p in self.photos
+            ],
             "not_tagged": self.not_tagged,
         }
 
@@ -120,11 +135,16 @@ def score_tags(images: Iterable[Mapping[str, Any]], expected: Mapping[str, list[
         want_c = Counter(n for n in want if n != UNKNOWN)
         given_c = Counter(n for n in given if n != UNKNOWN)
         tp = sum((want_c & given_c).values())
-        score.photos.append(PhotoScore(
-            path=str(image["path"]), expected=list(want), given=given, tp=tp,
-            wrong=sorted((given_c - want_c).elements()),
-            missed=sorted((want_c - given_c).elements()),
-        ))
+        score.photos.append(
+            PhotoScore(
+                path=str(image["path"]),
+                expected=list(want),
+                given=given,
+                tp=tp,
+                wrong=sorted((given_c - want_c).elements()),
+                missed=sorted((want_c - given_c).elements()),
+            )
+        )
     score.not_tagged = sorted(k for k in expected if k not in seen)
     return score
 
@@ -133,14 +153,21 @@ def format_score(score: Score) -> str:
     """The table the demo prints: each photo, who was expected, who was found, ok or not."""
     rows = [("photo", "expected", "found", "")]
     for p in score.photos:
-        mark = "ok" if p.ok else "; ".join(
-            [f"wrong: {', '.join(p.wrong)}"] * bool(p.wrong)
-            + [f"missed: {', '.join(p.missed)}"] * bool(p.missed))
+        mark = (
+            "ok"
+            if p.ok
+            else "; ".join(
+                [f"wrong: {', '.join(p.wrong)}"] * bool(p.wrong)
+                + [f"missed: {', '.join(p.missed)}"] * bool(p.missed)
+            )
+        )
         rows.append((Path(p.path).name, ", ".join(p.expected), ", ".join(p.given) or "-", mark))
     for path in score.not_tagged:
         rows.append((Path(path).name, "", "not tagged", "missed"))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = ["  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows]
-    lines.append(f"name precision {score.precision:.3f} ({score.tp}/{score.given}), "
-                 f"recall {score.recall:.3f} ({score.tp}/{score.expected})")
+    lines.append(
+        f"name precision {score.precision:.3f} ({score.tp}/{score.given}), "
+        f"recall {score.recall:.3f} ({score.tp}/{score.expected})"
+    )
     return "\n".join(line.rstrip() for line in lines)

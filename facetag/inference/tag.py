@@ -243,8 +243,13 @@ def iter_photos(
             yield source[i]
         return
     loader = DataLoader(
-        source, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_keep,
-        prefetch_factor=2, worker_init_fn=_worker_init,
+        source,
+        batch_size=None,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_keep,
+        prefetch_factor=2,
+        worker_init_fn=_worker_init,
     )
     yield from loader
 
@@ -333,8 +338,12 @@ def scan_people(people_dir: Path, on_message: MessageFn) -> dict[str, list[Path]
             continue
         if child.is_dir():
             photos = sorted(
-                (f for f in child.rglob("*") if is_image_file(f)
-                 and not any(part.startswith(".") for part in f.relative_to(child).parts)),
+                (
+                    f
+                    for f in child.rglob("*")
+                    if is_image_file(f)
+                    and not any(part.startswith(".") for part in f.relative_to(child).parts)
+                ),
                 key=lambda f: f.as_posix(),
             )
             if photos:
@@ -377,14 +386,20 @@ def enroll(
     emb, det = models.embedder, models.detector
     old = load_gallery(gallery_path) if gallery_path.exists() else None
     rebuilt = old is not None and (old.model, old.detector, old.margin) != (
-        emb.version, det.name, margin)
+        emb.version,
+        det.name,
+        margin,
+    )
     if old is not None and rebuilt:
-        say(f"{gallery_path}: made with model {old.model}, detector {old.detector!r}, margin "
-            f"{old.margin}; re-embedding every photo with {emb.version}")
+        say(
+            f"{gallery_path}: made with model {old.model}, detector {old.detector!r}, margin "
+            f"{old.margin}; re-embedding every photo with {emb.version}"
+        )
     reuse = old if old is not None and not rebuilt else Gallery(model=emb.version)
     old_entries = {e.path: e for es in reuse.people.values() for e in es}
-    new = Gallery(model=emb.version, detector=det.name, margin=margin,
-                  root=str(people_dir.resolve()))
+    new = Gallery(
+        model=emb.version, detector=det.name, margin=margin, root=str(people_dir.resolve())
+    )
     rel_of: dict[Path, tuple[str, str]] = {}  # photo -> (person, relative path)
     done: dict[str, str] = {}  # absolute path -> sha256 of a reusable result
     for person, photos in people.items():
@@ -393,8 +408,9 @@ def enroll(
             rel_of[p] = (person, rel)
             known = old_entries.get(rel) or reuse.skipped.get(rel)
             if known is not None:
-                done[str(p.resolve())] = known.sha256 if isinstance(known, GalleryEntry) \
-                    else known["sha256"]
+                done[str(p.resolve())] = (
+                    known.sha256 if isinstance(known, GalleryEntry) else known["sha256"]
+                )
     order = list(rel_of)
     meter = _Meter(len(order), progress)
     pending: list[tuple[str, GalleryEntry]] = []
@@ -439,9 +455,19 @@ def enroll(
         if len(faces) > 1:
             say(f"{item.path}: {len(faces)} faces found; enrolling the largest as {person}")
         crops.append(photo_crops(det, item, [face], emb.image_size, emb.in_channels, margin)[0])
-        pending.append((person, GalleryEntry(
-            rel, item.sha256, displayed_box(face, item.scale), round(face[4], 4), len(faces),
-            torch.zeros(0))))
+        pending.append(
+            (
+                person,
+                GalleryEntry(
+                    rel,
+                    item.sha256,
+                    displayed_box(face, item.scale),
+                    round(face[4], 4),
+                    len(faces),
+                    torch.zeros(0),
+                ),
+            )
+        )
         if len(pending) >= batch_size:
             flush()
     flush()
@@ -464,8 +490,16 @@ def enroll(
     present = {rel for _, rel in rel_of.values()}
     removed = sum(1 for rel in old_entries if rel not in present)
     return EnrollReport(
-        gallery_path, emb.version, models.device, len(new.names()), new.photos(),
-        counts["embedded"], counts["kept"], removed, counts["skipped"], rebuilt,
+        gallery_path,
+        emb.version,
+        models.device,
+        len(new.names()),
+        new.photos(),
+        counts["embedded"],
+        counts["kept"],
+        removed,
+        counts["skipped"],
+        rebuilt,
     )
 
 
@@ -551,8 +585,10 @@ def tag_photos(
     gallery = load_gallery(gallery_path, expect_model=emb.version)
     names = gallery.names()
     if not names:
-        raise DataError(f"{gallery_path}: expected enrolled people, got none; run facetag "
-                        f"enroll PEOPLE_DIR --gallery {gallery_path}")
+        raise DataError(
+            f"{gallery_path}: expected enrolled people, got none; run facetag "
+            f"enroll PEOPLE_DIR --gallery {gallery_path}"
+        )
     G, labels = gallery.matrix()  # (M, D), (M,)
     errors: list[dict[str, str]] = []
 
@@ -566,12 +602,19 @@ def tag_photos(
     root = Path(os.path.commonpath([str(p.resolve().parent) for p in photos]))
     if opts.annotate is not None:
         if opts.annotate.resolve() == root:
-            raise DataError(f"--annotate {opts.annotate}: expected a folder other than the "
-                            "photos' own, got the same; choose another folder")
+            raise DataError(
+                f"--annotate {opts.annotate}: expected a folder other than the "
+                "photos' own, got the same; choose another folder"
+            )
         _check_writable(opts.annotate, "annotated copies")
-    key = {"detector": det.name, "embedder": emb.version, "threshold": models.threshold,
-           "gallery": gallery.fingerprint(), "margin": opts.margin,
-           "image_size": list(emb.image_size)}
+    key = {
+        "detector": det.name,
+        "embedder": emb.version,
+        "threshold": models.threshold,
+        "gallery": gallery.fingerprint(),
+        "margin": opts.margin,
+        "image_size": list(emb.image_size),
+    }
     wanted = {"xmp": opts.xmp, "annotated": opts.annotate is not None}
     manifest = None
     if opts.resume:
@@ -593,18 +636,33 @@ def tag_photos(
 
     def finish(pend: _Pending, vectors: Tensor) -> None:
         photo = pend.photo
-        matches = assign(person_distances(vectors, G, labels, len(names)), models.threshold) \
-            if pend.faces else []
+        matches = (
+            assign(person_distances(vectors, G, labels, len(names)), models.threshold)
+            if pend.faces
+            else []
+        )
         faces = [
-            {"box": displayed_box(f, photo.scale), "score": round(f[4], 4),
-             "name": names[m.person] if m.person is not None else None,
-             "distance": round(m.distance, 4), "confidence": round(m.confidence, 4)}
+            {
+                "box": displayed_box(f, photo.scale),
+                "score": round(f[4], 4),
+                "name": names[m.person] if m.person is not None else None,
+                "distance": round(m.distance, 4),
+                "confidence": round(m.confidence, 4),
+            }
             for f, m in zip(pend.faces, matches, strict=True)
         ]
-        result = {"path": str(photo.path), "width": photo.width, "height": photo.height,
-                  "faces": faces}
-        record: dict[str, Any] = {"path": pend.abs_path, "sha256": photo.sha256, "key": key,
-                                  "result": result}
+        result = {
+            "path": str(photo.path),
+            "width": photo.width,
+            "height": photo.height,
+            "faces": faces,
+        }
+        record: dict[str, Any] = {
+            "path": pend.abs_path,
+            "sha256": photo.sha256,
+            "key": key,
+            "result": result,
+        }
         if opts.xmp:
             try:
                 sidecar = write_xmp(photo.path, result)
@@ -657,8 +715,11 @@ def tag_photos(
                 pending.append(_Pending(item, abs_of[item.path], faces, len(faces), image))
                 item.pixels = torch.zeros(0, dtype=torch.uint8)  # only the crops are kept
                 n_waiting = sum(p.n_crops for p in pending)
-                if n_waiting >= opts.batch_size or len(pending) >= opts.batch_size or (
-                        image is not None and len(pending) >= ANNOTATE_PENDING):
+                if (
+                    n_waiting >= opts.batch_size
+                    or len(pending) >= opts.batch_size
+                    or (image is not None and len(pending) >= ANNOTATE_PENDING)
+                ):
                     flush()
         flush()
     finally:
@@ -666,7 +727,8 @@ def tag_photos(
             manifest.close()
     images = [results[abs_of[p]] for p in photos if abs_of[p] in results]
     doc: dict[str, Any] = {
-        "device": models.device, "model": models.info(),
+        "device": models.device,
+        "model": models.info(),
         "gallery": {"path": str(gallery_path), "people": len(names), "photos": gallery.photos()},
         "images": images,
     }
@@ -676,12 +738,19 @@ def tag_photos(
         try:
             write_csv(opts.csv, images)
         except OSError as e:
-            raise DataError(f"{opts.csv}: expected a writable file, got "
-                            f"{e.strerror or type(e).__name__}; check its folder") from None
+            raise DataError(
+                f"{opts.csv}: expected a writable file, got "
+                f"{e.strerror or type(e).__name__}; check its folder"
+            ) from None
     if manifest is not None:
         manifest.compact()
-    return TagRun(doc, len(errors), counts["tagged"], counts["resumed"],
-                  manifest.path if manifest is not None else None)
+    return TagRun(
+        doc,
+        len(errors),
+        counts["tagged"],
+        counts["resumed"],
+        manifest.path if manifest is not None else None,
+    )
 
 
 # --- benchmark --------------------------------------------------------------------------
@@ -695,8 +764,9 @@ def random_gallery(model: str, D: int, people: int = 8, per_person: int = 2) -> 
         entries = []
         for k in range(per_person):
             v = torch.randn(D, generator=g)
-            entries.append(GalleryEntry(f"p{p}/{k}.jpg", "0" * 64, [0, 0, 1, 1], 1.0, 1,
-                                        v / v.norm()))
+            entries.append(
+                GalleryEntry(f"p{p}/{k}.jpg", "0" * 64, [0, 0, 1, 1], 1.0, 1, v / v.norm())
+            )
         gallery.people[f"person{p}"] = entries
     return gallery
 
@@ -719,7 +789,8 @@ def bench_tag(
     if gallery_path is None:
         gallery_path = save_gallery(
             scratch / "bench-gallery.json",
-            random_gallery(models.embedder.version, models.embedder.net.embedding_dim))
+            random_gallery(models.embedder.version, models.embedder.net.embedding_dim),
+        )
     photos = find_images([folder])
     opts = TagOptions(batch_size=batch_size, workers=workers, resume=False)
     tag_photos(photos[:1], gallery_path, models, TagOptions(resume=False))
@@ -742,12 +813,19 @@ def bench_tag(
     seconds = time.perf_counter() - t0
     return {
         "device": models.device,
-        "device_name": torch.cuda.get_device_name() if models.device == "cuda"
+        "device_name": torch.cuda.get_device_name()
+        if models.device == "cuda"
         else platform.processor() or platform.machine(),
-        "torch_threads": torch.get_num_threads(), "workers": workers, "batch_size": batch_size,
-        "detector": models.detector.name, "embedder": models.embedder.version,
-        "photos": n, "distinct_photos": len(photos), "seconds": round(seconds, 3),
-        "photos_per_s": round(n / seconds, 3), "faces_per_photo": round(faces / max(n, 1), 2),
-        "peak_rss_mb_first_pass": round(peak_first, 1), "peak_rss_mb": round(rss_mb(), 1),
+        "torch_threads": torch.get_num_threads(),
+        "workers": workers,
+        "batch_size": batch_size,
+        "detector": models.detector.name,
+        "embedder": models.embedder.version,
+        "photos": n,
+        "distinct_photos": len(photos),
+        "seconds": round(seconds, 3),
+        "photos_per_s": round(n / seconds, 3),
+        "faces_per_photo": round(faces / max(n, 1), 2),
+        "peak_rss_mb_first_pass": round(peak_first, 1),
+        "peak_rss_mb": round(rss_mb(), 1),
     }
-

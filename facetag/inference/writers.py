@@ -60,8 +60,16 @@ def csv_text(images: Iterable[dict[str, Any]]) -> str:
     w.writerow(CSV_COLUMNS)
     for image in images:
         for f in image["faces"]:
-            w.writerow([image["path"], *f["box"], f["score"], f["name"] or "",
-                        f["distance"], f["confidence"]])
+            w.writerow(
+                [
+                    image["path"],
+                    *f["box"],
+                    f["score"],
+                    f["name"] or "",
+                    f["distance"],
+                    f["confidence"],
+                ]
+            )
     return buf.getvalue()
 
 
@@ -80,8 +88,11 @@ def sidecar_path(photo: Path) -> Path:
     if long.exists():
         return long
     try:
-        twins = [p for p in photo.parent.glob(glob.escape(photo.stem) + ".*")
-                 if p.name != photo.name and p.stem == photo.stem and is_image_file(p)]
+        twins = [
+            p
+            for p in photo.parent.glob(glob.escape(photo.stem) + ".*")
+            if p.name != photo.name and p.stem == photo.stem and is_image_file(p)
+        ]
     except OSError:
         twins = []
     return long if twins else photo.with_suffix(".xmp")
@@ -97,11 +108,15 @@ def regions(image: dict[str, Any]) -> list[dict[str, float | str]]:
         x1, y1, x2, y2 = (float(v) for v in f["box"])
         x1, x2 = max(0.0, min(x1, W)), max(0.0, min(x2, W))
         y1, y2 = max(0.0, min(y1, H)), max(0.0, min(y2, H))
-        out.append({
-            "name": str(f["name"]),
-            "x": round((x1 + x2) / 2 / W, 6), "y": round((y1 + y2) / 2 / H, 6),
-            "w": round((x2 - x1) / W, 6), "h": round((y2 - y1) / H, 6),
-        })
+        out.append(
+            {
+                "name": str(f["name"]),
+                "x": round((x1 + x2) / 2 / W, 6),
+                "y": round((y1 + y2) / 2 / H, 6),
+                "w": round((x2 - x1) / W, 6),
+                "h": round((y2 - y1) / H, 6),
+            }
+        )
     return out
 
 
@@ -118,8 +133,10 @@ def write_xmp(photo: Path, image: dict[str, Any]) -> Path | None:
         try:
             raw = path.read_bytes()
         except OSError as e:
-            raise DataError(f"{path}: expected a readable XMP sidecar, got "
-                            f"{e.strerror or type(e).__name__}; check its permissions") from None
+            raise DataError(
+                f"{path}: expected a readable XMP sidecar, got "
+                f"{e.strerror or type(e).__name__}; check its permissions"
+            ) from None
         root, prefixes = _parse(path, raw)
     else:
         if not ours:
@@ -182,8 +199,9 @@ def _merge(root: ET.Element, ours: Sequence[dict[str, float | str]], W: int, H: 
         if not ours:
             return False
         desc = ET.SubElement(rdf, _q("rdf", "Description"), {_q("rdf", "about"): ""})
-        regions_el = ET.SubElement(desc, _q("mwg-rs", "Regions"),
-                                   {_q("rdf", "parseType"): "Resource"})
+        regions_el = ET.SubElement(
+            desc, _q("mwg-rs", "Regions"), {_q("rdf", "parseType"): "Resource"}
+        )
     owner = desc  # the Description holding the Regions block
     region_list = regions_el.find(_q("mwg-rs", "RegionList"))
     if region_list is None:
@@ -200,11 +218,17 @@ def _merge(root: ET.Element, ours: Sequence[dict[str, float | str]], W: int, H: 
         li = ET.SubElement(bag, _q("rdf", "li"), {_q("rdf", "parseType"): "Resource"})
         ET.SubElement(li, _q("mwg-rs", "Name")).text = str(r["name"])
         ET.SubElement(li, _q("mwg-rs", "Type")).text = "Face"
-        ET.SubElement(li, _q("mwg-rs", "Area"), {
-            _q("stArea", "x"): f"{r['x']}", _q("stArea", "y"): f"{r['y']}",
-            _q("stArea", "w"): f"{r['w']}", _q("stArea", "h"): f"{r['h']}",
-            _q("stArea", "unit"): "normalized",
-        })
+        ET.SubElement(
+            li,
+            _q("mwg-rs", "Area"),
+            {
+                _q("stArea", "x"): f"{r['x']}",
+                _q("stArea", "y"): f"{r['y']}",
+                _q("stArea", "w"): f"{r['w']}",
+                _q("stArea", "h"): f"{r['h']}",
+                _q("stArea", "unit"): "normalized",
+            },
+        )
         ET.SubElement(li, _q("facetag", "Source")).text = "facetag"
     if ours:
         dims = regions_el.find(_q("mwg-rs", "AppliedToDimensions"))
@@ -249,8 +273,12 @@ def read_regions(sidecar: Path) -> list[dict[str, Any]]:
         name = li.find(f".//{_q('mwg-rs', 'Name')}")
         if area is None:
             continue
-        out.append({"name": name.text if name is not None else None,
-                    **{k: float(area.get(_q("stArea", k), "nan")) for k in "xywh"}})
+        out.append(
+            {
+                "name": name.text if name is not None else None,
+                **{k: float(area.get(_q("stArea", k), "nan")) for k in "xywh"},
+            }
+        )
     return out
 
 
@@ -301,8 +329,7 @@ def format_tags(doc: dict[str, Any]) -> str:
     lines = []
     for image in doc["images"]:
         faces = ", ".join(
-            f"{f['name']} ({f['distance']:.2f})" if f["name"] else "unknown"
-            for f in image["faces"]
+            f"{f['name']} ({f['distance']:.2f})" if f["name"] else "unknown" for f in image["faces"]
         )
         lines.append(f"{image['path']}: {faces or 'no faces'}")
     m = doc["model"]

@@ -105,15 +105,18 @@ def export_embedder(src: Path | str, dst: Path | str, half: bool = True) -> dict
     """
     state = read_embedder_state(src)
     weights = {
-        k: v.half() if half and v.is_floating_point() else v
-        for k, v in state["embedder"].items()
+        k: v.half() if half and v.is_floating_point() else v for k, v in state["embedder"].items()
     }
     if half:  # the id of what loaders will run: float32 copies of the float16 values
         as_run = {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
     else:
         as_run = weights
     out = {k: v for k, v in state.items() if k not in ("classifier", "facetag")}
-    out.update(embedder=weights, model_id=weights_id(as_run), exported_from=state.get(
-        "model_id"), weights_dtype="float16" if half else "float32")
+    out.update(
+        embedder=weights,
+        model_id=weights_id(as_run),
+        exported_from=state.get("model_id"),
+        weights_dtype="float16" if half else "float32",
+    )
     save_checkpoint(dst, out)
     return out

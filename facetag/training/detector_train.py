@@ -182,8 +182,7 @@ def prepare_data(config: DetectorConfig) -> DetectorData:
     names = [n for n in boxes if resolve_image(image_dir, n).is_file()]
     if not names:
         raise DataError(
-            f"{image_dir}: expected the photos named in {box_file}, found none; check "
-            "[data] images"
+            f"{image_dir}: expected the photos named in {box_file}, found none; check [data] images"
         )
     train, val = split_images(names, d.val_fraction, config.train.seed)
     if d.max_train_images:
@@ -196,8 +195,7 @@ def prepare_data(config: DetectorConfig) -> DetectorData:
     crop_sets = [(s, root / s) for s in d.crop_sets if d.crops_per_set and (root / s).is_dir()]
     digest = hashlib.sha256(box_file.read_bytes())
     digest.update("\n".join(val).encode())
-    return DetectorData(root, boxes, image_dir, train, val, nonface, crop_sets,
-                        digest.hexdigest())
+    return DetectorData(root, boxes, image_dir, train, val, nonface, crop_sets, digest.hexdigest())
 
 
 def load_rgb(path: Path) -> Tensor:
@@ -210,8 +208,7 @@ def load_rgb(path: Path) -> Tensor:
 def _scaled_faces(faces: list[FaceBox], scale: float) -> list[FaceBox]:
     if scale == 1.0:
         return faces
-    return [FaceBox(f.x * scale, f.y * scale, f.w * scale, f.h * scale, f.invalid)
-            for f in faces]
+    return [FaceBox(f.x * scale, f.y * scale, f.w * scale, f.h * scale, f.invalid) for f in faces]
 
 
 def _photo(data: DetectorData, name: str) -> tuple[Tensor, list[FaceBox]]:
@@ -248,10 +245,16 @@ def build_patches(
             img, faces = _photo(data, item)
         H, W = img.shape[1:]
         windows = random_windows(
-            faces, W, H, rng, min_face=config.data.min_face, jitter_per_face=t.jitter_per_face,
+            faces,
+            W,
+            H,
+            rng,
+            min_face=config.data.min_face,
+            jitter_per_face=t.jitter_per_face,
             # Later stages learn mostly from mined negatives: fewer random ones.
             negatives=t.negatives_per_image * (1 if faces else 4) // (4 if previous else 1),
-            near_negatives_per_face=t.near_negatives_per_face, min_side=12,
+            near_negatives_per_face=t.near_negatives_per_face,
+            min_side=12,
         )
         if previous is not None:
             windows = np.concatenate([windows, _mined(previous, img, faces, t, rng)])
@@ -259,8 +262,9 @@ def build_patches(
         if progress is not None:
             progress(DetectorProgress(phase, kind, 0, 0, i, len(photos)))
     if extras and data.crop_sets:
-        parts.append(crop_positives(data.crop_sets, size, rng, load_rgb,
-                                    config.data.crops_per_set, jitter=2))
+        parts.append(
+            crop_positives(data.crop_sets, size, rng, load_rgb, config.data.crops_per_set, jitter=2)
+        )
     patches = PatchSet.cat(parts)
     limits = {k: int(t.max_patches * share) for k, share in LABEL_SHARE.items()}
     # Crop positives and part faces fill what the others leave free.
@@ -303,8 +307,7 @@ def detector_losses(
     n_face = max(int(has_label.sum()), 1)
     face_target = is_face.float().view(N, 1, 1, 1)
     weight = (has_label.float() / n_face).view(N, 1, 1, 1)
-    face_loss = binary_cross_entropy_with_logits(logit, face_target, weight=weight,
-                                                 reduction="sum")
+    face_loss = binary_cross_entropy_with_logits(logit, face_target, weight=weight, reduction="sum")
     has_box = ((labels == POS) | (labels == PART)).view(N, 1, 1, 1)
     box_target = torch.where(has_box, offsets.view(N, 4, 1, 1), box.detach())
     box_loss = smooth_l1_loss(box, box_target, beta=1.0, reduction="sum")
@@ -338,9 +341,9 @@ def patch_loss(net: StageNet, patches: PatchSet, box_weight: float, device: str)
     face_sum = box_sum = 0.0
     n_box = n = 0
     for i in range(0, len(patches), 1024):
-        x = normalize_patches(patches.images[i:i + 1024].to(device))
-        labels = patches.labels[i:i + 1024].to(device)
-        face, box, nb, _ = detector_losses(net, x, labels, patches.offsets[i:i + 1024].to(device))
+        x = normalize_patches(patches.images[i : i + 1024].to(device))
+        labels = patches.labels[i : i + 1024].to(device)
+        face, box, nb, _ = detector_losses(net, x, labels, patches.offsets[i : i + 1024].to(device))
         k = int((labels != PART).sum())
         face_sum += float(face.detach()) * k
         n += k
@@ -352,17 +355,20 @@ def patch_loss(net: StageNet, patches: PatchSet, box_weight: float, device: str)
 def make_detector(cascade: Cascade, kinds: list[str], device: str) -> Detector:
     """A fused copy of the first stages of ``cascade`` for mining and scoring."""
     state = {
-        "format": DETECTOR_FORMAT, "stages": kinds,
+        "format": DETECTOR_FORMAT,
+        "stages": kinds,
         "widths": {k: list(cascade.stage(k).widths) for k in kinds},
-        "weights": {k: v for k, v in cascade.state_dict().items()
-                    if k.split(".")[1] in kinds},
+        "weights": {k: v for k, v in cascade.state_dict().items() if k.split(".")[1] in kinds},
     }
     return detector_from_state(state, "training", device)
 
 
 def score_photos(
-    detector: Detector, data: DetectorData, names: list[str],
-    progress: ProgressFn | None = None, stage: str = "",
+    detector: Detector,
+    data: DetectorData,
+    names: list[str],
+    progress: ProgressFn | None = None,
+    stage: str = "",
 ) -> DetectionScores:
     """AP50, AP50 (>= 32 px) and recall at 1 FP/photo of ``detector`` on photos ``names``."""
     found: dict[str, list[tuple[float, float, float, float, float]]] = {}
@@ -399,11 +405,20 @@ class DetectorHooks:
         self.tracker = self._Tracker.resume(run_id, experiment=self.config.data.name)
 
     def epoch(self, r: EpochRecord, health: dict[str, tuple[float, float]]) -> None:
-        self.tracker.log_metrics({
-            "train_loss": r.train_loss, "face_loss": r.face_loss, "box_loss": r.box_loss,
-            "face_accuracy": r.face_accuracy, "val_loss": r.val_loss, "val_ap50": r.val_ap50,
-            "lr": r.lr, "patches_per_s": r.patches_per_s, "epoch_seconds": r.seconds,
-        }, step=r.epoch)
+        self.tracker.log_metrics(
+            {
+                "train_loss": r.train_loss,
+                "face_loss": r.face_loss,
+                "box_loss": r.box_loss,
+                "face_accuracy": r.face_accuracy,
+                "val_loss": r.val_loss,
+                "val_ap50": r.val_ap50,
+                "lr": r.lr,
+                "patches_per_s": r.patches_per_s,
+                "epoch_seconds": r.seconds,
+            },
+            step=r.epoch,
+        )
         self.tracker.log_layer_health(health, step=r.epoch)
 
     def failed(self, message: str, interrupted: bool = False) -> None:
@@ -436,17 +451,24 @@ class DetectorResult:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "run_id": self.run_id, "model_path": str(self.model_path),
-            "val_ap50": self.scores.ap50, "val_ap50_32": self.scores.ap50_32,
-            "val_recall_at_1fp": self.scores.recall_at_1fp, "val_faces": self.scores.faces,
-            "val_images": self.scores.images, "epochs": len(self.history),
-            "seconds": round(self.seconds, 1), "device": self.device,
-            "torch_threads": torch.get_num_threads(), **self.registered,
+            "run_id": self.run_id,
+            "model_path": str(self.model_path),
+            "val_ap50": self.scores.ap50,
+            "val_ap50_32": self.scores.ap50_32,
+            "val_recall_at_1fp": self.scores.recall_at_1fp,
+            "val_faces": self.scores.faces,
+            "val_images": self.scores.images,
+            "epochs": len(self.history),
+            "seconds": round(self.seconds, 1),
+            "device": self.device,
+            "torch_threads": torch.get_num_threads(),
+            **self.registered,
         }
 
 
-def model_state(cascade: Cascade, config: DetectorConfig, scores: DetectionScores,
-                run_id: str | None) -> dict[str, Any]:
+def model_state(
+    cascade: Cascade, config: DetectorConfig, scores: DetectionScores, run_id: str | None
+) -> dict[str, Any]:
     """The detector model file: weights (unfused), config, stages, settings and scores."""
     weights = {k: v.detach().cpu() for k, v in cascade.state_dict().items()}
     digest = hashlib.sha256()
@@ -515,8 +537,11 @@ def train_detector(
     device = resolve_device(config.train.device)
     data = prepare_data(config)
     kinds = list(config.model.stages)
-    widths = {"pnet": config.model.pnet_widths, "rnet": config.model.rnet_widths,
-              "onet": config.model.onet_widths}
+    widths = {
+        "pnet": config.model.pnet_widths,
+        "rnet": config.model.rnet_widths,
+        "onet": config.model.onet_widths,
+    }
     torch.manual_seed(config.train.seed)
     cascade = Cascade(widths, kinds).to(device)
     E = config.train.epochs
@@ -538,9 +563,11 @@ def train_detector(
             **flatten_detector_config(config),
             "data.resolved_path": str(data.root.resolve()),
             "data.content_hash": data.data_hash,
-            "data.train_images": len(data.train), "data.val_images": len(data.val),
+            "data.train_images": len(data.train),
+            "data.val_images": len(data.val),
             "data.nonface_images": len(data.nonface),
-            "device_used": device, "facetag_version": __version__,
+            "device_used": device,
+            "facetag_version": __version__,
             "torch_version": torch.__version__,
             "parameters": sum(p.numel() for p in cascade.parameters()),
         }
@@ -558,16 +585,28 @@ def train_detector(
             seed = config.train.seed * 1000 + s_index
             train_set = _cached_patches(
                 run_dir / f"patches_{kind}.pt",
-                functools.partial(build_patches, config, data, data.train, kind, previous, seed,
-                                  progress),
+                functools.partial(
+                    build_patches, config, data, data.train, kind, previous, seed, progress
+                ),
             )
             val_set = _cached_patches(
                 run_dir / f"val_patches_{kind}.pt",
-                functools.partial(build_patches, config, data, val_subset, kind, previous,
-                                  seed + 500, progress, phase="val patches", extras=False),
+                functools.partial(
+                    build_patches,
+                    config,
+                    data,
+                    val_subset,
+                    kind,
+                    previous,
+                    seed + 500,
+                    progress,
+                    phase="val patches",
+                    extras=False,
+                ),
             )
-            opt = torch.optim.AdamW(_param_groups(net, config.train.weight_decay),
-                                    lr=config.train.lr)
+            opt = torch.optim.AdamW(
+                _param_groups(net, config.train.weight_decay), lr=config.train.lr
+            )
             steps = len(train_set) // config.train.batch_size
             sched = torch.optim.lr_scheduler.OneCycleLR(
                 opt, max_lr=config.train.lr, total_steps=max(steps * E, 1), pct_start=0.2
@@ -578,25 +617,53 @@ def train_detector(
                 opt_state = None
             health = GradientHealth(net)
             for epoch in range(max(first, start_epoch), last + 1):
-                record = _train_epoch(net, train_set, opt, sched, health, config, epoch,
-                                      E * len(kinds), kind, device, progress)
+                record = _train_epoch(
+                    net,
+                    train_set,
+                    opt,
+                    sched,
+                    health,
+                    config,
+                    epoch,
+                    E * len(kinds),
+                    kind,
+                    device,
+                    progress,
+                )
                 record.val_loss = patch_loss(net, val_set, config.train.box_weight, device)
                 scorer = make_detector(cascade, kinds[: s_index + 1], device)
                 record.val_ap50 = score_photos(scorer, data, val_subset, progress, kind).ap50
                 history.append(record)
                 if progress is not None:
-                    progress(DetectorProgress("train", kind, epoch, E * len(kinds), steps,
-                                              steps, record.train_loss, record.face_accuracy,
-                                              record.patches_per_s, done=True,
-                                              val_ap50=record.val_ap50))
+                    progress(
+                        DetectorProgress(
+                            "train",
+                            kind,
+                            epoch,
+                            E * len(kinds),
+                            steps,
+                            steps,
+                            record.train_loss,
+                            record.face_accuracy,
+                            record.patches_per_s,
+                            done=True,
+                            val_ap50=record.val_ap50,
+                        )
+                    )
                 if hooks is not None:
                     hooks.epoch(record, {f"{kind}.{k}": v for k, v in health.summary().items()})
-                save_checkpoint(run_dir / "checkpoint.pt", {
-                    "cascade": cascade.state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "epoch": epoch,
-                    "history": [vars(h) for h in history],
-                    "config": detector_config_to_dict(config), "run_id": run_id or "",
-                })
+                save_checkpoint(
+                    run_dir / "checkpoint.pt",
+                    {
+                        "cascade": cascade.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(),
+                        "epoch": epoch,
+                        "history": [vars(h) for h in history],
+                        "config": detector_config_to_dict(config),
+                        "run_id": run_id or "",
+                    },
+                )
         final = make_detector(cascade, kinds, device)
         scores = score_photos(final, data, data.val, progress, "cascade")
     except TrainingError as e:
@@ -607,34 +674,53 @@ def train_detector(
         if hooks is not None:
             hooks.failed(f"interrupted; continue with --resume {run_id}", interrupted=True)
         raise
-    model_path = save_checkpoint(run_dir / "detector.pt",
-                                 model_state(cascade.cpu(), config, scores, run_id))
+    model_path = save_checkpoint(
+        run_dir / "detector.pt", model_state(cascade.cpu(), config, scores, run_id)
+    )
     if out is not None:
         copy_checkpoint(model_path, out)
-    result = DetectorResult(run_id, model_path, scores, history,
-                            time.perf_counter() - t_start, device)
+    result = DetectorResult(
+        run_id, model_path, scores, history, time.perf_counter() - t_start, device
+    )
     if hooks is not None:
         result.registered = _finish(hooks, cascade, scores, data, model_path)
     return result
 
 
-def _finish(hooks: DetectorHooks, cascade: Cascade, scores: DetectionScores,
-            data: DetectorData, model_path: Path) -> dict[str, Any]:
+def _finish(
+    hooks: DetectorHooks,
+    cascade: Cascade,
+    scores: DetectionScores,
+    data: DetectorData,
+    model_path: Path,
+) -> dict[str, Any]:
     tracker = hooks.tracker
-    tracker.log_metrics({f"final_val_{k}": float(v) for k, v in scores.as_dict().items()},
-                        step=len(cascade.kinds) * hooks.config.train.epochs)
+    tracker.log_metrics(
+        {f"final_val_{k}": float(v) for k, v in scores.as_dict().items()},
+        step=len(cascade.kinds) * hooks.config.train.epochs,
+    )
     pnet = make_detector(cascade, cascade.kinds, "cpu").cascade.stage("pnet")
     example = torch.zeros(1, 3, 24, 24)
     registration = tracker.log_model(
-        _MapsForLogging(pnet), name="detector", input_example=example,
-        registered_name=REGISTERED_DETECTOR, metric_name="val_ap50",
-        metric_value=scores.ap50, data_hash=data.data_hash, checkpoint=model_path,
+        _MapsForLogging(pnet),
+        name="detector",
+        input_example=example,
+        registered_name=REGISTERED_DETECTOR,
+        metric_name="val_ap50",
+        metric_value=scores.ap50,
+        data_hash=data.data_hash,
+        checkpoint=model_path,
     )
-    tracker.set_tags({"registered_version": registration.version,
-                      "champion": registration.champion})
+    tracker.set_tags(
+        {"registered_version": registration.version, "champion": registration.champion}
+    )
     tracker.end()
-    return {"registered_model": registration.name, "version": registration.version,
-            "champion": registration.champion, "champion_reason": registration.reason}
+    return {
+        "registered_model": registration.name,
+        "version": registration.version,
+        "champion": registration.champion,
+        "champion_reason": registration.reason,
+    }
 
 
 def _cached_patches(path: Path, build: Callable[[], PatchSet]) -> PatchSet:
@@ -643,8 +729,9 @@ def _cached_patches(path: Path, build: Callable[[], PatchSet]) -> PatchSet:
         s = load_checkpoint(path)
         return PatchSet(s["images"], s["labels"], s["offsets"])
     patches = build()
-    save_checkpoint(path, {"images": patches.images, "labels": patches.labels,
-                           "offsets": patches.offsets})
+    save_checkpoint(
+        path, {"images": patches.images, "labels": patches.labels, "offsets": patches.offsets}
+    )
     return patches
 
 
@@ -657,9 +744,16 @@ def _param_groups(net: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def _train_epoch(
-    net: StageNet, patches: PatchSet, opt: torch.optim.Optimizer,
-    sched: torch.optim.lr_scheduler.LRScheduler, health: GradientHealth,
-    config: DetectorConfig, epoch: int, epochs: int, kind: str, device: str,
+    net: StageNet,
+    patches: PatchSet,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    health: GradientHealth,
+    config: DetectorConfig,
+    epoch: int,
+    epochs: int,
+    kind: str,
+    device: str,
     progress: ProgressFn | None,
 ) -> EpochRecord:
     t = config.train
@@ -682,8 +776,7 @@ def _train_epoch(
         face, box, nb, logits = detector_losses(net, x, labels, offsets)
         if not (torch.isfinite(face) and torch.isfinite(box)):
             raise TrainingError(
-                f"epoch {epoch} ({kind}): the loss became NaN or infinite at batch {i}; "
-                "lower --lr"
+                f"epoch {epoch} ({kind}): the loss became NaN or infinite at batch {i}; lower --lr"
             )
         # Two roots, each with its weight as the incoming gradient: no sum node needed.
         torch.autograd.backward(
@@ -711,17 +804,31 @@ def _train_epoch(
         correct += int((((logits > 0) == is_face) & has_label).sum())
         seen += B
         if progress is not None:
-            progress(DetectorProgress(
-                "train", kind, epoch, epochs, i, batches,
-                face_sum / max(n_face, 1) + t.box_weight * box_sum / max(n_box, 1),
-                correct / max(n_face, 1), seen / max(time.perf_counter() - t0, 1e-9),
-            ))
+            progress(
+                DetectorProgress(
+                    "train",
+                    kind,
+                    epoch,
+                    epochs,
+                    i,
+                    batches,
+                    face_sum / max(n_face, 1) + t.box_weight * box_sum / max(n_box, 1),
+                    correct / max(n_face, 1),
+                    seen / max(time.perf_counter() - t0, 1e-9),
+                )
+            )
     seconds = time.perf_counter() - t0
     face_loss, box_loss = face_sum / max(n_face, 1), box_sum / max(n_box, 1)
     return EpochRecord(
-        epoch=epoch, stage=kind, train_loss=face_loss + t.box_weight * box_loss,
-        face_loss=face_loss, box_loss=box_loss, face_accuracy=correct / max(n_face, 1),
-        val_loss=math.nan, val_ap50=math.nan, lr=lr, patches_per_s=seen / max(seconds, 1e-9),
+        epoch=epoch,
+        stage=kind,
+        train_loss=face_loss + t.box_weight * box_loss,
+        face_loss=face_loss,
+        box_loss=box_loss,
+        face_accuracy=correct / max(n_face, 1),
+        val_loss=math.nan,
+        val_ap50=math.nan,
+        lr=lr,
+        patches_per_s=seen / max(seconds, 1e-9),
         seconds=seconds,
     )
-

@@ -192,8 +192,9 @@ def test_augment_batch_grey_probability_one_matches_torchvision_and_skips_grey_i
     expected = TF.rgb_to_grayscale(x, num_output_channels=3)
     torch.testing.assert_close(augment_batch(x, cfg), expected)
     one = _images((2, 1, 4, 5))
-    assert torch.equal(augment_batch(one, dataclasses.replace(NOTHING, grey=1.0,
-                                                              saturation=0.5)), one)
+    assert torch.equal(
+        augment_batch(one, dataclasses.replace(NOTHING, grey=1.0, saturation=0.5)), one
+    )
 
 
 def test_blur_batch_matches_torchvision_per_image():
@@ -232,8 +233,9 @@ def test_lowres_keeps_size_and_loses_detail():
 def test_augment_batch_lowres_probability_zero_and_one():
     x = _images((4, 3, 16, 16))
     assert torch.equal(augment_batch(x, dataclasses.replace(NOTHING, lowres=0.0)), x)
-    out = augment_batch(x, dataclasses.replace(NOTHING, lowres=1.0),
-                        generator=torch.Generator().manual_seed(0))
+    out = augment_batch(
+        x, dataclasses.replace(NOTHING, lowres=1.0), generator=torch.Generator().manual_seed(0)
+    )
     assert out.shape == x.shape
     assert all(not torch.allclose(out[i], x[i]) for i in range(4))
     assert out.min() >= 0

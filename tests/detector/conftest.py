@@ -40,12 +40,22 @@ def photo(path: Path, size=(96, 64), seed=0, mode="RGB") -> Path:
 
 def bomb_png(path: Path, side: int = 30000) -> Path:
     """A PNG whose header claims side x side pixels (the data is a few bytes)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
+
     ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
-                     + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+        + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -54,9 +64,13 @@ def photo_zoo(tmp_path) -> tuple[list[Path], list[Path]]:
     """(photos that must work, inputs that must fail with one line each)."""
     d = tmp_path / "zoo"
     d.mkdir()
-    good = [photo(d / "plain.jpg"), photo(d / "palette.png", seed=1, mode="P"),
-            photo(d / "alpha.png", seed=2, mode="RGBA"), photo(d / "cmyk.jpg", seed=3, mode="CMYK"),
-            photo(d / "grey.png", seed=4, mode="L")]
+    good = [
+        photo(d / "plain.jpg"),
+        photo(d / "palette.png", seed=1, mode="P"),
+        photo(d / "alpha.png", seed=2, mode="RGBA"),
+        photo(d / "cmyk.jpg", seed=3, mode="CMYK"),
+        photo(d / "grey.png", seed=4, mode="L"),
+    ]
     sixteen = d / "sixteen.png"
     Image.fromarray((np.arange(64 * 96).reshape(64, 96) * 7).astype(np.uint16)).save(sixteen)
     good.append(sixteen)

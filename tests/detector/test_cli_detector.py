@@ -65,8 +65,21 @@ def _faces_dataset(root):
 
 def test_detect_json_shape(tiny_model, tmp_path):
     p = photo(tmp_path / "a.jpg")
-    r = _cli(["detect", str(p), "--json", "--model", str(tiny_model), "--device", "cpu",
-              "--threshold", "0.0", "--min-face", "16"])
+    r = _cli(
+        [
+            "detect",
+            str(p),
+            "--json",
+            "--model",
+            str(tiny_model),
+            "--device",
+            "cpu",
+            "--threshold",
+            "0.0",
+            "--min-face",
+            "16",
+        ]
+    )
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert set(doc) == {"device", "model", "images"}
@@ -80,8 +93,9 @@ def test_detect_json_shape(tiny_model, tmp_path):
 
 def test_detect_reports_each_bad_input_and_exits_1(tiny_model, photo_zoo):
     good, bad = photo_zoo
-    r = _cli(["detect", *map(str, good + bad), "--json", "--model", str(tiny_model),
-              "--device", "cpu"])
+    r = _cli(
+        ["detect", *map(str, good + bad), "--json", "--model", str(tiny_model), "--device", "cpu"]
+    )
     assert r.exit_code == 1
     errors = [line for line in r.stderr.splitlines() if line]
     assert len(errors) == len(bad), r.stderr
@@ -109,8 +123,20 @@ def test_evaluate_detector_json(tiny_model, tmp_path):
     root = _faces_dataset(tmp_path / "data")
     csv = root / "boxes.csv"
     csv.write_text("image,x,y,w,h\np0.jpg,10,10,30,38\nmissing.jpg,1,1,5,5\n")
-    r = _cli(["evaluate-detector", "--boxes", str(csv), "--images", str(root / "images"),
-              "--model", str(tiny_model), "--device", "cpu", "--json"])
+    r = _cli(
+        [
+            "evaluate-detector",
+            "--boxes",
+            str(csv),
+            "--images",
+            str(root / "images"),
+            "--model",
+            str(tiny_model),
+            "--device",
+            "cpu",
+            "--json",
+        ]
+    )
     assert r.exit_code == 1  # missing.jpg failed, and said so
     assert "missing.jpg" in r.stderr
     out = json.loads(r.stdout)
@@ -123,8 +149,22 @@ def test_bench_detect_reports_speed_and_memory(tiny_model, tmp_path):
     folder.mkdir()
     for i in range(2):
         photo(folder / f"{i}.jpg", seed=i)
-    r = _cli(["bench", "detect", str(folder), "--model", str(tiny_model), "--device", "cpu",
-              "--repeats", "2", "--threads", "1", "--json"])
+    r = _cli(
+        [
+            "bench",
+            "detect",
+            str(folder),
+            "--model",
+            str(tiny_model),
+            "--device",
+            "cpu",
+            "--repeats",
+            "2",
+            "--threads",
+            "1",
+            "--json",
+        ]
+    )
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     assert out["photos"] == 4
@@ -142,8 +182,20 @@ def tracked(tmp_path, monkeypatch):
 def test_train_detector_records_run_registers_and_resumes(tmp_path, tracked):
     root = _faces_dataset(tmp_path / "data")
     out_file = tmp_path / "shipped.pt"
-    r = _cli(["train-detector", "--config", str(root / "tiny.toml"), "--data", str(root),
-              "--device", "cpu", "--json", "--out", str(out_file)])
+    r = _cli(
+        [
+            "train-detector",
+            "--config",
+            str(root / "tiny.toml"),
+            "--data",
+            str(root),
+            "--device",
+            "cpu",
+            "--json",
+            "--out",
+            str(out_file),
+        ]
+    )
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     assert out["epochs"] == 2  # 1 per stage

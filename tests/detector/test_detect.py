@@ -22,8 +22,9 @@ from facetag.inference.detect import (
 
 def test_square_keeps_centres():
     boxes = torch.tensor([[0.0, 0.0, 10.0, 20.0], [5.0, 5.0, 9.0, 7.0]])
-    torch.testing.assert_close(square(boxes), torch.tensor([[-5.0, 0.0, 15.0, 20.0],
-                                                            [5.0, 4.0, 9.0, 8.0]]))
+    torch.testing.assert_close(
+        square(boxes), torch.tensor([[-5.0, 0.0, 15.0, 20.0], [5.0, 4.0, 9.0, 8.0]])
+    )
 
 
 def test_regress_moves_corners_by_side_units():
@@ -47,8 +48,9 @@ def test_detector_output_is_sorted_clipped_boxes(tiny_model):
 
 
 def test_boxes_are_in_displayed_pixels_of_shrunk_and_rotated_photos(tiny_model, tmp_path):
-    det = with_settings(load_detector(tiny_model), threshold=0.0, stage_thresholds=(0.0,),
-                        max_side=64)
+    det = with_settings(
+        load_detector(tiny_model), threshold=0.0, stage_thresholds=(0.0,), max_side=64
+    )
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, (60, 200, 3), dtype=np.uint8))
     exif = img.getexif()
@@ -67,8 +69,9 @@ def test_boxes_are_in_displayed_pixels_of_shrunk_and_rotated_photos(tiny_model, 
 def test_detect_paths_goes_on_after_bad_inputs(tiny_model, photo_zoo):
     good, bad = photo_zoo
     lines: list[str] = []
-    doc, failed = detect_paths([*good, *bad], model=str(tiny_model), device="cpu",
-                               on_error=lines.append)
+    doc, failed = detect_paths(
+        [*good, *bad], model=str(tiny_model), device="cpu", on_error=lines.append
+    )
     assert failed == len(bad) == len(lines)
     assert sorted(i["path"] for i in doc["images"]) == sorted(str(p) for p in good)
     assert all("\n" not in line for line in lines)
@@ -86,8 +89,9 @@ def test_detect_paths_goes_on_after_bad_inputs(tiny_model, photo_zoo):
 
 def test_detect_paths_with_nothing_to_read(tiny_model, tmp_path):
     lines: list[str] = []
-    doc, failed = detect_paths([tmp_path], model=str(tiny_model), device="cpu",
-                               on_error=lines.append)
+    doc, failed = detect_paths(
+        [tmp_path], model=str(tiny_model), device="cpu", on_error=lines.append
+    )
     assert (failed, len(lines), doc["images"]) == (1, 1, [])  # said once, not twice
     assert "expected image files" in lines[0]
     with pytest.raises(DataError, match="no such path"):
@@ -107,12 +111,14 @@ def test_load_detector_rejects_other_files(tmp_path):
 
 
 def test_drop_nested_removes_boxes_inside_better_ones():
-    boxes = torch.tensor([
-        [0.0, 0.0, 100.0, 120.0],  # the face
-        [40.0, 20.0, 90.0, 85.0],  # inside it (IoU 0.27): dropped
-        [90.0, 0.0, 190.0, 120.0],  # a neighbour overlapping a little: kept
-        [95.0, 10.0, 185.0, 110.0],  # inside the neighbour: dropped
-    ])
+    boxes = torch.tensor(
+        [
+            [0.0, 0.0, 100.0, 120.0],  # the face
+            [40.0, 20.0, 90.0, 85.0],  # inside it (IoU 0.27): dropped
+            [90.0, 0.0, 190.0, 120.0],  # a neighbour overlapping a little: kept
+            [95.0, 10.0, 185.0, 110.0],  # inside the neighbour: dropped
+        ]
+    )
     assert drop_nested(boxes, 0.7).tolist() == [0, 2]
     assert drop_nested(boxes[:1], 0.7).tolist() == [0]
     assert drop_nested(boxes, 1.0).tolist() == [0, 1, 2, 3]

@@ -16,16 +16,23 @@ from facetag.errors import ConfigError
 PRESETS = Path(__file__).resolve().parents[2] / "experiments" / "configs"
 
 
-@pytest.mark.parametrize(("text", "overrides", "match"), [
-    ("[trian]\nepochs = 1\n", {}, r"unknown section \[trian\] in .*; did you mean \[train\]\?"),
-    ("[train]\nepoch = 1\n", {}, r"unknown key 'epoch' in .* \[train\]; did you mean 'epochs'\?"),
-    ("[train]\nmin_face = 30.0\n", {}, r"'min_face' belongs in \[data\]"),
-    ("epochs = 1\n", {}, r"unknown key 'epochs' in .* \(top level\); did you mean \[train\]"),
-    ("[data]\nmin_face = 2.0\n", {}, r"\[data\] min_face: expected a size >= 4 px, got 2.0"),
-    ("[train]\nlr = \"fast\"\n", {}, r"\[train\] lr: expected"),
-    ("", {"train.lrr": 1.0}, r"unknown override 'train.lrr'; did you mean 'train.lr'\?"),
-    ("", {"epochs": 0}, r"^--epochs: expected an integer >= 1, got 0$"),
-])
+@pytest.mark.parametrize(
+    ("text", "overrides", "match"),
+    [
+        ("[trian]\nepochs = 1\n", {}, r"unknown section \[trian\] in .*; did you mean \[train\]\?"),
+        (
+            "[train]\nepoch = 1\n",
+            {},
+            r"unknown key 'epoch' in .* \[train\]; did you mean 'epochs'\?",
+        ),
+        ("[train]\nmin_face = 30.0\n", {}, r"'min_face' belongs in \[data\]"),
+        ("epochs = 1\n", {}, r"unknown key 'epochs' in .* \(top level\); did you mean \[train\]"),
+        ("[data]\nmin_face = 2.0\n", {}, r"\[data\] min_face: expected a size >= 4 px, got 2.0"),
+        ('[train]\nlr = "fast"\n', {}, r"\[train\] lr: expected"),
+        ("", {"train.lrr": 1.0}, r"unknown override 'train.lrr'; did you mean 'train.lr'\?"),
+        ("", {"epochs": 0}, r"^--epochs: expected an integer >= 1, got 0$"),
+    ],
+)
 def test_bad_detector_configs_are_one_line_errors(tmp_path, text, overrides, match):
     path = tmp_path / "detector.toml"
     path.write_text(text)

@@ -44,13 +44,16 @@ def test_crop_windows_averages_when_shrinking_and_pads_with_black():
 
 def test_label_windows_by_iou():
     faces = [FaceBox(0, 0, 10, 10), FaceBox(100, 100, 10, 10, invalid=True)]
-    windows = np.array([
-        [0, 0, 10, 10],  # IoU 1 -> positive
-        [2, 2, 12, 12],  # IoU 64/136 = 0.47 -> part
-        [5, 0, 15, 10],  # IoU 1/3 -> in between: unused
-        [50, 50, 60, 60],  # far -> negative
-        [100, 100, 110, 110],  # the invalid face: neither positive nor negative
-    ], dtype=float)
+    windows = np.array(
+        [
+            [0, 0, 10, 10],  # IoU 1 -> positive
+            [2, 2, 12, 12],  # IoU 64/136 = 0.47 -> part
+            [5, 0, 15, 10],  # IoU 1/3 -> in between: unused
+            [50, 50, 60, 60],  # far -> negative
+            [100, 100, 110, 110],  # the invalid face: neither positive nor negative
+        ],
+        dtype=float,
+    )
     labels, offsets = label_windows(windows, faces)
     assert labels.tolist() == [POS, PART, -1, NEG, -1]
     np.testing.assert_allclose(offsets[1], [-0.2, -0.2, -0.2, -0.2])
@@ -68,8 +71,17 @@ def test_offsets_and_regress_invert_each_other():
 def test_random_windows_cover_every_label():
     rng = np.random.default_rng(0)
     faces = [FaceBox(40, 30, 40, 52), FaceBox(150, 60, 8, 9)]  # the second is too small
-    windows = random_windows(faces, 200, 160, rng, min_face=12, jitter_per_face=40,
-                             negatives=30, near_negatives_per_face=5, min_side=12)
+    windows = random_windows(
+        faces,
+        200,
+        160,
+        rng,
+        min_face=12,
+        jitter_per_face=40,
+        negatives=30,
+        near_negatives_per_face=5,
+        min_side=12,
+    )
     assert windows.shape == (40 + 5 + 30, 4)  # no windows around the too-small face
     np.testing.assert_allclose(windows[:, 2] - windows[:, 0], windows[:, 3] - windows[:, 1])
     labels, _ = label_windows(windows, faces)
@@ -84,8 +96,17 @@ def test_patches_from_windows_and_balance():
     rng = np.random.default_rng(0)
     image = torch.rand(3, 120, 160) * 255
     faces = [FaceBox(40, 30, 40, 48)]
-    windows = random_windows(faces, 160, 120, rng, min_face=12, jitter_per_face=30,
-                             negatives=40, near_negatives_per_face=4, min_side=12)
+    windows = random_windows(
+        faces,
+        160,
+        120,
+        rng,
+        min_face=12,
+        jitter_per_face=30,
+        negatives=40,
+        near_negatives_per_face=4,
+        min_side=12,
+    )
     patches = patches_from_windows(image, windows, faces, 24)
     assert patches.images.dtype == torch.uint8
     assert patches.images.shape[1:] == (3, 24, 24)
@@ -115,4 +136,8 @@ def test_augment_flip_mirrors_offsets():
 def test_crop_size_matches_stage(size):
     image = torch.rand(3, 64, 64) * 255
     assert crop_windows(image, torch.tensor([[3.0, 4.0, 40.0, 41.0]]), size).shape == (
-        1, 3, size, size)
+        1,
+        3,
+        size,
+        size,
+    )

@@ -22,8 +22,9 @@ from facetag.training.loop import model_file_state
 SIZE = (16, 16)  # (H, W) of the tiny embedder's input
 
 
-def write_model(path: Path, channels: int = 3, seed: int = 0, threshold: float | None = None
-                ) -> Path:
+def write_model(
+    path: Path, channels: int = 3, seed: int = 0, threshold: float | None = None
+) -> Path:
     """A freshly initialised tiny embedder saved as a model file (what facetag train writes)."""
     torch.manual_seed(seed)
     config = Config(
@@ -32,8 +33,9 @@ def write_model(path: Path, channels: int = 3, seed: int = 0, threshold: float |
     )
     net = EmbeddingNet(channels, (4, 8), 8, "prelu")
     model = FaceClassifier(net, 2)
-    extra = {"run_id": "run123"} if threshold is None else {"run_id": "run123",
-                                                             "threshold": threshold}
+    extra = (
+        {"run_id": "run123"} if threshold is None else {"run_id": "run123", "threshold": threshold}
+    )
     save_checkpoint(path, model_file_state(model, config, ("a", "b"), channels, extra=extra))
     return path
 
@@ -60,8 +62,9 @@ class FakeDetector:
 def pattern(seed: int, size: int = 32) -> np.ndarray:
     """A colour image (size, size, 3) uint8: smooth blobs, different for each seed."""
     g = torch.Generator().manual_seed(seed)
-    base = torch.nn.functional.interpolate(torch.rand(1, 3, 4, 4, generator=g),
-                                           size=(size, size), mode="bilinear")[0]
+    base = torch.nn.functional.interpolate(
+        torch.rand(1, 3, 4, 4, generator=g), size=(size, size), mode="bilinear"
+    )[0]
     return (base * 255).round().to(torch.uint8).permute(1, 2, 0).numpy().copy()
 
 

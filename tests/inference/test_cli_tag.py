@@ -23,33 +23,77 @@ def setup(tmp_path: Path, people: Path) -> dict[str, str]:
     save(tmp_path / "photos" / "a.png", pattern(1))
     save(tmp_path / "photos" / "b.png", pattern(2))
     save(tmp_path / "photos" / "c.png", pattern(3))
-    return {"people": str(people), "model": str(model), "gallery": str(tmp_path / "g.json"),
-            "photos": str(tmp_path / "photos"), "tmp": str(tmp_path)}
+    return {
+        "people": str(people),
+        "model": str(model),
+        "gallery": str(tmp_path / "g.json"),
+        "photos": str(tmp_path / "photos"),
+        "tmp": str(tmp_path),
+    }
 
 
 def test_enroll_then_tag_json(setup: dict[str, str]):
     s = setup
-    r = invoke("enroll", s["people"], "--gallery", s["gallery"], "--model", s["model"],
-               "--detector", "none", "--device", "cpu")
+    r = invoke(
+        "enroll",
+        s["people"],
+        "--gallery",
+        s["gallery"],
+        "--model",
+        s["model"],
+        "--detector",
+        "none",
+        "--device",
+        "cpu",
+    )
     assert r.exit_code == 0, r.output
     assert "2 people, 2 photos (2 embedded" in r.stdout
-    r = invoke("tag", s["photos"], "--gallery", s["gallery"], "--model", s["model"],
-               "--detector", "none", "--json", "--csv", f"{s['tmp']}/out/t.csv")
+    r = invoke(
+        "tag",
+        s["photos"],
+        "--gallery",
+        s["gallery"],
+        "--model",
+        s["model"],
+        "--detector",
+        "none",
+        "--json",
+        "--csv",
+        f"{s['tmp']}/out/t.csv",
+    )
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert [f["name"] for im in doc["images"] for f in im["faces"]] == ["Alice", "Bob", None]
     assert doc["model"]["threshold_source"] == "model file"
     assert doc["model"]["threshold"] == 1e-3
     assert "device: cpu" in r.stderr or "device: cuda" in r.stderr
-    again = invoke("tag", s["photos"], "--gallery", s["gallery"], "--model", s["model"],
-                   "--detector", "none", "--csv", f"{s['tmp']}/out/t.csv")
+    again = invoke(
+        "tag",
+        s["photos"],
+        "--gallery",
+        s["gallery"],
+        "--model",
+        s["model"],
+        "--detector",
+        "none",
+        "--csv",
+        f"{s['tmp']}/out/t.csv",
+    )
     assert again.exit_code == 0, again.output
     assert "a.png: Alice" in again.stdout
 
 
 def test_tag_with_missing_gallery_is_one_line(setup: dict[str, str]):
-    r = invoke("tag", setup["photos"], "--gallery", f"{setup['tmp']}/none.json", "--model",
-               setup["model"], "--detector", "none")
+    r = invoke(
+        "tag",
+        setup["photos"],
+        "--gallery",
+        f"{setup['tmp']}/none.json",
+        "--model",
+        setup["model"],
+        "--detector",
+        "none",
+    )
     assert r.exit_code == 1
     assert r.stderr.count("error:") == 1
     assert "expected a gallery file, got no such file; create it with facetag enroll" in r.stderr
@@ -57,11 +101,32 @@ def test_tag_with_missing_gallery_is_one_line(setup: dict[str, str]):
 
 def test_tag_with_bad_photo_reports_it_and_exits_1(setup: dict[str, str]):
     s = setup
-    assert invoke("enroll", s["people"], "--gallery", s["gallery"], "--model", s["model"],
-                  "--detector", "none").exit_code == 0
+    assert (
+        invoke(
+            "enroll",
+            s["people"],
+            "--gallery",
+            s["gallery"],
+            "--model",
+            s["model"],
+            "--detector",
+            "none",
+        ).exit_code
+        == 0
+    )
     Path(s["photos"], "broken.jpg").write_text("no")
-    r = invoke("tag", s["photos"], "--gallery", s["gallery"], "--model", s["model"],
-               "--detector", "none", "--manifest", f"{s['tmp']}/m.jsonl")
+    r = invoke(
+        "tag",
+        s["photos"],
+        "--gallery",
+        s["gallery"],
+        "--model",
+        s["model"],
+        "--detector",
+        "none",
+        "--manifest",
+        f"{s['tmp']}/m.jsonl",
+    )
     assert r.exit_code == 1
     assert "broken.jpg: expected an image" in r.stderr
     assert "b.png: Bob" in r.stdout
@@ -69,8 +134,18 @@ def test_tag_with_bad_photo_reports_it_and_exits_1(setup: dict[str, str]):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_device_cuda_without_gpu_fails_clearly(setup: dict[str, str]):
-    r = invoke("tag", setup["photos"], "--gallery", setup["gallery"], "--model", setup["model"],
-               "--detector", "none", "--device", "cuda")
+    r = invoke(
+        "tag",
+        setup["photos"],
+        "--gallery",
+        setup["gallery"],
+        "--model",
+        setup["model"],
+        "--detector",
+        "none",
+        "--device",
+        "cuda",
+    )
     assert r.exit_code == 1
     assert "--device cuda: expected a CUDA GPU, got none" in r.stderr
 
@@ -81,15 +156,35 @@ def test_threshold_out_of_range_is_a_usage_error(setup: dict[str, str]):
 
 
 def test_missing_model_file_is_one_line(setup: dict[str, str]):
-    r = invoke("enroll", setup["people"], "--gallery", setup["gallery"], "--model",
-               f"{setup['tmp']}/nope.pt", "--detector", "none")
+    r = invoke(
+        "enroll",
+        setup["people"],
+        "--gallery",
+        setup["gallery"],
+        "--model",
+        f"{setup['tmp']}/nope.pt",
+        "--detector",
+        "none",
+    )
     assert r.exit_code == 1
     assert "nope.pt" in r.stderr
 
 
 def test_bench_tag_reports_photos_per_second(setup: dict[str, str]):
-    r = invoke("bench", "tag", setup["photos"], "--model", setup["model"], "--detector", "none",
-               "--repeats", "1", "--json", "--device", "cpu")
+    r = invoke(
+        "bench",
+        "tag",
+        setup["photos"],
+        "--model",
+        setup["model"],
+        "--detector",
+        "none",
+        "--repeats",
+        "1",
+        "--json",
+        "--device",
+        "cpu",
+    )
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     assert out["photos"] == 3

@@ -78,8 +78,12 @@ def test_cut_crops_merges_people_prefixes_ids_and_records_sources(tmp_path: Path
     out = tmp_path / "crops"
     report = cut_crops([a, b], out, FakeDetector([(0.25, 0.25, 0.75, 0.75)]), size=24)
     names = sorted(p.relative_to(out).as_posix() for p in out.glob("*/*.png"))
-    assert names == ["Halle_Berry/celeba__x.png", "Halle_Berry/lfw__1.png",
-                     "Tom_Hanks/lfw__1.png", "celeba_7201/celeba__1.png"]
+    assert names == [
+        "Halle_Berry/celeba__x.png",
+        "Halle_Berry/lfw__1.png",
+        "Tom_Hanks/lfw__1.png",
+        "celeba_7201/celeba__1.png",
+    ]
     assert report.merged == {"Halle_Berry": ["celeba", "lfw"]}
     assert report.per_source == {"lfw": 2, "celeba": 2}
     assert report.people == 3
@@ -122,8 +126,11 @@ def test_cut_crops_pads_tight_crops_and_reports_photos_without_faces(tmp_path: P
 
 
 def test_cut_crops_refuses_a_missing_source(tmp_path: Path):
-    with pytest.raises(DataError, match=r"nope: expected a folder of person folders .* "
-                                        r"got no such folder; check the path"):
+    with pytest.raises(
+        DataError,
+        match=r"nope: expected a folder of person folders .* "
+        r"got no such folder; check the path",
+    ):
         cut_crops([tmp_path / "nope"], tmp_path / "out", FakeDetector([]))
 
 
@@ -132,14 +139,17 @@ def test_cut_crops_refuses_a_missing_source(tmp_path: Path):
 
 def _expected(tmp_path: Path) -> Path:
     csv = tmp_path / "expected.csv"
-    csv.write_text("image,names\ntest/a.jpg,obama\ntest/b.jpg,obama;biden;unknown\n"
-                   "test/c.jpg,kit\n")
+    csv.write_text(
+        "image,names\ntest/a.jpg,obama\ntest/b.jpg,obama;biden;unknown\ntest/c.jpg,kit\n"
+    )
     return csv
 
 
 def _image(tmp_path: Path, name: str, names: list[str | None]) -> dict:
-    return {"path": str(tmp_path / "test" / name),
-            "faces": [{"name": n, "box": [0, 0, 1, 1]} for n in names]}
+    return {
+        "path": str(tmp_path / "test" / name),
+        "faces": [{"name": n, "box": [0, 0, 1, 1]} for n in names],
+    }
 
 
 def test_score_counts_names_not_boxes(tmp_path: Path):
@@ -166,8 +176,10 @@ def test_score_counts_names_not_boxes(tmp_path: Path):
 
 def test_score_perfect_and_untagged_photo(tmp_path: Path):
     expected = read_expected(_expected(tmp_path))
-    images = [_image(tmp_path, "a.jpg", ["obama"]),
-              _image(tmp_path, "b.jpg", ["biden", None, "obama"])]
+    images = [
+        _image(tmp_path, "a.jpg", ["obama"]),
+        _image(tmp_path, "b.jpg", ["biden", None, "obama"]),
+    ]
     score = score_tags(images, expected)
     assert score.precision == 1.0
     assert score.recall == 3 / 4  # c.jpg was not tagged: kit is missed
@@ -175,11 +187,14 @@ def test_score_perfect_and_untagged_photo(tmp_path: Path):
     assert score.to_json()["correct"] == 3
 
 
-@pytest.mark.parametrize(("text", "match"), [
-    ("", "expected a header line 'image,names', got 'an empty file'"),
-    ("path,who\na.jpg,x\n", "expected a header line 'image,names', got 'path,who'"),
-    ("image,names\na.jpg\n", r"expected.csv:2: expected 'image,name1;name2', got 'a.jpg'"),
-])
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("", "expected a header line 'image,names', got 'an empty file'"),
+        ("path,who\na.jpg,x\n", "expected a header line 'image,names', got 'path,who'"),
+        ("image,names\na.jpg\n", r"expected.csv:2: expected 'image,name1;name2', got 'a.jpg'"),
+    ],
+)
 def test_read_expected_refuses_malformed_files(tmp_path: Path, text: str, match: str):
     path = tmp_path / "expected.csv"
     path.write_text(text)

@@ -31,8 +31,7 @@ def test_gallery_round_trip(tmp_path: Path, model_file: Path, people: Path):
     assert abs(float(e.embedding.norm()) - 1.0) < 1e-5
 
 
-def test_enroll_again_reembeds_only_changed_photos(tmp_path: Path, model_file: Path,
-                                                    people: Path):
+def test_enroll_again_reembeds_only_changed_photos(tmp_path: Path, model_file: Path, people: Path):
     models = make_models(model_file, WholePhotoDetector())
     gallery = tmp_path / "g.json"
     enroll(people, gallery, models)
@@ -48,8 +47,9 @@ def test_enroll_again_reembeds_only_changed_photos(tmp_path: Path, model_file: P
     assert (r.embedded, r.kept, r.removed, r.photos) == (0, 3, 1, 3)
 
 
-def test_enroll_skips_photo_without_face_and_uses_largest(tmp_path: Path, model_file: Path,
-                                                          people: Path):
+def test_enroll_skips_photo_without_face_and_uses_largest(
+    tmp_path: Path, model_file: Path, people: Path
+):
     lines: list[str] = []
     none = make_models(model_file, FakeDetector([]))
     with pytest.raises(DataError, match="expected at least one photo with a face"):
@@ -86,13 +86,20 @@ def test_tag_refuses_gallery_of_another_model(tmp_path: Path, model_file: Path, 
 
 @pytest.mark.parametrize(
     ("content", "what"),
-    [(b"\x00\xff garbage", "a file that is not text"),
-     (b"{oops", "a file that is not valid JSON"), (b'{"format": "other"}', "format 'other'"),
-     (b'{"format": "facetag-gallery/1", "model": "m", "people": {"A": [{"path": 1}]}}',
-      "a damaged gallery"), (b'[1, 2]', "another file")],
+    [
+        (b"\x00\xff garbage", "a file that is not text"),
+        (b"{oops", "a file that is not valid JSON"),
+        (b'{"format": "other"}', "format 'other'"),
+        (
+            b'{"format": "facetag-gallery/1", "model": "m", "people": {"A": [{"path": 1}]}}',
+            "a damaged gallery",
+        ),
+        (b"[1, 2]", "another file"),
+    ],
 )
-def test_corrupt_gallery_is_refused_and_left_untouched(tmp_path: Path, model_file: Path,
-                                                       people: Path, content: bytes, what: str):
+def test_corrupt_gallery_is_refused_and_left_untouched(
+    tmp_path: Path, model_file: Path, people: Path, content: bytes, what: str
+):
     gallery = tmp_path / "g.json"
     gallery.write_bytes(content)
     with pytest.raises(DataError, match=f"expected a facetag gallery .*got {what}; re-create"):
@@ -108,5 +115,9 @@ def test_missing_gallery_says_how_to_make_one(tmp_path: Path):
 def test_people_dir_without_person_folders(tmp_path: Path, model_file: Path):
     save(tmp_path / "flat" / "a.png", pattern(1))
     with pytest.raises(DataError, match=r"expected person folders with photos"):
-        enroll(tmp_path / "flat", tmp_path / "g.json",
-               make_models(model_file, WholePhotoDetector()), on_message=lambda _: None)
+        enroll(
+            tmp_path / "flat",
+            tmp_path / "g.json",
+            make_models(model_file, WholePhotoDetector()),
+            on_message=lambda _: None,
+        )

@@ -73,8 +73,9 @@ def test_tag_json_matches_the_golden_file(tmp_path: Path, model_file: Path):
     run = tag_photos([lib], gallery, models, TagOptions(margin=0.0, resume=False))
     doc = json.loads(to_json(run.doc))
     csv = tmp_path / "expected.csv"
-    csv.write_text("image,names\nlib/a.png,Alice;Bob\nlib/b.png,Bob;unknown\n"
-                   "lib/c.png,unknown;Alice\n")
+    csv.write_text(
+        "image,names\nlib/a.png,Alice;Bob\nlib/b.png,Bob;unknown\nlib/c.png,unknown;Alice\n"
+    )
     doc["score"] = score_tags(run.doc["images"], read_expected(csv)).to_json()
     got = _portable(doc, str(tmp_path))
     if os.environ.get("FACETAG_UPDATE_GOLDEN"):

@@ -30,14 +30,27 @@ def test_shipped_models_name_everyone_in_knn_examples(tmp_path: Path):
     gallery = tmp_path / "gallery.json"
     enrolled = _cli(["enroll", str(KNN / "train"), "--gallery", str(gallery)])
     assert enrolled.exit_code == 0, enrolled.output
-    tagged = _cli(["tag", str(KNN / "test"), "--gallery", str(gallery), "--json",
-                   "--expected", str(KNN / "expected.csv"),
-                   "--manifest", str(tmp_path / "manifest.jsonl")])
+    tagged = _cli(
+        [
+            "tag",
+            str(KNN / "test"),
+            "--gallery",
+            str(gallery),
+            "--json",
+            "--expected",
+            str(KNN / "expected.csv"),
+            "--manifest",
+            str(tmp_path / "manifest.jsonl"),
+        ]
+    )
     assert tagged.exit_code == 0, tagged.output
     doc = json.loads(tagged.stdout)
     score = doc["score"]
-    wrong = {Path(p["path"]).name: (p["wrong"], p["missed"]) for p in score["photos"]
-             if p["wrong"] or p["missed"]}
+    wrong = {
+        Path(p["path"]).name: (p["wrong"], p["missed"])
+        for p in score["photos"]
+        if p["wrong"] or p["missed"]
+    }
     assert wrong == {}
     assert (score["precision"], score["recall"]) == (1.0, 1.0)
     assert score["names_expected"] == 9  # the unknown face is not a name

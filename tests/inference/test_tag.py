@@ -43,19 +43,26 @@ def two_face_models(model_file: Path):
 def write_library(folder: Path, n: int) -> list[Path]:
     """n photos of two faces: Alice + Bob, Bob + a stranger, ..."""
     pairs = [(1, 2), (2, 5), (6, 1), (7, 8)]
-    return [save(folder / f"{k:02d}.png", side_by_side(*(pattern(s) for s in pairs[k % 4])))
-            for k in range(n)]
+    return [
+        save(folder / f"{k:02d}.png", side_by_side(*(pattern(s) for s in pairs[k % 4])))
+        for k in range(n)
+    ]
 
 
 def test_two_faces_are_named_jointly(tmp_path: Path, model_file: Path, gallery: Path):
     photos = write_library(tmp_path / "lib", 4)
     save(tmp_path / "lib" / "twins.png", side_by_side(pattern(1), pattern(1)))
-    run = tag_photos([tmp_path / "lib"], gallery, two_face_models(model_file),
-                     TagOptions(margin=0.0))
+    run = tag_photos(
+        [tmp_path / "lib"], gallery, two_face_models(model_file), TagOptions(margin=0.0)
+    )
     names = {Path(im["path"]).name: [f["name"] for f in im["faces"]] for im in run.doc["images"]}
-    assert names == {"00.png": ["Alice", "Bob"], "01.png": ["Bob", None],
-                     "02.png": [None, "Alice"], "03.png": [None, None],
-                     "twins.png": names["twins.png"]}
+    assert names == {
+        "00.png": ["Alice", "Bob"],
+        "01.png": ["Bob", None],
+        "02.png": [None, "Alice"],
+        "03.png": [None, None],
+        "twins.png": names["twins.png"],
+    }
     assert sorted(map(str, names["twins.png"])) == ["Alice", "None"]  # one Alice, never two
     assert run.doc["device"] == "cpu"
     m = run.doc["model"]
@@ -70,8 +77,9 @@ def test_two_faces_are_named_jointly(tmp_path: Path, model_file: Path, gallery: 
 
 def test_outputs_csv_xmp_annotated(tmp_path: Path, model_file: Path, gallery: Path):
     write_library(tmp_path / "lib", 2)
-    opts = TagOptions(margin=0.0, csv=tmp_path / "out" / "tags.csv", xmp=True,
-                      annotate=tmp_path / "annotated")
+    opts = TagOptions(
+        margin=0.0, csv=tmp_path / "out" / "tags.csv", xmp=True, annotate=tmp_path / "annotated"
+    )
     run = tag_photos([tmp_path / "lib"], gallery, two_face_models(model_file), opts)
     assert run.failed == 0
     rows = list(csv.DictReader((tmp_path / "out" / "tags.csv").open()))
@@ -143,13 +151,17 @@ tag_photos([Path({lib!r})], Path({gallery!r}), models,
 """
 
 
-def test_kill_9_then_rerun_gives_complete_output(tmp_path: Path, model_file: Path,
-                                                 gallery: Path):
+def test_kill_9_then_rerun_gives_complete_output(tmp_path: Path, model_file: Path, gallery: Path):
     write_library(tmp_path / "lib", 12)
     csv_path = tmp_path / "tags.csv"
-    script = KILL_SCRIPT.format(root=str(Path(__file__).parents[2]), model=str(model_file),
-                                halves=HALVES, lib=str(tmp_path / "lib"),
-                                gallery=str(gallery), csv=str(csv_path))
+    script = KILL_SCRIPT.format(
+        root=str(Path(__file__).parents[2]),
+        model=str(model_file),
+        halves=HALVES,
+        lib=str(tmp_path / "lib"),
+        gallery=str(gallery),
+        csv=str(csv_path),
+    )
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path)
     manifest = tmp_path / "facetag-manifest.jsonl"
     deadline = time.monotonic() + 60
@@ -161,13 +173,18 @@ def test_kill_9_then_rerun_gives_complete_output(tmp_path: Path, model_file: Pat
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not csv_path.exists()  # written only at the end
-    run = tag_photos([tmp_path / "lib"], gallery, two_face_models(model_file),
-                     TagOptions(margin=0.0, csv=csv_path, xmp=True))
+    run = tag_photos(
+        [tmp_path / "lib"],
+        gallery,
+        two_face_models(model_file),
+        TagOptions(margin=0.0, csv=csv_path, xmp=True),
+    )
     assert run.resumed >= 3
     assert run.tagged + run.resumed == 12
     rows = list(csv.DictReader(csv_path.open()))
     assert sorted({r["path"] for r in rows}) == sorted(
-        str(tmp_path / "lib" / f"{k:02d}.png") for k in range(12))
+        str(tmp_path / "lib" / f"{k:02d}.png") for k in range(12)
+    )
     assert len(rows) == 24
     for k in range(12):
         sidecar = tmp_path / "lib" / f"{k:02d}.xmp"
@@ -178,8 +195,9 @@ def test_kill_9_then_rerun_gives_complete_output(tmp_path: Path, model_file: Pat
             assert len(regions) == len({r["name"] for r in regions})
 
 
-def test_bad_photos_give_one_line_each_and_the_run_goes_on(tmp_path: Path, model_file: Path,
-                                                           gallery: Path):
+def test_bad_photos_give_one_line_each_and_the_run_goes_on(
+    tmp_path: Path, model_file: Path, gallery: Path
+):
     lib = tmp_path / "lib"
     write_library(lib, 1)
     good = (lib / "00.png").read_bytes()
@@ -189,9 +207,13 @@ def test_bad_photos_give_one_line_each_and_the_run_goes_on(tmp_path: Path, model
     (lib / "01.xmp").mkdir()  # a sidecar that cannot be read
     save(lib / "01.png", side_by_side(pattern(1), pattern(2)))
     lines: list[str] = []
-    run = tag_photos([lib], gallery, two_face_models(model_file),
-                     TagOptions(margin=0.0, xmp=True, manifest=tmp_path / "m.jsonl"),
-                     on_message=lines.append)
+    run = tag_photos(
+        [lib],
+        gallery,
+        two_face_models(model_file),
+        TagOptions(margin=0.0, xmp=True, manifest=tmp_path / "m.jsonl"),
+        on_message=lines.append,
+    )
     assert run.failed == 4
     assert len(lines) == 4
     assert all("\n" not in line for line in lines)
@@ -207,21 +229,34 @@ def test_workers_decode_the_same_results(tmp_path: Path, model_file: Path, galle
     write_library(tmp_path / "lib", 5)
     models = two_face_models(model_file)
     a = tag_photos([tmp_path / "lib"], gallery, models, TagOptions(margin=0.0, resume=False))
-    b = tag_photos([tmp_path / "lib"], gallery, models,
-                   TagOptions(margin=0.0, resume=False, workers=2, batch_size=3))
+    b = tag_photos(
+        [tmp_path / "lib"],
+        gallery,
+        models,
+        TagOptions(margin=0.0, resume=False, workers=2, batch_size=3),
+    )
     assert a.doc["images"] == b.doc["images"]
 
 
-def test_unwritable_output_folder_fails_before_any_work(tmp_path: Path, model_file: Path,
-                                                        gallery: Path):
+def test_unwritable_output_folder_fails_before_any_work(
+    tmp_path: Path, model_file: Path, gallery: Path
+):
     write_library(tmp_path / "lib", 1)
     (tmp_path / "file").write_text("x")
     with pytest.raises(DataError, match=r"expected a writable folder for annotated copies"):
-        tag_photos([tmp_path / "lib"], gallery, two_face_models(model_file),
-                   TagOptions(annotate=tmp_path / "file" / "out"))
+        tag_photos(
+            [tmp_path / "lib"],
+            gallery,
+            two_face_models(model_file),
+            TagOptions(annotate=tmp_path / "file" / "out"),
+        )
     with pytest.raises(DataError, match=r"expected a folder other than the photos' own"):
-        tag_photos([tmp_path / "lib"], gallery, two_face_models(model_file),
-                   TagOptions(annotate=tmp_path / "lib"))
+        tag_photos(
+            [tmp_path / "lib"],
+            gallery,
+            two_face_models(model_file),
+            TagOptions(annotate=tmp_path / "lib"),
+        )
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
@@ -232,20 +267,26 @@ def test_read_only_output_folder(tmp_path: Path, model_file: Path, gallery: Path
     out.chmod(0o500)
     try:
         with pytest.raises(DataError, match=r"out: expected a writable folder for the CSV"):
-            tag_photos([tmp_path / "lib"], gallery, two_face_models(model_file),
-                       TagOptions(csv=out / "t.csv"))
+            tag_photos(
+                [tmp_path / "lib"],
+                gallery,
+                two_face_models(model_file),
+                TagOptions(csv=out / "t.csv"),
+            )
     finally:
         out.chmod(0o700)
 
 
-def test_manifest_that_is_not_ours_is_left_untouched(tmp_path: Path, model_file: Path,
-                                                     gallery: Path):
+def test_manifest_that_is_not_ours_is_left_untouched(
+    tmp_path: Path, model_file: Path, gallery: Path
+):
     write_library(tmp_path / "lib", 1)
     other = tmp_path / "notes.txt"
     other.write_text("my notes\n")
     with pytest.raises(DataError, match=r"expected a facetag tagging manifest"):
-        tag_photos([tmp_path / "lib"], gallery, two_face_models(model_file),
-                   TagOptions(manifest=other))
+        tag_photos(
+            [tmp_path / "lib"], gallery, two_face_models(model_file), TagOptions(manifest=other)
+        )
     assert other.read_text() == "my notes\n"
     assert Manifest.open(tmp_path / "new.jsonl").records == {}
     assert load_gallery(gallery).photos() == 2

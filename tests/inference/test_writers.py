@@ -23,12 +23,24 @@ from facetag.inference.writers import (
 )
 
 IMAGE = {
-    "path": "p/a.jpg", "width": 400, "height": 200,
+    "path": "p/a.jpg",
+    "width": 400,
+    "height": 200,
     "faces": [
-        {"box": [100.0, 50.0, 140.0, 130.0], "score": 0.9, "name": "Alice", "distance": 0.1,
-         "confidence": 0.8},
-        {"box": [300.0, 20.0, 350.0, 80.0], "score": 0.8, "name": None, "distance": 0.9,
-         "confidence": 0.6},
+        {
+            "box": [100.0, 50.0, 140.0, 130.0],
+            "score": 0.9,
+            "name": "Alice",
+            "distance": 0.1,
+            "confidence": 0.8,
+        },
+        {
+            "box": [300.0, 20.0, 350.0, 80.0],
+            "score": 0.8,
+            "name": None,
+            "distance": 0.9,
+            "confidence": 0.6,
+        },
     ],
 }
 
@@ -157,8 +169,12 @@ def test_exiftool_reads_our_regions(tmp_path: Path):
     sidecar.write_text(FOREIGN, encoding="utf-8")
     two = {**IMAGE, "faces": [IMAGE["faces"][0], {**IMAGE["faces"][1], "name": "Bob"}]}
     write_xmp(tmp_path / "a.jpg", two)
-    out = subprocess.run(["exiftool", "-j", "-struct", "-XMP:all", str(sidecar)],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        ["exiftool", "-j", "-struct", "-XMP:all", str(sidecar)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     (info,) = json.loads(out.stdout)
     region = info["RegionInfo"]
     assert region["AppliedToDimensions"] == {"W": 400, "H": 200, "Unit": "pixel"}

@@ -238,8 +238,9 @@ def test_train_out_then_export_ships_a_smaller_model_that_embeds_the_same(env, t
     from facetag.models.io import load_embedder
 
     full = tmp_path / "build" / "embedder-full.pt"
-    result = _cli(["train", "--config", str(SMOKE), "--data", str(env["data"]),
-                   "--out", str(full), "--json"])
+    result = _cli(
+        ["train", "--config", str(SMOKE), "--data", str(env["data"]), "--out", str(full), "--json"]
+    )
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert out["out"] == str(full)
@@ -252,8 +253,9 @@ def test_train_out_then_export_ships_a_smaller_model_that_embeds_the_same(env, t
     state = load_checkpoint(shipped)
     assert "classifier" not in state
     assert state["weights_dtype"] == "float16"
-    assert all(v.dtype == torch.float16 for v in state["embedder"].values()
-               if v.is_floating_point())
+    assert all(
+        v.dtype == torch.float16 for v in state["embedder"].values() if v.is_floating_point()
+    )
     assert state["exported_from"] == load_checkpoint(full)["model_id"]
     assert state["model_id"] != state["exported_from"]  # other numbers, other version
     a, b = load_embedder(full), load_embedder(shipped)
