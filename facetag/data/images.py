@@ -7,14 +7,17 @@ decoded so a truncated file fails here rather than deep inside training, and hug
 (or decompression bombs) are refused by a pixel limit we control, not by a Pillow warning.
 """
 
+import hashlib
 import re
 import struct
 import warnings
 import zlib
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import (
     BmpImagePlugin,
     GifImagePlugin,
@@ -26,6 +29,7 @@ from PIL import (
     UnidentifiedImageError,
     WebPImagePlugin,
 )
+from torch import Tensor
 
 from facetag.errors import DataError
 
@@ -87,16 +91,26 @@ def load_image(
         raise ValueError(f"load_image: expected mode 'RGB', 'L' or None, got {mode!r}")
     if max_side is not None and max_side < 1:
         raise ValueError(f"load_image: expected max_side >= 1 or None, got {max_side}")
+    return _load_sized(Path(path), mode, max_pixels, max_side)[0]
+
+
+def _load_sized(
+    p: Path, mode: str | None, max_pixels: int, max_side: int | None
+) -> tuple[Image.Image, tuple[int, int]]:
+    """(the loaded image, its displayed (W, H) before any shrinking)."""
     with warnings.catch_warnings():
         # NOTE: Pillow warns about what we handle ourselves (bombs above ~89 Mpx, palette
         # transparency, odd EXIF, malformed MPO); a library of photos must not spray them.
         warnings.simplefilter("ignore")
-        return _load(Path(path), mode, max_pixels, max_side)
+        return _load(p, mode, max_pixels, max_side)
 
 
-def _load(p: Path, mode: str | None, max_pixels: int, max_side: int | None) -> Image.Image:
+def _load(
+    p: Path, mode: str | None, max_pixels: int, max_side: int | None
+) -> tuple[Image.Image, tuple[int, int]]:
     img = _open(p, max_pixels)
     try:
+        stored = img.size  # before draft() shrinks it
         if max_side is not None and max(img.size) > max_side:
             W, H = img.size
             scale = max_side / max(W, H)
@@ -120,10 +134,58 @@ def _load(p: Path, mode: str | None, max_pixels: int, max_side: int | None) -> I
             )
         if mode is not None and out.mode != mode:
             out = out.convert(mode)
+        # Read after load(): a PNG may keep its EXIF chunk after the image data.
+        W, H = stored[::-1] if _orientation(img) in (5, 6, 7, 8) else stored
         # img is closed below; hand back pixels that outlive it.
-        return img.copy() if out is img else out
+        return (img.copy() if out is img else out), (W, H)
     finally:
         img.close()
+
+
+@dataclass
+class Photo:
+    """A decoded RGB photo: pixels as loaded (at most max_side), sizes as displayed."""
+
+    path: Path
+    pixels: Tensor  # uint8 (h, w, 3), the loaded (maybe shrunk) photo
+    width: int  # displayed W (EXIF rotation applied), what boxes in outputs refer to
+    height: int  # displayed H
+    scale: float  # loaded / displayed
+    sha256: str = ""  # of the file's bytes, when the caller hashed it
+
+    def chw(self) -> Tensor:
+        """The pixels as float (3, h, w) in 0..255: what the detector takes."""
+        return self.pixels.permute(2, 0, 1).float()
+
+    def image(self) -> Image.Image:
+        """The loaded pixels as a PIL RGB image (shares no memory with ``pixels``)."""
+        return Image.fromarray(self.pixels.numpy(), mode="RGB")
+
+
+def decode_photo(path: Path, max_side: int | None = None, *, sha256: str = "") -> Photo:
+    """Decode one photo as RGB, at most ``max_side`` px on its longer side (see load_image).
+
+    The one photo decoder of facetag: detection, enrolment, tagging, training crops and
+    detector training all read photos through it. Raises DataError (one line).
+    """
+    img, (W, H) = _load_sized(Path(path), "RGB", DEFAULT_MAX_PIXELS, max_side)
+    pixels = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())  # (h, w, 3)
+    return Photo(Path(path), pixels, W, H, img.size[0] / W, sha256)
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 hex of a file's bytes; DataError (one line) when it cannot be read."""
+    h = hashlib.sha256()
+    try:
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise DataError(
+            f"{path}: expected a readable file, got {reason}; check the path and its permissions"
+        ) from None
+    return h.hexdigest()
 
 
 def image_size(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:

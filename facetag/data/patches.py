@@ -30,8 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import roi_align
 
-from facetag.data.boxes import FaceBox
-from facetag.inference.ap import iou_matrix
+from facetag.data.boxes import FaceBox, iou_matrix
 
 NEG, POS, PART, POS_NO_BOX = 0, 1, 2, 3
 POS_IOU, PART_IOU, NEG_IOU = 0.65, 0.4, 0.3

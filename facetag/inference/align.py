@@ -17,21 +17,16 @@ straight to fit_image, exactly like a training image.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
-from facetag.data.images import image_size as displayed_size
-from facetag.data.images import load_image
+from facetag.data.images import Photo
 from facetag.data.transforms import fit_image, normalize
-from facetag.errors import DataError
 
 DEFAULT_MARGIN = 0.25  # square side = (1 + margin) * the box's longer side
 FILL = 128  # grey outside the photo
@@ -156,62 +151,9 @@ class WholePhotoDetector:
         return torch.tensor([[0.0, 0.0, float(W), float(H), 1.0]])
 
 
-def open_detector(spec: str | None, device: str) -> FaceDetector:
-    """``none`` -> WholePhotoDetector; anything else -> facetag.inference.detect.load_detector
-    (None = the shipped weights, a checkpoint path, runs:/ or models:/)."""
-    if spec == "none":
-        return WholePhotoDetector()
-    from facetag.inference.detect import load_detector
-
-    return load_detector(spec, device)
-
-
-@dataclass
-class Photo:
-    """A decoded photo: pixels as loaded (at most max_side), sizes as displayed."""
-
-    path: Path
-    sha256: str  # of the file's bytes
-    pixels: Tensor  # uint8 (h, w, 3), the loaded (maybe shrunk) photo
-    width: int  # displayed W (EXIF rotation applied), what boxes in outputs refer to
-    height: int  # displayed H
-    scale: float  # loaded / displayed
-
-    def image(self) -> Image.Image:
-        """The loaded pixels as a PIL RGB image (shares no memory with ``pixels``)."""
-        return Image.fromarray(self.pixels.numpy(), mode="RGB")
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 hex of a file's bytes; DataError (one line) when it cannot be read."""
-    h = hashlib.sha256()
-    try:
-        with path.open("rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-    except OSError as e:
-        reason = e.strerror or type(e).__name__
-        raise DataError(
-            f"{path}: expected a readable file, got {reason}; check the path and its permissions"
-        ) from None
-    return h.hexdigest()
-
-
-def read_photo(path: Path, max_side: int, sha: str | None = None) -> Photo:
-    """Hash (unless ``sha`` is given) and decode one photo (RGB, at most max_side px on
-    its longer side). Raises DataError (one line) for anything load_image refuses.
-    """
-    sha = sha or file_sha256(path)
-    W, H = displayed_size(path)
-    img = load_image(path, "RGB", max_side=max_side)
-    pixels = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())  # (h, w, 3)
-    return Photo(path, sha, pixels, W, H, img.size[0] / W)
-
-
 def find_faces(detector: FaceDetector, photo: Photo) -> list[list[float]]:
     """Faces in a photo: [[x1, y1, x2, y2, score]] in the loaded pixels, best first."""
-    x = photo.pixels.permute(2, 0, 1).float()  # (3, h, w) 0..255
-    found = detector.detect(x)  # (K, 5)
+    found = detector.detect(photo.chw())  # (K, 5)
     return [[float(v) for v in row] for row in found.tolist()]
 
 

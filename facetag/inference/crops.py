@@ -32,11 +32,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from facetag.data.images import is_image_file, load_image
+from facetag.data.images import decode_photo, is_image_file
 from facetag.errors import DataError
 from facetag.inference.align import DEFAULT_MARGIN, FILL, FaceDetector, crop_face
 from facetag.inference.gallery import atomic_write
-from facetag.inference.tag import ProgressFn, _Meter
+from facetag.progress import Meter, ProgressFn
 
 MessageFn = Callable[[str], None]
 
@@ -139,7 +139,7 @@ def _cut_one(
 ) -> bool:
     """Detect, crop and write one photo's face; False (reported) when there is none."""
     try:
-        img = load_image(photo, "RGB", max_side=detector.settings.max_side)
+        img = decode_photo(photo, detector.settings.max_side).image()
     except DataError as e:
         say(str(e))
         report.missed.append(str(photo))
@@ -186,7 +186,7 @@ def cut_crops(
     same = stamp.is_file() and json.loads(stamp.read_text()).get("settings") == settings
     out.mkdir(parents=True, exist_ok=True)
     report = CropReport(out=out, people=len(people))
-    meter = _Meter(sum(len(v) for v in people.values()), progress)
+    meter = Meter("photos", sum(len(v) for v in people.values()), progress, "photos/s")
     made: set[Path] = set()
     for person, photos in people.items():
         srcs = sorted({s.name for s, _ in photos})

@@ -17,20 +17,44 @@ Each stage returns a face logit (N, 1, h, w) and 4 box offsets (N, 4, h, w):
 (x1, y1, x2, y2) regresses to the face box inside it. Every conv is followed by batch norm
 and PReLU (BatchNormAct2d) while training; ``fuse()`` folds each batch norm into its conv
 for inference, leaving Conv2d(bias) -> PReLU.
+
+``Detector`` runs a fused cascade over one image (3, H, W):
+
+    pyramid: scales 12/min_face * 0.709^k down to a 12-px image, each run through PNet
+    (fully convolutional: one 12x12 window every 2 px) -> windows with face prob > t0,
+    NMS 0.5 per scale, NMS 0.7 over all scales, box regression, made square
+      -> RNet on the 24x24 crops of those windows -> prob > t1, NMS 0.7, regression, square
+      -> ONet (when the model has one) on 48x48 crops -> prob >= threshold, regression
+      -> NMS over the final boxes, boxes nested in a better one dropped
+
+NMS and the crops use torchvision.ops (inference and patch cutting only).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.ops import nms
 
+from facetag.checkpoint import load_checkpoint
+from facetag.data.patches import crop_windows, halvings
+from facetag.errors import ModelError
 from facetag.layers.activation import PReLU
 from facetag.layers.conv import Conv2d
 from facetag.layers.fused import BatchNormAct2d
 from facetag.layers.pool import MaxPool2d
 
+DETECTOR_FORMAT = "facetag-detector/1"
+MAX_CANDIDATES = 2000  # windows kept per pyramid level and per stage (by score)
+REFINE_CHUNK = 256  # crops per forward pass of RNet / ONet: bounds the activations' memory
 STAGE_SIZES = {"pnet": 12, "rnet": 24, "onet": 48}  # input window of each stage
 PNET_STRIDE = 2  # one PNet output per 2 input pixels (its one max-pool)
 DEFAULT_WIDTHS: dict[str, tuple[int, ...]] = {
@@ -165,3 +189,248 @@ class Cascade(nn.Module):
     @property
     def kinds(self) -> list[str]:
         return list(self.stages.keys())
+
+
+@dataclass(frozen=True)
+class DetectSettings:
+    """How the cascade is run; the model file stores the defaults it was tuned with."""
+
+    min_face: float = 20.0  # smallest face searched for, px high (in the loaded image)
+    scale_factor: float = 0.709  # pyramid step: each level is 0.709x the previous one
+    stage_thresholds: tuple[float, ...] = (0.6, 0.7)  # PNet, RNet probs (all but the last)
+    threshold: float = 0.8  # the last stage's prob: the reported score
+    nms_per_scale: float = 0.5  # PNet NMS inside one pyramid level
+    nms_stage: float = 0.7  # NMS after each stage
+    nms_final: float = 0.4  # NMS on the final boxes: a face is reported once
+    nested_final: float = 0.7  # ... and a box this much inside a better one is dropped
+    # Larger photos are shrunk to this before detection: a 100-megapixel photo then peaks
+    # at ~165 MB above the loaded model (2048 px: ~265 MB, the process going over 0.9 GB).
+    max_side: int = 1600
+
+
+@dataclass
+class Detector:
+    """A loaded, fused cascade and its settings; ``name`` identifies it in outputs."""
+
+    cascade: Cascade
+    settings: DetectSettings
+    name: str
+    device: str = "cpu"
+    state: dict[str, Any] = field(default_factory=dict)
+
+    @torch.no_grad()
+    def detect(
+        self, image: Tensor, *, min_face: float | None = None, threshold: float | None = None
+    ) -> Tensor:
+        """Faces in one image (3, H, W) of 0..255 float pixels -> (K, 5) x1 y1 x2 y2 score.
+
+        Boxes are in the image's pixels, clipped to it, sorted by decreasing score.
+        """
+        s = self.settings
+        windows, scores = self.propose(
+            image, stages=len(self.cascade.kinds), min_face=min_face, threshold=threshold
+        )
+        if windows.numel() == 0:
+            return image.new_zeros(0, 5)
+        keep = nms(windows, scores, s.nms_final)
+        keep = keep[drop_nested(windows[keep], s.nested_final)]
+        boxes, scores = windows[keep], scores[keep]
+        H, W = image.shape[1:]
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, W)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, H)
+        return torch.cat([boxes, scores[:, None]], dim=1).cpu()  # (K, 5)
+
+    @torch.no_grad()
+    def propose(
+        self,
+        image: Tensor,
+        stages: int,
+        *,
+        min_face: float | None = None,
+        threshold: float | None = None,
+        thresholds: tuple[float, ...] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Run the first ``stages`` stages: (boxes (K, 4) regressed, not squared; probs (K,)).
+
+        Training uses this to mine the windows a partly trained cascade gets wrong.
+        ``thresholds`` overrides the prob thresholds of the stages run (all of them).
+        """
+        s = self.settings
+        image = image.to(self.device, torch.float32)
+        kinds = self.cascade.kinds[:stages]
+        if thresholds is None:
+            n = len(self.cascade.kinds)
+            last = s.threshold if threshold is None else threshold
+            thresholds = (*s.stage_thresholds[: n - 1], last)[:stages]
+        boxes, scores = self._pnet(image, min_face or s.min_face, thresholds[0])
+        levels = halvings(image) if len(kinds) > 1 else [image]
+        for kind, t in zip(kinds[1:], thresholds[1:], strict=True):
+            if boxes.numel() == 0:
+                break
+            boxes, scores = self._refine(levels, self.cascade.stage(kind), square(boxes), t)
+        return boxes, scores
+
+    def _pnet(self, image: Tensor, min_face: float, t: float) -> tuple[Tensor, Tensor]:
+        pnet = self.cascade.stage("pnet")
+        H, W = image.shape[1:]
+        s = self.settings
+        found_w, found_s, found_r = [], [], []
+        scale = 12.0 / min_face  # a min_face-high face becomes PNet's 12-px window
+        previous = image[None]  # (1, 3, H, W)
+        while min(H, W) * scale >= 12:
+            h, w = max(12, math.ceil(H * scale)), max(12, math.ceil(W * scale))
+            # Each level is resized from the one before (0.709x), not from the photo: the
+            # pyramid then costs about twice its first level rather than once per level.
+            x = F.interpolate(
+                previous,
+                size=(h, w),
+                mode="bilinear",
+                align_corners=False,
+                antialias=h < previous.shape[2],
+            )  # (1, 3, h, w)
+            previous = x
+            logit, offsets = pnet(_channels_last(normalize_patches(x)))  # (1, 1|4, h', w')
+            prob = torch.sigmoid(logit[0, 0])  # (h', w')
+            ys, xs = torch.nonzero(prob > t, as_tuple=True)
+            if ys.numel():
+                score = prob[ys, xs]
+                if score.numel() > MAX_CANDIDATES:
+                    top = score.topk(MAX_CANDIDATES).indices
+                    ys, xs, score = ys[top], xs[top], score[top]
+                sx, sy = w / W, h / H
+                win = torch.stack(
+                    [
+                        xs * PNET_STRIDE / sx,
+                        ys * PNET_STRIDE / sy,
+                        (xs * PNET_STRIDE + 12) / sx,
+                        (ys * PNET_STRIDE + 12) / sy,
+                    ],
+                    dim=1,
+                ).float()  # (K, 4) in image pixels
+                reg = offsets[0, :, ys, xs].T  # (K, 4)
+                keep = nms(win, score, s.nms_per_scale)
+                found_w.append(win[keep])
+                found_s.append(score[keep])
+                found_r.append(reg[keep])
+            scale *= s.scale_factor
+        if not found_w:
+            return image.new_zeros(0, 4), image.new_zeros(0)
+        win, score, reg = torch.cat(found_w), torch.cat(found_s), torch.cat(found_r)
+        keep = nms(win, score, s.nms_stage)[:MAX_CANDIDATES]
+        return regress(win[keep], reg[keep]), score[keep]
+
+    def _refine(
+        self, levels: list[Tensor], net: StageNet, windows: Tensor, t: float
+    ) -> tuple[Tensor, Tensor]:
+        probs, regs = [], []
+        # In chunks: 2000 RNet crops at once would hold ~100 MB of activations.
+        for chunk in windows.split(REFINE_CHUNK):
+            crops = crop_windows(levels, chunk, net.size)  # (k, 3, S, S)
+            logit, offsets = net(_channels_last(normalize_patches(crops)))  # (k, 1|4, 1, 1)
+            probs.append(torch.sigmoid(logit[:, 0, 0, 0]))  # (k,)
+            regs.append(offsets[:, :, 0, 0])  # (k, 4)
+        prob, reg = torch.cat(probs), torch.cat(regs)
+        keep = prob >= t
+        windows, prob, reg = windows[keep], prob[keep], reg[keep]
+        keep = nms(windows, prob, self.settings.nms_stage)[:MAX_CANDIDATES]
+        return regress(windows[keep], reg[keep]), prob[keep]
+
+
+def drop_nested(boxes: Tensor, limit: float) -> Tensor:
+    """Indices of ``boxes`` (K, 4), sorted by decreasing score, to keep: a box is dropped when
+    its intersection with a kept box covers more than ``limit`` of the smaller of the two.
+
+    IoU-based NMS keeps a box that lies inside a larger one (an eyes-to-mouth box inside
+    the face's box has IoU ~0.4 with it); MTCNN's last NMS uses this "min" overlap too.
+    """
+    K = boxes.shape[0]
+    if K < 2:
+        return torch.arange(K)
+    x1, y1, x2, y2 = boxes.unbind(1)
+    area = (x2 - x1).clamp(min=0) * (y2 - y1).clamp(min=0)  # (K,)
+    iw = (torch.minimum(x2[:, None], x2[None]) - torch.maximum(x1[:, None], x1[None])).clamp(min=0)
+    ih = (torch.minimum(y2[:, None], y2[None]) - torch.maximum(y1[:, None], y1[None])).clamp(min=0)
+    cover = iw * ih / torch.minimum(area[:, None], area[None]).clamp(min=1e-6)  # (K, K)
+    kept: list[int] = []
+    for i in range(K):
+        if not kept or float(cover[i, kept].max()) <= limit:
+            kept.append(i)
+    return torch.tensor(kept, dtype=torch.long)
+
+
+def _channels_last(x: Tensor) -> Tensor:
+    # NOTE: on the CPU, max-pooling (and oneDNN's convolutions) run about 3x faster on
+    # (N, H, W, C) memory than on (N, C, H, W): measured 7 vs 22 ms for PNet's first pool.
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def regress(windows: Tensor, offsets: Tensor) -> Tensor:
+    """Apply box offsets (K, 4), in units of each window's side, to windows (K, 4)."""
+    side = (windows[:, 2] - windows[:, 0])[:, None]  # (K, 1)
+    return windows + offsets * side
+
+
+def square(boxes: Tensor) -> Tensor:
+    """Boxes (K, 4) -> squares (K, 4) of side max(w, h) with the same centres."""
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    side = torch.maximum(w, h)
+    cx, cy = boxes[:, 0] + w / 2, boxes[:, 1] + h / 2
+    return torch.stack([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2], dim=1)
+
+
+def shipped_weights() -> Path:
+    """The detector weights inside the package (trained with experiments/configs/detector.toml)."""
+    return Path(str(resources.files("facetag") / "weights" / "detector.pt"))
+
+
+def detector_from_state(state: dict[str, Any], name: str, device: str = "cpu") -> Detector:
+    """Rebuild a fused, eval-mode Detector from a detector model file's contents."""
+    if state.get("format") != DETECTOR_FORMAT:
+        raise ModelError(
+            f"{name}: expected a facetag detector model (format {DETECTOR_FORMAT}), got "
+            f"{state.get('format', 'a checkpoint without a model format')!r}; pass the "
+            "detector.pt that facetag train-detector wrote, or a runs:/ or models:/ URI"
+        )
+    widths = {k: tuple(int(v) for v in w) for k, w in state["widths"].items()}
+    cascade = Cascade(widths, list(state["stages"]))
+    cascade.load_state_dict(state["weights"])
+    for kind in cascade.kinds:
+        cascade.stage(kind).fuse()
+    cascade.to(device).eval()
+    raw = state.get("settings", {})
+    settings = DetectSettings(
+        **{
+            k: tuple(v) if isinstance(v, list) else v
+            for k, v in raw.items()
+            if k in DetectSettings.__dataclass_fields__
+        }
+    )
+    return Detector(cascade, settings, name, device, state)
+
+
+def shipped_detector() -> Path:
+    """The detector weights inside the package (trained with experiments/configs/detector.toml)."""
+    return Path(str(resources.files("facetag") / "weights" / "detector.pt"))
+
+
+def load_detector(
+    path: Path | None = None, device: str = "cpu", name: str | None = None
+) -> Detector:
+    """The detector in model file ``path`` (None: the shipped weights), fused, on ``device``.
+
+    ``name`` is how outputs show it (default: the path; for the shipped weights
+    ``shipped:<model id>``). runs:/ and models:/ URIs are resolved to a file before this
+    (facetag.training.tracking.resolve_model).
+    """
+    if path is None:
+        path = shipped_detector()
+        if not path.is_file():
+            raise ModelError(
+                f"{path}: expected the shipped detector weights, got no such file; "
+                "reinstall facetag or pass --model"
+            )
+        state = load_checkpoint(path)
+        return detector_from_state(
+            state, name or f"shipped:{state.get('model_id', 'detector')}", device
+        )
+    return detector_from_state(load_checkpoint(path), name or str(path), device)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,21 @@ from facetag.errors import ModelError
 from facetag.models.embedder import EmbeddingNet
 
 EMBEDDER_FORMAT = "facetag-embedder/1"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model file to load, as a --model / --detector spec resolved to it
+    (facetag.training.tracking.resolve_model turns runs:/ and models:/ URIs into one)."""
+
+    path: Path | None = None  # None: the file shipped in the package
+    spec: str = "shipped"  # what the user passed, shown in outputs ("none": no detector)
+    calibrated_threshold: float | None = None  # stored in MLflow by facetag evaluate
+
+
+def shipped_embedder() -> Path:
+    """The embedder weights inside the package (``make weights`` rebuilds them)."""
+    return Path(str(resources.files("facetag") / "weights" / "embedder.pt"))
 
 
 @dataclass

@@ -27,12 +27,11 @@ import dataclasses
 import functools
 import hashlib
 import math
-import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,7 +40,7 @@ from torch import Tensor, nn
 from facetag import __version__
 from facetag.checkpoint import copy_checkpoint, load_checkpoint, save_checkpoint
 from facetag.data.boxes import BoxFile, FaceBox, read_boxes, resolve_image, split_images
-from facetag.data.images import image_size, is_image_file, load_image
+from facetag.data.images import decode_photo, is_image_file
 from facetag.data.patches import (
     NEG,
     PART,
@@ -64,19 +63,22 @@ from facetag.detector_config import (
 )
 from facetag.device import resolve_device
 from facetag.errors import ConfigError, DataError, TrainingError
-from facetag.inference.ap import DetectionScores, score_detector
-from facetag.inference.detect import (
+from facetag.layers.loss import binary_cross_entropy_with_logits, smooth_l1_loss
+from facetag.metrics.ap import DetectionScores, score_detector
+from facetag.models.detector import (
     DETECTOR_FORMAT,
+    STAGE_SIZES,
+    Cascade,
     Detector,
     DetectSettings,
+    StageNet,
     detector_from_state,
+    normalize_patches,
     square,
 )
-from facetag.layers.loss import binary_cross_entropy_with_logits, smooth_l1_loss
-from facetag.models.detector import STAGE_SIZES, Cascade, StageNet, normalize_patches
+from facetag.progress import Progress, ProgressFn
 from facetag.training.health import GradientHealth
 from facetag.training.loop import runs_dir
-from facetag.training.progress import ProgressBar
 
 REGISTERED_DETECTOR = "facetag-detector"
 MINE_THRESHOLDS = {"pnet": 0.5, "rnet": 0.5}  # stage probs kept when mining for the next stage
@@ -84,48 +86,6 @@ MINE_THRESHOLDS = {"pnet": 0.5, "rnet": 0.5}  # stage probs kept when mining for
 LABEL_SHARE = {NEG: 0.5, POS: 0.2, PART: 0.2, POS_NO_BOX: 0.1}
 SCORE_THRESHOLD = 0.05  # the last stage's prob kept when scoring AP: the whole curve
 MAX_SIDE = 1536  # training photos are used at most this large (WIDER's are 1024 wide)
-
-
-@dataclass
-class DetectorProgress:
-    """What the progress callback gets: a phase ("patches", "train", "validate") and counts."""
-
-    phase: str
-    stage: str
-    epoch: int
-    epochs: int
-    batch: int
-    batches: int
-    loss: float = 0.0
-    accuracy: float = 0.0
-    images_per_s: float = 0.0
-    done: bool = False
-    val_ap50: float | None = None
-
-
-ProgressFn = Callable[[DetectorProgress], None]
-
-
-class DetectorProgressBar(ProgressBar):
-    """ProgressBar for train-detector: training batches as in ``facetag train``, and a
-    one-line count for the patch-building and validation phases."""
-
-    def __init__(self, stream: TextIO | None = None) -> None:
-        super().__init__(stream or sys.stderr)
-
-    def update(self, p: Any) -> None:
-        if p.phase == "train":
-            super().update(p)
-            if p.done and p.val_ap50 is not None:
-                self.stream.write(f"  {p.stage} epoch {p.epoch}: val AP50 {p.val_ap50:.4f}\n")
-                self.stream.flush()
-            return
-        line = f"{p.stage}: {p.phase} {p.batch}/{p.batches}"
-        if self.tty:
-            self.stream.write("\r" + line + ("\n" if p.batch == p.batches else ""))
-        elif p.batch == p.batches:
-            self.stream.write(line + "\n")
-        self.stream.flush()
 
 
 @dataclass
@@ -200,9 +160,7 @@ def prepare_data(config: DetectorConfig) -> DetectorData:
 
 def load_rgb(path: Path) -> Tensor:
     """A photo as (3, H, W) float 0..255, shrunk to at most MAX_SIDE px."""
-    img = load_image(path, "RGB", max_side=MAX_SIDE)
-    arr = np.asarray(img, dtype=np.uint8).copy()
-    return torch.from_numpy(arr).permute(2, 0, 1).float()
+    return decode_photo(path, MAX_SIDE).chw()
 
 
 def _scaled_faces(faces: list[FaceBox], scale: float) -> list[FaceBox]:
@@ -213,9 +171,8 @@ def _scaled_faces(faces: list[FaceBox], scale: float) -> list[FaceBox]:
 
 def _photo(data: DetectorData, name: str) -> tuple[Tensor, list[FaceBox]]:
     """A box-file photo (3, H, W) and its faces, scaled when the photo was shrunk."""
-    path = data.path(name)
-    img = load_rgb(path)
-    return img, _scaled_faces(data.boxes[name], img.shape[2] / image_size(path)[0])
+    photo = decode_photo(data.path(name), MAX_SIDE)
+    return photo.chw(), _scaled_faces(data.boxes[name], photo.scale)
 
 
 def build_patches(
@@ -260,7 +217,7 @@ def build_patches(
             windows = np.concatenate([windows, _mined(previous, img, faces, t, rng)])
         parts.append(patches_from_windows(img, windows, faces, size))
         if progress is not None:
-            progress(DetectorProgress(phase, kind, 0, 0, i, len(photos)))
+            progress(Progress(f"{kind} {phase}", i, len(photos)))
     if extras and data.crop_sets:
         parts.append(
             crop_positives(data.crop_sets, size, rng, load_rgb, config.data.crops_per_set, jitter=2)
@@ -379,7 +336,7 @@ def score_photos(
         found[name] = [tuple(r) for r in dets.tolist()]  # type: ignore[misc]
         truth[name] = faces
         if progress is not None:
-            progress(DetectorProgress("validate", stage, 0, 0, i, len(names)))
+            progress(Progress(f"{stage} validate", i, len(names)))
     return score_detector(found, truth)
 
 
@@ -635,21 +592,11 @@ def train_detector(
                 record.val_ap50 = score_photos(scorer, data, val_subset, progress, kind).ap50
                 history.append(record)
                 if progress is not None:
-                    progress(
-                        DetectorProgress(
-                            "train",
-                            kind,
-                            epoch,
-                            E * len(kinds),
-                            steps,
-                            steps,
-                            record.train_loss,
-                            record.face_accuracy,
-                            record.patches_per_s,
-                            done=True,
-                            val_ap50=record.val_ap50,
-                        )
-                    )
+                    figures = {"loss": record.train_loss, "acc": record.face_accuracy}
+                    figures["patches/s"] = record.patches_per_s
+                    summary = f"{kind} epoch {epoch}: val AP50 {record.val_ap50:.4f}"
+                    task = _epoch_task(kind, epoch, E * len(kinds))
+                    progress(Progress(task, steps, steps, figures, summary, epoch))
                 if hooks is not None:
                     hooks.epoch(record, {f"{kind}.{k}": v for k, v in health.summary().items()})
                 save_checkpoint(
@@ -804,19 +751,12 @@ def _train_epoch(
         correct += int((((logits > 0) == is_face) & has_label).sum())
         seen += B
         if progress is not None:
-            progress(
-                DetectorProgress(
-                    "train",
-                    kind,
-                    epoch,
-                    epochs,
-                    i,
-                    batches,
-                    face_sum / max(n_face, 1) + t.box_weight * box_sum / max(n_box, 1),
-                    correct / max(n_face, 1),
-                    seen / max(time.perf_counter() - t0, 1e-9),
-                )
-            )
+            figures = {
+                "loss": face_sum / max(n_face, 1) + t.box_weight * box_sum / max(n_box, 1),
+                "acc": correct / max(n_face, 1),
+                "patches/s": seen / max(time.perf_counter() - t0, 1e-9),
+            }
+            progress(Progress(_epoch_task(kind, epoch, epochs), i, batches, figures, epoch=epoch))
     seconds = time.perf_counter() - t0
     face_loss, box_loss = face_sum / max(n_face, 1), box_sum / max(n_box, 1)
     return EpochRecord(
@@ -832,3 +772,7 @@ def _train_epoch(
         patches_per_s=seen / max(seconds, 1e-9),
         seconds=seconds,
     )
+
+
+def _epoch_task(kind: str, epoch: int, epochs: int) -> str:
+    return f"{kind} epoch {epoch:>3}/{epochs}"

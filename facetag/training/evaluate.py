@@ -59,7 +59,7 @@ from facetag import __version__
 from facetag.data.folders import FaceDataset, Split, scan_folder
 from facetag.data.folders import split as split_folder
 from facetag.device import resolve_device
-from facetag.errors import DataError, ModelError
+from facetag.errors import DataError
 from facetag.training import figures
 
 if TYPE_CHECKING:
@@ -68,7 +68,6 @@ if TYPE_CHECKING:
 
 FARS = {"1e-2": 1e-2, "1e-3": 1e-3}  # false accept rates reported, by the name results use
 DEFAULT_FAR = "1e-3"  # the stored threshold's FAR when measurable (see the module doc)
-THRESHOLD_TAG = "facetag.threshold"  # run / model-version tag that calibrated_threshold reads
 TAG_PREFIX = "facetag."
 METRIC_PREFIX = "eval_"
 ROC_ARTIFACT = "evaluation/roc.png"
@@ -417,40 +416,6 @@ def evaluate(
     return result
 
 
-def calibrated_threshold(spec: str) -> float | None:
-    """The threshold ``facetag evaluate`` stored for the model ``spec``, or None.
-
-    For ``models:/<name>@<alias>`` or ``/<version>``: the version's ``facetag.threshold``
-    tag, else its run's; for ``runs:/<run>/<path>`` and ``models:/m-<id>``: the run's tag;
-    for a local file or MLflow model directory: the ``threshold`` in the file. A cosine
-    distance: same person when below. Raises ModelError when ``spec`` names nothing.
-    """
-    from facetag.models.io import load_embedder
-    from facetag.training import tracking
-
-    if not spec.startswith(("runs:/", "models:/")):
-        return load_embedder(tracking.resolve_model_uri(spec)).threshold
-    uri = tracking.tracking_uri()
-    client = tracking.MlflowClient(tracking_uri=uri, registry_uri=uri)
-    run_id = tracking.model_run_id(spec)  # ModelError for a missing models:/ name or alias
-    version = _registered_version(client, spec)
-    if version is not None and THRESHOLD_TAG in version.tags:
-        return float(version.tags[THRESHOLD_TAG])
-    if not run_id:
-        return None
-    try:
-        run = client.get_run(run_id)
-    except tracking.MlflowException as e:
-        if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            raise
-        raise ModelError(
-            f"{spec}: expected the id of a run in {uri}, got no such run; "
-            "copy the run id from the MLflow UI (facetag ui)"
-        ) from None
-    value = run.data.tags.get(THRESHOLD_TAG)
-    return float(value) if value is not None else None
-
-
 def format_result(result: dict[str, Any]) -> str:
     """The human-readable report of an ``evaluate`` result (the CLI without --json)."""
 
@@ -600,21 +565,9 @@ def _attach(run_id: str) -> tuple[Tracker | None, str]:
     return tracking.Tracker(client, run_id, run.info.experiment_id, uri), ""
 
 
-def _registered_version(client: Any, spec: str) -> Any:
-    """The ModelVersion a ``models:/<name>@<alias>`` or ``/<version>`` spec names, else None."""
-    if not spec.startswith("models:/") or spec.startswith("models:/m-"):
-        return None
-    rest = spec.removeprefix("models:/")
-    name, at, alias = rest.partition("@")
-    if at:
-        return client.get_model_version_by_alias(name, alias)
-    name, _, number = rest.partition("/")
-    return client.get_model_version(name, number)
-
-
 def _threshold_tags(result: dict[str, Any]) -> dict[str, str]:
     tags = {
-        THRESHOLD_TAG: repr(result["threshold"]),
+        f"{TAG_PREFIX}threshold": repr(result["threshold"]),  # tracking.THRESHOLD_TAG
         f"{TAG_PREFIX}threshold_rule": result["threshold_rule"],
         f"{TAG_PREFIX}threshold_best_accuracy": repr(result["best_threshold"]),
         f"{TAG_PREFIX}threshold_data": result["data"],
@@ -636,7 +589,9 @@ def _store_in_mlflow(
         (str(mv.name), str(mv.version)): mv
         for mv in tracker.client.search_model_versions(f"run_id = '{tracker.run_id}'")
     }
-    named = _registered_version(tracker.client, spec)
+    from facetag.training.tracking import registered_version
+
+    named = registered_version(tracker.client, spec)
     if named is not None:
         versions[(str(named.name), str(named.version))] = named
     for name, number in sorted(versions):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from facetag.errors import DataError, TrainingError
 from facetag.models.embedder import EmbeddingNet, FaceClassifier
 from facetag.models.io import EMBEDDER_FORMAT as MODEL_FORMAT
 from facetag.models.io import weights_id
+from facetag.progress import Progress, ProgressFn
 from facetag.training.health import GradientHealth
 
 
@@ -46,21 +46,6 @@ class EpochStats:
     lr: float
     images_per_s: float
     seconds: float
-
-
-@dataclass
-class Progress:
-    """What the progress callback receives after each batch (and at epoch end)."""
-
-    epoch: int
-    epochs: int
-    batch: int
-    batches: int
-    loss: float
-    accuracy: float
-    images_per_s: float
-    done: bool = False
-    stats: EpochStats | None = None
 
 
 @dataclass
@@ -223,9 +208,6 @@ def model_file_state(
         "classifier": model.head.state_dict(),
         **(extra or {}),
     }
-
-
-ProgressFn = Callable[[Progress], None]
 
 
 class Hooks:
@@ -447,17 +429,9 @@ def _train_epoch(
         correct += int((logits.argmax(1) == y).sum())
         if progress is not None and dist.is_main:
             elapsed = time.perf_counter() - t0
-            progress(
-                Progress(
-                    epoch,
-                    config.train.epochs,
-                    i,
-                    batches,
-                    loss_sum / seen,
-                    correct / seen,
-                    seen * dist.world_size / max(elapsed, 1e-9),
-                )
-            )
+            rate = seen * dist.world_size / max(elapsed, 1e-9)
+            figures = {"loss": loss_sum / seen, "acc": correct / seen, "img/s": rate}
+            progress(Progress(_epoch_task(epoch, config), i, batches, figures, epoch=epoch))
     train_seconds = time.perf_counter() - t0
     val_loss, val_acc, _ = evaluate_classifier(model, test_set, device)
     stats = EpochStats(
@@ -471,20 +445,15 @@ def _train_epoch(
         seconds=time.perf_counter() - t0,
     )
     if progress is not None and dist.is_main:
-        progress(
-            Progress(
-                epoch,
-                config.train.epochs,
-                batches,
-                batches,
-                stats.train_loss,
-                stats.train_accuracy,
-                stats.images_per_s,
-                done=True,
-                stats=stats,
-            )
-        )
+        figures = {"loss": stats.train_loss, "acc": stats.train_accuracy}
+        figures["img/s"] = stats.images_per_s
+        summary = f"val loss {stats.val_loss:.4f} acc {stats.val_accuracy:.4f}"
+        progress(Progress(_epoch_task(epoch, config), batches, batches, figures, summary, epoch))
     return stats
+
+
+def _epoch_task(epoch: int, config: Config) -> str:
+    return f"epoch {epoch:>3}/{config.train.epochs}"
 
 
 @torch.no_grad()

@@ -55,6 +55,7 @@ from torch import Tensor, nn
 
 from facetag import __version__
 from facetag.errors import ConfigError, FacetagError, ModelError
+from facetag.models.io import ModelRef
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -62,6 +63,7 @@ if TYPE_CHECKING:
 DEFAULT_URI = "sqlite:///experiments/mlflow.db"
 CHAMPION = "champion"  # the alias of the best registered version on the same data
 MODEL_CHECKPOINT = "checkpoint.pt"  # the facetag checkpoint inside a logged model
+THRESHOLD_TAG = "facetag.threshold"  # run / model-version tag that calibrated_threshold reads
 FAILURE_TAG = "failure"  # one-line reason on runs that ended FAILED or KILLED
 # Model-version tags that make versions comparable (see Tracker.log_model).
 METRIC_TAG, VALUE_TAG, DATA_TAG = "metric", "metric_value", "data_hash"
@@ -532,6 +534,63 @@ def model_run_id(spec: str) -> str | None:
         version = _check_remote(spec, client, uri)
         return str(version.run_id) if version is not None and version.run_id else None
     return None
+
+
+def calibrated_threshold(spec: str) -> float | None:
+    """The threshold ``facetag evaluate`` stored for the model ``spec``, or None.
+
+    For ``models:/<name>@<alias>`` or ``/<version>``: the version's ``facetag.threshold``
+    tag, else its run's; for ``runs:/<run>/<path>`` and ``models:/m-<id>``: the run's tag;
+    for a local file or MLflow model directory: the ``threshold`` in the file. A cosine
+    distance: same person when below. Raises ModelError when ``spec`` names nothing.
+    """
+    from facetag.models.io import load_embedder
+
+    if not spec.startswith(("runs:/", "models:/")):
+        return load_embedder(resolve_model_uri(spec)).threshold
+    uri = tracking_uri()
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    run_id = model_run_id(spec)  # ModelError for a missing models:/ name or alias
+    version = registered_version(client, spec)
+    if version is not None and THRESHOLD_TAG in version.tags:
+        return float(version.tags[THRESHOLD_TAG])
+    if not run_id:
+        return None
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as e:
+        if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        raise ModelError(
+            f"{spec}: expected the id of a run in {uri}, got no such run; "
+            "copy the run id from the MLflow UI (facetag ui)"
+        ) from None
+    value = run.data.tags.get(THRESHOLD_TAG)
+    return float(value) if value is not None else None
+
+
+def registered_version(client: Any, spec: str) -> Any:
+    """The ModelVersion a ``models:/<name>@<alias>`` or ``/<version>`` spec names, else None."""
+    if not spec.startswith("models:/") or spec.startswith("models:/m-"):
+        return None
+    rest = spec.removeprefix("models:/")
+    name, at, alias = rest.partition("@")
+    if at:
+        return client.get_model_version_by_alias(name, alias)
+    name, _, number = rest.partition("/")
+    return client.get_model_version(name, number)
+
+
+def resolve_model(spec: str, *, calibrated: bool = False) -> ModelRef:
+    """A model spec as a local file for the inference layer (see resolve_model_uri), and
+    with ``calibrated`` the threshold facetag evaluate stored in MLflow for a runs:/ or
+    models:/ spec (None when it stored none, or for a local file: its own threshold is
+    read when it is loaded). Raises ModelError (one line) for what is missing."""
+    path = resolve_model_uri(spec)
+    threshold = None
+    if calibrated and spec.startswith(("runs:/", "models:/")):
+        threshold = calibrated_threshold(spec)
+    return ModelRef(path, spec, threshold)
 
 
 def ui_command(port: int = 5000, host: str = "127.0.0.1") -> tuple[list[str], str]:

@@ -11,7 +11,7 @@ from PIL import Image
 
 from facetag.checkpoint import save_checkpoint
 from facetag.detector_config import load_detector_config
-from facetag.inference.ap import DetectionScores
+from facetag.metrics.ap import DetectionScores
 from facetag.models.detector import Cascade
 from facetag.training.detector_train import model_state
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from facetag.data.boxes import FaceBox
-from facetag.inference.ap import average_precision, iou_matrix, score_detector
+from facetag.metrics.ap import average_precision, iou_matrix, score_detector
 
 
 def test_iou_matrix_known_values():

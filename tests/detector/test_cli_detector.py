@@ -9,7 +9,7 @@ from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
 from facetag.cli import app
-from facetag.inference.detect import load_detector
+from facetag.models.detector import load_detector
 
 from .conftest import photo
 

@@ -9,15 +9,9 @@ from PIL import Image
 
 from facetag.checkpoint import save_checkpoint
 from facetag.errors import DataError, ModelError
-from facetag.inference.detect import (
-    detect_paths,
-    detect_photo,
-    drop_nested,
-    load_detector,
-    regress,
-    square,
-    with_settings,
-)
+from facetag.inference.detect import detect_paths, detect_photo, with_settings
+from facetag.models.detector import drop_nested, load_detector, regress, square
+from facetag.models.io import ModelRef
 
 
 def test_square_keeps_centres():
@@ -70,7 +64,10 @@ def test_detect_paths_goes_on_after_bad_inputs(tiny_model, photo_zoo):
     good, bad = photo_zoo
     lines: list[str] = []
     doc, failed = detect_paths(
-        [*good, *bad], model=str(tiny_model), device="cpu", on_error=lines.append
+        [*good, *bad],
+        model=ModelRef(tiny_model, str(tiny_model)),
+        device="cpu",
+        on_error=lines.append,
     )
     assert failed == len(bad) == len(lines)
     assert sorted(i["path"] for i in doc["images"]) == sorted(str(p) for p in good)
@@ -90,12 +87,14 @@ def test_detect_paths_goes_on_after_bad_inputs(tiny_model, photo_zoo):
 def test_detect_paths_with_nothing_to_read(tiny_model, tmp_path):
     lines: list[str] = []
     doc, failed = detect_paths(
-        [tmp_path], model=str(tiny_model), device="cpu", on_error=lines.append
+        [tmp_path], model=ModelRef(tiny_model, str(tiny_model)), device="cpu", on_error=lines.append
     )
     assert (failed, len(lines), doc["images"]) == (1, 1, [])  # said once, not twice
     assert "expected image files" in lines[0]
     with pytest.raises(DataError, match="no such path"):
-        detect_paths([tmp_path / "missing"], model=str(tiny_model), device="cpu")
+        detect_paths(
+            [tmp_path / "missing"], model=ModelRef(tiny_model, str(tiny_model)), device="cpu"
+        )
 
 
 def test_load_detector_rejects_other_files(tmp_path):

@@ -17,8 +17,8 @@ from facetag.data.patches import (
     patches_from_windows,
     random_windows,
 )
-from facetag.inference.ap import iou_matrix
-from facetag.inference.detect import regress, square
+from facetag.metrics.ap import iou_matrix
+from facetag.models.detector import regress, square
 from facetag.training.detector_train import augment
 
 

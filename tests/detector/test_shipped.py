@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facetag.inference.ap import iou_matrix
-from facetag.inference.detect import detect_photo, evaluate_boxes, load_detector, shipped_weights
+from facetag.inference.detect import detect_photo
+from facetag.metrics.ap import iou_matrix
+from facetag.models.detector import load_detector, shipped_detector
+from facetag.training.evaluate_detector import evaluate_boxes
 
 # Eileen Collins' face in skimage's astronaut photo (512x512), forehead to chin, by eye.
 ASTRONAUT_FACE = (178, 62, 264, 172)
@@ -16,7 +18,7 @@ ASTRONAUT_FACE = (178, 62, 264, 172)
 
 def test_shipped_weights_find_the_astronauts_face(tmp_path):
     skimage_data = pytest.importorskip("skimage.data")
-    assert shipped_weights().is_file(), "facetag/weights/detector.pt is missing: make weights"
+    assert shipped_detector().is_file(), "facetag/weights/detector.pt is missing: make weights"
     path = tmp_path / "astronaut.png"
     Image.fromarray(skimage_data.astronaut()).save(path)
     faces = detect_photo(load_detector(), path)["faces"]

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from facetag.checkpoint import save_checkpoint
 from facetag.config import Config, DataConfig, ModelConfig
-from facetag.inference.tag import Models
+from facetag.inference.models import Models
 from facetag.models.embedder import EmbeddingNet, FaceClassifier
 from facetag.models.io import load_embedder
 from facetag.training.loop import model_file_state

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from facetag.inference.align import crop_face, crop_faces, embed_crops, face_square
-from facetag.inference.tag import assign, person_distances
+from facetag.inference.match import assign, person_distances
 
 
 def test_face_square_expands_the_longer_side_around_the_centre():

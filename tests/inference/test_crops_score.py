@@ -15,7 +15,7 @@ from torch import Tensor
 from facetag.errors import DataError
 from facetag.inference.align import crop_face, face_square
 from facetag.inference.crops import cut_crops, largest, person_key, square_crop
-from facetag.inference.score import format_score, read_expected, score_tags
+from facetag.metrics.names import format_score, read_expected, score_tags
 from tests.inference.conftest import FakeDetector, pattern, save
 
 
@@ -207,7 +207,7 @@ DATA = os.environ.get("FACETAG_DATA_DIR", "")
 
 @pytest.mark.skipif(not (Path(DATA) / "johns").is_dir(), reason="needs FACETAG_DATA_DIR")
 def test_shipped_detector_finds_every_johns_face(tmp_path: Path):
-    from facetag.inference.detect import load_detector
+    from facetag.models.detector import load_detector
 
     report = cut_crops([Path(DATA) / "johns"], tmp_path / "out", load_detector(None), size=64)
     assert report.summary()["crops"] == 55

@@ -9,8 +9,9 @@ import torch
 
 from facetag.errors import DataError, ModelError
 from facetag.inference.align import WholePhotoDetector
+from facetag.inference.enroll import enroll
 from facetag.inference.gallery import load_gallery, save_gallery
-from facetag.inference.tag import enroll, tag_photos
+from facetag.inference.tag import tag_photos
 from tests.inference.conftest import FakeDetector, make_models, pattern, save, write_model
 
 

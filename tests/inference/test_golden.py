@@ -20,9 +20,10 @@ from typing import Any
 import pytest
 
 from facetag.inference.align import WholePhotoDetector
-from facetag.inference.score import read_expected, score_tags
-from facetag.inference.tag import TagOptions, enroll, tag_photos
+from facetag.inference.enroll import enroll
+from facetag.inference.tag import TagOptions, tag_photos
 from facetag.inference.writers import to_json
+from facetag.metrics.names import read_expected, score_tags
 from tests.inference.conftest import FakeDetector, make_models, pattern, save, side_by_side
 
 GOLDEN = Path(__file__).parent / "golden" / "tag.json"

@@ -15,9 +15,10 @@ import pytest
 
 from facetag.errors import DataError
 from facetag.inference.align import WholePhotoDetector
+from facetag.inference.enroll import enroll
 from facetag.inference.gallery import load_gallery
 from facetag.inference.manifest import Manifest
-from facetag.inference.tag import TagOptions, enroll, tag_photos
+from facetag.inference.tag import TagOptions, tag_photos
 from facetag.inference.writers import read_regions
 from tests.inference.conftest import (
     FakeDetector,
@@ -290,3 +291,30 @@ def test_manifest_that_is_not_ours_is_left_untouched(
     assert other.read_text() == "my notes\n"
     assert Manifest.open(tmp_path / "new.jsonl").records == {}
     assert load_gallery(gallery).photos() == 2
+
+
+def test_manifest_without_output_folder_goes_to_the_cache_not_the_current_folder(
+    tmp_path: Path, model_file: Path, gallery: Path, monkeypatch: pytest.MonkeyPatch
+):
+    write_library(tmp_path / "lib", 2)
+    monkeypatch.chdir(tmp_path / "lib")
+    first = tag_photos([tmp_path / "lib"], gallery, two_face_models(model_file))
+    assert not list(Path.cwd().glob("*.jsonl"))  # nothing left where the run was started
+    assert first.manifest is not None
+    assert Path(os.environ["XDG_CACHE_HOME"]) in first.manifest.parents
+    again = tag_photos([tmp_path / "lib"], gallery, two_face_models(model_file))
+    assert (again.manifest, again.resumed, again.tagged) == (first.manifest, 2, 0)
+
+
+def test_progress_rate_counts_only_photos_tagged_in_this_run(
+    tmp_path: Path, model_file: Path, gallery: Path
+):
+    write_library(tmp_path / "lib", 4)
+    opts = TagOptions(csv=tmp_path / "tags.csv")
+    tag_photos([tmp_path / "lib"], gallery, two_face_models(model_file), opts)
+    write_library(tmp_path / "lib", 5)  # one new photo, four finished ones
+    seen = []
+    tag_photos([tmp_path / "lib"], gallery, two_face_models(model_file), opts, progress=seen.append)
+    assert [p.done for p in seen] == [1, 2, 3, 4, 5]
+    assert all(p.figures["photos/s"] == 0.0 for p in seen[:4])  # resumed: no rate at all
+    assert 0 < seen[-1].figures["photos/s"] < 1e4  # one photo's real rate, not 5 / ~0 s

@@ -16,7 +16,6 @@ from facetag.errors import DataError, ModelError
 from facetag.training.evaluate import (
     FARS,
     OperatingPoint,
-    calibrated_threshold,
     choose_threshold,
     closed_set_accuracy,
     distance_cuts,
@@ -29,6 +28,7 @@ from facetag.training.evaluate import (
     verify,
 )
 from facetag.training.figures import roc_auc
+from facetag.training.tracking import calibrated_threshold
 from tests.helpers import write_faces
 
 SMOKE = Path(__file__).resolve().parents[2] / "experiments" / "configs" / "smoke.toml"

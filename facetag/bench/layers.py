@@ -11,7 +11,6 @@ baseline after the model and batch exist; on CUDA with torch.cuda.max_memory_all
 from __future__ import annotations
 
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from facetag import layers
+from facetag.bench.memory import current_rss_mb, peak_rss_mb
 from facetag.models.embedder import OURS, EmbeddingNet, FaceClassifier, Ops
 
 
@@ -157,17 +157,6 @@ def time_pair(spec: BenchSpec) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def _rss_mb() -> float:
-    # ru_maxrss is in KiB on Linux (bytes on macOS; facetag benches on Linux)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _current_rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        pages = int(f.read().split()[1])
-    return pages * resource.getpagesize() / 2**20
-
-
 def memory_probe(spec: BenchSpec, which: str) -> float:
     """Peak memory (MiB) a few steps of one network add over its baseline.
 
@@ -186,10 +175,10 @@ def memory_probe(spec: BenchSpec, which: str) -> float:
             step(x, y)
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    base = _current_rss_mb()
+    base = current_rss_mb()
     for _ in range(3):
         step(x, y)
-    return _rss_mb() - base
+    return peak_rss_mb() - base
 
 
 def peak_memory(spec: BenchSpec) -> dict[str, float]:
@@ -197,7 +186,7 @@ def peak_memory(spec: BenchSpec) -> dict[str, float]:
     out = {}
     for which in ("ours", "torch"):
         code = (
-            "import json,sys; from facetag.bench import BenchSpec, memory_probe; "
+            "import json,sys; from facetag.bench.layers import BenchSpec, memory_probe; "
             "d=json.loads(sys.argv[1]); d['widths']=tuple(d['widths']); "
             f"print(memory_probe(BenchSpec(**d), {which!r}))"
         )

@@ -1,0 +1,179 @@
+"""``facetag enroll``, ``facetag tag`` and ``facetag bench tag``."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from facetag.cli._app import app, bench_app
+from facetag.cli._common import Device, DeviceOpt, JsonOpt, distance, fail, model_ref
+from facetag.cli.progress import ProgressBar
+from facetag.errors import FacetagError
+
+EmbedderOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model", help="Embedder: a model.pt, runs:/... or models:/... (default: the shipped one)."
+    ),
+]
+FaceDetectorOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--detector",
+        help="Detector: a checkpoint, runs:/..., models:/..., or 'none' "
+        "when each photo is already a face crop (default: the shipped one).",
+    ),
+]
+TagBatchOpt = Annotated[int, typer.Option(min=1, help="Faces per embedding batch.")]
+WorkersOpt = Annotated[int, typer.Option(min=0, help="Photo-decoding processes (0: none).")]
+
+
+def _load(model: str | None, detector: str | None, device: Device, threshold: float | None) -> Any:
+    from facetag.inference.models import load_models
+
+    ref = model_ref(model, calibrated=True)
+    models = load_models(ref, model_ref(detector), device.value, threshold)
+    typer.echo(f"device: {models.device}", err=True)
+    return models
+
+
+@app.command()
+def enroll(
+    people_dir: Annotated[Path, typer.Argument(help="PEOPLE_DIR/<person>/*.jpg, whole photos.")],
+    gallery: Annotated[Path, typer.Option(dir_okay=False, help="Gallery file to write.")],
+    model: EmbedderOpt = None,
+    detector: FaceDetectorOpt = None,
+    device: DeviceOpt = Device.auto,
+    batch_size: TagBatchOpt = 64,
+    workers: WorkersOpt = 0,
+) -> None:
+    """Enrol the people of PEOPLE_DIR; enrolling again re-embeds only changed photos."""
+    from facetag.inference.enroll import enroll as enroll_people
+
+    try:
+        models = _load(model, detector, device, None)
+        with ProgressBar("warning") as bar:
+            r = enroll_people(
+                people_dir,
+                gallery,
+                models,
+                batch_size=batch_size,
+                workers=workers,
+                on_message=bar.message,
+                progress=bar.update,
+            )
+    except FacetagError as e:
+        raise fail(e) from None
+    typer.echo(
+        f"{r.gallery}: {r.people} people, {r.photos} photos ({r.embedded} embedded, "
+        f"{r.kept} unchanged, {r.removed} removed, {r.skipped} skipped), model "
+        f"{r.model} on {r.device}"
+    )
+
+
+@app.command()
+def tag(
+    photos: Annotated[list[Path], typer.Argument(help="Photos or folders of photos.")],
+    gallery: Annotated[Path, typer.Option(dir_okay=False, help="From facetag enroll.")],
+    recursive: Annotated[bool, typer.Option(help="Look in sub-folders too.")] = False,
+    as_json: JsonOpt = False,
+    csv: Annotated[Path | None, typer.Option(dir_okay=False, help="Write a CSV here.")] = None,
+    xmp: Annotated[bool, typer.Option(help="Write face regions to XMP sidecars.")] = False,
+    annotate: Annotated[
+        Path | None, typer.Option(file_okay=False, help="Write annotated copies here.")
+    ] = None,
+    threshold: Annotated[
+        float | None, typer.Option(callback=distance, help="Cosine distance to name a face.")
+    ] = None,
+    device: DeviceOpt = Device.auto,
+    batch_size: TagBatchOpt = 64,
+    workers: WorkersOpt = 0,
+    model: EmbedderOpt = None,
+    detector: FaceDetectorOpt = None,
+    manifest: Annotated[
+        Path | None, typer.Option(dir_okay=False, help="Resume file [beside --csv/--annotate].")
+    ] = None,
+    expected: Annotated[
+        Path | None,
+        typer.Option(dir_okay=False, help="CSV image,names to score against (expected.csv)."),
+    ] = None,
+) -> None:
+    """Name the faces in PHOTOS; rerunning skips finished photos. Exit 1 if any failed."""
+    from facetag.inference.tag import TagOptions, tag_photos
+    from facetag.inference.writers import format_tags, to_json
+    from facetag.metrics.names import format_score
+
+    options = TagOptions(
+        recursive=recursive,
+        batch_size=batch_size,
+        workers=workers,
+        csv=csv,
+        xmp=xmp,
+        annotate=annotate,
+        manifest=manifest,
+        expected=expected,
+    )
+    try:
+        models = _load(model, detector, device, threshold)
+        with ProgressBar() as bar:
+            run = tag_photos(
+                photos, gallery, models, options, on_message=bar.message, progress=bar.update
+            )
+    except FacetagError as e:
+        raise fail(e) from None
+    if as_json:
+        typer.echo(to_json(run.doc))
+    else:
+        typer.echo(format_tags(run.doc))
+        if run.score is not None:
+            typer.echo(format_score(run.score))
+    if run.failed:
+        raise typer.Exit(code=1)
+
+
+def format_bench_tag(r: dict[str, Any]) -> str:
+    return (
+        f"tag on {r['device']} ({r['torch_threads']} threads, {r['workers']} workers): "
+        f"{r['photos_per_s']:.2f} photos/s over {r['photos']} photos "
+        f"({r['distinct_photos']} distinct), {r['faces_per_photo']} faces/photo\n"
+        f"peak memory {r['peak_rss_mb']:.0f} MiB (after the first pass "
+        f"{r['peak_rss_mb_first_pass']:.0f} MiB)"
+    )
+
+
+@bench_app.command("tag")
+def bench_tag_cmd(
+    folder: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="Photos.")],
+    gallery: Annotated[
+        Path | None, typer.Option(dir_okay=False, help="Default: 8 random people.")
+    ] = None,
+    device: DeviceOpt = Device.auto,
+    batch_size: TagBatchOpt = 64,
+    workers: WorkersOpt = 0,
+    repeats: Annotated[int, typer.Option(min=1, help="Passes over the folder.")] = 2,
+    model: EmbedderOpt = None,
+    detector: FaceDetectorOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Photos/s of facetag tag end to end over FOLDER (decode, detect, embed, match)."""
+    from facetag.bench.photos import bench_tag
+
+    try:
+        models = _load(model, detector, device, 0.5)
+        with tempfile.TemporaryDirectory(prefix="facetag-bench-") as scratch:
+            r = bench_tag(
+                folder,
+                models,
+                gallery_path=gallery,
+                batch_size=batch_size,
+                workers=workers,
+                repeats=repeats,
+                scratch=Path(scratch),
+            )
+    except FacetagError as e:
+        raise fail(e) from None
+    typer.echo(json.dumps(r, indent=2) if as_json else format_bench_tag(r))

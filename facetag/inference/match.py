@@ -1,0 +1,71 @@
+"""Naming the faces of one photo: distances to the enrolled people, then a joint assignment.
+
+Distances are cosine distances 1 - <a, b> between L2-normalised embeddings, in [0, 2]; a
+person's distance to a face is the smallest over that person's gallery photos.
+
+Confidence, in [0, 1], says how far the distance is from the threshold t, in units of t:
+a named face has (t - d) / t (1 for d = 0, 0 at the threshold); an unknown face has
+min(1, (d - t) / t) with d its nearest person's distance (1 from d = 2t on), and 0 when
+that person was under the threshold but went to a closer face of the same photo.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor
+
+_BIG = 1e6  # cost of an assignment that is not allowed (a person over the threshold)
+
+
+@dataclass(frozen=True)
+class Match:
+    person: int | None  # index into the gallery's names(), None = unknown
+    distance: float  # to the person given, or to the nearest person for an unknown face
+    confidence: float  # in [0, 1], see the module docstring
+
+
+def person_distances(embeddings: Tensor, gallery: Tensor, labels: Tensor, P: int) -> Tensor:
+    """Faces (K, D), gallery (M, D) with labels (M,) in [0, P) -> distances (K, P).
+
+    d[k, p] = min over person p's gallery rows m of 1 - <e_k, g_m> (cosine distance).
+    """
+    K = embeddings.shape[0]
+    dist = (1.0 - embeddings @ gallery.T).clamp_(0.0, 2.0)  # (K, M)
+    out = torch.full((K, P), float("inf"))
+    return out.scatter_reduce_(1, labels.expand(K, -1), dist, reduce="amin")  # (K, P)
+
+
+def assign(distances: Tensor, threshold: float) -> list[Match]:
+    """Jointly name the K faces of one photo from distances (K, P).
+
+    Minimum-cost assignment (Hungarian, scipy) over a (K, P + K) cost matrix: face k to
+    person p costs d[k, p] - t when d[k, p] < t (forbidden otherwise) and to its own
+    "unknown" column 0. So every face gets at most one person, a person at most one
+    face, a face is only named under the threshold, and when two faces are nearest to the
+    same person the assignment with the smaller total distance wins: the closer face
+    gets the person unless the other face has no better option at all.
+    """
+    if threshold <= 0:
+        raise ValueError(f"assign: expected threshold > 0, got {threshold}")
+    K, P = distances.shape
+    if K == 0:
+        return []
+    d = distances.double().numpy()
+    cost = np.zeros((K, P + K))
+    cost[:, :P] = np.where(d < threshold, d - threshold, _BIG)
+    rows, cols = linear_sum_assignment(cost)
+    nearest = d.min(axis=1) if P else np.full(K, np.inf)
+    out: list[Match] = []
+    for k, c in sorted(zip(rows.tolist(), cols.tolist(), strict=True)):
+        if c < P and d[k, c] < threshold:
+            dist = float(d[k, c])
+            out.append(Match(int(c), dist, (threshold - dist) / threshold))
+        else:
+            near = float(nearest[k])
+            conf = 0.0 if near < threshold else min(1.0, (near - threshold) / threshold)
+            out.append(Match(None, near, conf))
+    return out
