@@ -165,31 +165,87 @@ LIMITS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
 _SPLIT_COUNTS = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 
 
-def load_config(path: Path | None, overrides: Mapping[str, object] | None = None) -> Config:
-    """Resolve defaults < TOML file at ``path`` (None: defaults only) < ``overrides``.
+C = typing.TypeVar("C")
 
-    Override keys are dotted ("train.epochs") or the CLI flag names in FLAG_KEYS ("epochs",
-    "data" ...); a None value means "flag not given" and is skipped. An empty data.name
-    becomes the folder name of data.path.
+
+@dataclass(frozen=True)
+class Schema(typing.Generic[C]):
+    """One kind of config (the embedder's, the detector's): its sections, the CLI flags
+    that set keys, and how the checked sections become a config (``build``). Loading,
+    overrides, round trips, the flat view for MLflow and TOML text are the same for all.
     """
-    values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
-    origin: dict[str, str] = {}  # dotted key -> where its value came from, for errors
-    if path is not None:
-        _merge_sections(_read_toml(path), str(path), values, origin)
-    apply_overrides(overrides or {}, values, origin)
-    return _build(values, origin)
+
+    title: str  # names the kind in the resolved TOML's first line
+    sections: Mapping[str, type[Any]]
+    flag_keys: Mapping[str, str]
+    build: typing.Callable[[dict[str, dict[str, Any]], dict[str, str]], C]
+
+    def load(self, path: Path | None, overrides: Mapping[str, object] | None = None) -> C:
+        """Resolve defaults < TOML file at ``path`` (None: defaults only) < ``overrides``.
+
+        Override keys are dotted ("train.epochs") or flag names in ``flag_keys`` ("epochs",
+        "data" ...); a None value means "flag not given" and is skipped.
+        """
+        values, origin = self._empty()
+        if path is not None:
+            _merge_sections(_read_toml(path), str(path), values, origin, self.sections)
+        apply_overrides(overrides or {}, values, origin, self.sections, self.flag_keys)
+        return self.build(values, origin)
+
+    def from_dict(self, d: Mapping[str, Any], source: str = "config") -> C:
+        """Rebuild a config from ``to_dict`` output (a checkpoint, a logged JSON);
+        ``source`` names where the dict came from in error messages."""
+        values, origin = self._empty()
+        _merge_sections(d, source, values, origin, self.sections)
+        return self.build(values, origin)
+
+    def to_dict(self, config: C) -> dict[str, dict[str, Any]]:
+        """Config -> {"data": {...}, "model": {...}, "train": {...}}; tuples become lists."""
+        return {
+            section: {
+                f.name: _plain(getattr(getattr(config, section), f.name))
+                for f in dataclasses.fields(cls)
+            }
+            for section, cls in self.sections.items()
+        }
+
+    def flatten(self, config: C) -> dict[str, str | int | float | bool]:
+        """Config -> {"data.path": ..., "train.lr": ...} for mlflow.log_params; arrays as TOML."""
+        return {
+            f"{section}.{key}": _toml_value(value) if isinstance(value, list) else value
+            for section, fields in self.to_dict(config).items()
+            for key, value in fields.items()
+        }
+
+    def to_toml(self, config: C) -> str:
+        """The resolved config as TOML text; ``load`` on it gives back an equal config."""
+        lines = [f"# facetag resolved {self.title} (defaults < TOML < flags)"]
+        for section, fields in self.to_dict(config).items():
+            lines += ["", f"[{section}]"]
+            lines += [f"{key} = {_toml_value(value)}" for key, value in fields.items()]
+        return "\n".join(lines) + "\n"
+
+    def with_flags(self, config: C, overrides: Mapping[str, object], source: str) -> C:
+        """``config`` with some flag overrides applied on top (a resumed run's --epochs)."""
+        values, origin = self._empty()
+        _merge_sections(self.to_dict(config), source, values, origin, self.sections)
+        apply_overrides(overrides, values, origin, self.sections, self.flag_keys)
+        return self.build(values, origin)
+
+    def _empty(self) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+        # origin: dotted key -> where its value came from, for errors
+        return {name: {} for name in self.sections}, {}
 
 
 def apply_overrides(
     overrides: Mapping[str, object],
     values: dict[str, dict[str, Any]],
     origin: dict[str, str],
-    sections: Mapping[str, type[Any]] = SECTIONS,
-    flag_keys: Mapping[str, str] = FLAG_KEYS,
+    sections: Mapping[str, type[Any]],
+    flag_keys: Mapping[str, str],
 ) -> None:
     """Type-check CLI overrides into ``values``: dotted keys ("train.epochs") or flag names
-    in ``flag_keys`` ("epochs"); None means "flag not given" and is skipped. The detector's
-    config (facetag.detector_config) passes its own sections and flags."""
+    in ``flag_keys`` ("epochs"); None means "flag not given" and is skipped."""
     for key, value in overrides.items():
         if value is None:
             continue
@@ -203,46 +259,6 @@ def apply_overrides(
             raise ConfigError(f"unknown override '{key}'{_suggest(key, known)}")
         values[section][field] = _check_type(value, _hints(sections[section])[field], where)
         origin[dotted] = where
-
-
-def config_from_dict(d: Mapping[str, Any], source: str = "config") -> Config:
-    """Rebuild a Config from ``config_to_dict`` output (a checkpoint, a logged JSON).
-
-    ``source`` names where the dict came from in error messages.
-    """
-    values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
-    origin: dict[str, str] = {}
-    _merge_sections(d, source, values, origin)
-    return _build(values, origin)
-
-
-def config_to_dict(config: Config) -> dict[str, dict[str, Any]]:
-    """Config -> {"data": {...}, "model": {...}, "train": {...}}; tuples become lists."""
-    return {
-        section: {
-            f.name: _plain(getattr(getattr(config, section), f.name))
-            for f in dataclasses.fields(cls)
-        }
-        for section, cls in SECTIONS.items()
-    }
-
-
-def flatten(config: Config) -> dict[str, str | int | float | bool]:
-    """Config -> {"data.path": ..., "train.lr": ...} for mlflow.log_params; arrays as TOML text."""
-    flat: dict[str, str | int | float | bool] = {}
-    for section, fields in config_to_dict(config).items():
-        for key, value in fields.items():
-            flat[f"{section}.{key}"] = _toml_value(value) if isinstance(value, list) else value
-    return flat
-
-
-def config_to_toml(config: Config) -> str:
-    """The resolved config as TOML text; ``load_config`` on it gives back an equal Config."""
-    lines = ["# facetag resolved config (defaults < TOML < flags)"]
-    for section, fields in config_to_dict(config).items():
-        lines += ["", f"[{section}]"]
-        lines += [f"{key} = {_toml_value(value)}" for key, value in fields.items()]
-    return "\n".join(lines) + "\n"
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -297,19 +313,6 @@ def _merge_sections(
             where = f"{source} [{section}] {key}"
             values[section][key] = _check_type(value, hints[key], where)
             origin[f"{section}.{key}"] = where
-
-
-merge_sections = _merge_sections  # the name facetag.detector_config uses
-
-
-def _build(values: dict[str, dict[str, Any]], origin: dict[str, str]) -> Config:
-    data = values["data"]
-    if not data.get("name") and data.get("path"):
-        # os.path.abspath normalises "." and "..", so "../data/orl/" and "." both get a name.
-        data["name"] = Path(os.path.abspath(str(data["path"]))).name
-    config = Config(**{section: SECTIONS[section](**values[section]) for section in SECTIONS})
-    _check_values(config, origin)
-    return config
 
 
 def check_limits(
@@ -500,3 +503,21 @@ def _suggest_key(key: str, section: str, sections: Mapping[str, type[Any]] = SEC
     if owners:
         return f"; '{key}' belongs in [{owners[0]}]"
     return "; expected one of " + ", ".join(fields)
+
+
+def _build(values: dict[str, dict[str, Any]], origin: dict[str, str]) -> Config:
+    data = values["data"]
+    if not data.get("name") and data.get("path"):
+        # os.path.abspath normalises "." and "..", so "../data/orl/" and "." both get a name.
+        data["name"] = Path(os.path.abspath(str(data["path"]))).name
+    config = Config(**{section: SECTIONS[section](**values[section]) for section in SECTIONS})
+    _check_values(config, origin)
+    return config
+
+
+EMBEDDER: Schema[Config] = Schema("config", SECTIONS, FLAG_KEYS, _build)
+load_config = EMBEDDER.load
+config_from_dict = EMBEDDER.from_dict
+config_to_dict = EMBEDDER.to_dict
+flatten = EMBEDDER.flatten
+config_to_toml = EMBEDDER.to_toml

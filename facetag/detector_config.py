@@ -12,19 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
-from facetag.config import (
-    _plain,
-    _read_toml,
-    _toml_value,
-    apply_overrides,
-    check_limits,
-    merge_sections,
-)
+from facetag.config import Schema, check_limits
 
 Stage = Literal["pnet", "rnet", "onet"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -127,52 +118,15 @@ LIMITS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
 }
 
 
-def load_detector_config(
-    path: Path | None, overrides: Mapping[str, object] | None = None
-) -> DetectorConfig:
-    """defaults < TOML file at ``path`` (None: defaults only) < ``overrides`` (None skipped)."""
-    values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
-    origin: dict[str, str] = {}
-    if path is not None:
-        merge_sections(_read_toml(path), str(path), values, origin, SECTIONS)
-    apply_overrides(overrides or {}, values, origin, SECTIONS, FLAG_KEYS)
-    return _build(values, origin)
-
-
-def detector_config_from_dict(d: Mapping[str, Any], source: str = "config") -> DetectorConfig:
-    """Rebuild a DetectorConfig from ``detector_config_to_dict`` output (a checkpoint)."""
-    values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
-    origin: dict[str, str] = {}
-    merge_sections(d, source, values, origin, SECTIONS)
-    return _build(values, origin)
-
-
-def detector_config_to_dict(config: DetectorConfig) -> dict[str, dict[str, Any]]:
-    """{"data": {...}, "model": {...}, "train": {...}} with tuples as lists."""
-    return {
-        s: {f.name: _plain(getattr(getattr(config, s), f.name)) for f in dataclasses.fields(cls)}
-        for s, cls in SECTIONS.items()
-    }
-
-
-def flatten_detector_config(config: DetectorConfig) -> dict[str, str | int | float | bool]:
-    """{"train.lr": ...} for mlflow.log_params; arrays as TOML text."""
-    return {
-        f"{s}.{k}": _toml_value(v) if isinstance(v, list) else v
-        for s, fields in detector_config_to_dict(config).items()
-        for k, v in fields.items()
-    }
-
-
-def detector_config_to_toml(config: DetectorConfig) -> str:
-    """The resolved config as TOML; ``load_detector_config`` reads it back equal."""
-    lines = ["# facetag resolved detector config (defaults < TOML < flags)"]
-    for section, fields in detector_config_to_dict(config).items():
-        lines += ["", f"[{section}]"] + [f"{k} = {_toml_value(v)}" for k, v in fields.items()]
-    return "\n".join(lines) + "\n"
-
-
 def _build(values: dict[str, dict[str, Any]], origin: dict[str, str]) -> DetectorConfig:
     config = DetectorConfig(**{s: SECTIONS[s](**values[s]) for s in SECTIONS})
     check_limits(config, origin, LIMITS)
     return config
+
+
+DETECTOR: Schema[DetectorConfig] = Schema("detector config", SECTIONS, FLAG_KEYS, _build)
+load_detector_config = DETECTOR.load
+detector_config_from_dict = DETECTOR.from_dict
+detector_config_to_dict = DETECTOR.to_dict
+flatten_detector_config = DETECTOR.flatten
+detector_config_to_toml = DETECTOR.to_toml

@@ -54,12 +54,11 @@ from facetag.data.patches import (
     random_windows,
 )
 from facetag.detector_config import (
+    DETECTOR,
     DetectorConfig,
-    detector_config_from_dict,
     detector_config_to_dict,
     detector_config_to_toml,
     flatten_detector_config,
-    load_detector_config,
 )
 from facetag.device import resolve_device
 from facetag.errors import ConfigError, DataError, TrainingError
@@ -77,8 +76,17 @@ from facetag.models.detector import (
     square,
 )
 from facetag.progress import Progress, ProgressFn
+from facetag.training.core import (
+    StepContext,
+    TrackedRun,
+    check_loss,
+    optimizer_step,
+    param_groups,
+    resolve_config,
+    runs_dir,
+    save_run_checkpoint,
+)
 from facetag.training.health import GradientHealth
-from facetag.training.loop import runs_dir
 
 REGISTERED_DETECTOR = "facetag-detector"
 MINE_THRESHOLDS = {"pnet": 0.5, "rnet": 0.5}  # stage probs kept when mining for the next stage
@@ -101,6 +109,20 @@ class EpochRecord:
     lr: float
     patches_per_s: float
     seconds: float
+
+    def metrics(self) -> dict[str, float]:
+        """The epoch's MLflow metrics."""
+        return {
+            "train_loss": self.train_loss,
+            "face_loss": self.face_loss,
+            "box_loss": self.box_loss,
+            "face_accuracy": self.face_accuracy,
+            "val_loss": self.val_loss,
+            "val_ap50": self.val_ap50,
+            "lr": self.lr,
+            "patches_per_s": self.patches_per_s,
+            "epoch_seconds": self.seconds,
+        }
 
 
 @dataclass
@@ -340,49 +362,6 @@ def score_photos(
     return score_detector(found, truth)
 
 
-class DetectorHooks:
-    """The MLflow run of train-detector (facetag.training.tracking, imported lazily)."""
-
-    def __init__(self, config: DetectorConfig) -> None:
-        from facetag.training.tracking import Tracker
-
-        self._Tracker = Tracker
-        self.config = config
-        self.tracker: Any = None
-
-    def start(self, params: Mapping[str, object]) -> str:
-        self.tracker = self._Tracker.start(
-            self.config.data.name, tags={"command": "facetag train-detector"}
-        )
-        self.tracker.log_params(params)
-        self.tracker.log_text(detector_config_to_toml(self.config), "config.toml")
-        return str(self.tracker.run_id)
-
-    def resume(self, run_id: str) -> None:
-        self.tracker = self._Tracker.resume(run_id, experiment=self.config.data.name)
-
-    def epoch(self, r: EpochRecord, health: dict[str, tuple[float, float]]) -> None:
-        self.tracker.log_metrics(
-            {
-                "train_loss": r.train_loss,
-                "face_loss": r.face_loss,
-                "box_loss": r.box_loss,
-                "face_accuracy": r.face_accuracy,
-                "val_loss": r.val_loss,
-                "val_ap50": r.val_ap50,
-                "lr": r.lr,
-                "patches_per_s": r.patches_per_s,
-                "epoch_seconds": r.seconds,
-            },
-            step=r.epoch,
-        )
-        self.tracker.log_layer_health(health, step=r.epoch)
-
-    def failed(self, message: str, interrupted: bool = False) -> None:
-        if self.tracker is not None and not self.tracker.ended:
-            self.tracker.end("KILLED" if interrupted else "FAILED", message)
-
-
 class _MapsForLogging(nn.Module):
     """PNet as a plain Tensor -> Tensor model for MLflow: (N, 3, H, W) normalised ->
     (N, 5, h, w) face probability and box offsets (the pyfunc flavour's view)."""
@@ -450,30 +429,156 @@ def model_state(
 def resolve_detector_config(
     config_path: Path | None, overrides: Mapping[str, object], resume: str | None
 ) -> DetectorConfig:
-    """defaults < TOML < flags; a resumed run takes the config stored in its checkpoint."""
-    if resume is None:
-        return load_detector_config(config_path, overrides)
-    ckpt = runs_dir() / resume / "checkpoint.pt"
-    if not ckpt.is_file():
-        raise ConfigError(
-            f"--resume {resume}: expected a checkpoint at {ckpt}, got none; check the run id "
-            "(train-detector prints it) and FACETAG_RUNS_DIR"
-        )
-    changed = sorted(k for k in overrides if k not in ("device", "data"))
-    if changed or config_path is not None:
-        what = ", ".join(f"--{k.replace('_', '-')}" for k in changed) or "--config"
-        raise ConfigError(
-            f"--resume {resume}: {what} cannot change a run that has started; resume with "
-            "only --resume (and optionally --device or --data)"
-        )
-    d = detector_config_to_dict(
-        detector_config_from_dict(load_checkpoint(ckpt)["config"], source=str(ckpt))
+    """defaults < TOML < flags; a resumed run keeps the config stored in its checkpoint
+    (--device moves it, --data points at the same data elsewhere)."""
+    return resolve_config(
+        DETECTOR,
+        config_path,
+        overrides,
+        resume,
+        allowed=("device", "data"),
+        command="train-detector",
     )
-    if overrides.get("device"):
-        d["train"]["device"] = overrides["device"]
-    if overrides.get("data"):
-        d["data"]["path"] = overrides["data"]
-    return detector_config_from_dict(d, source=f"--resume {resume}")
+
+
+@dataclass
+class _Run:
+    """One train-detector run: what each stage and epoch needs."""
+
+    config: DetectorConfig
+    data: DetectorData
+    cascade: Cascade
+    device: str
+    hooks: TrackedRun | None
+    run_id: str | None
+    run_dir: Path
+    history: list[EpochRecord]
+    start_epoch: int  # the first epoch still to train (> 1 when resumed)
+    opt_state: dict[str, Any] | None  # the optimiser and schedule of a stage resumed midway
+    progress: ProgressFn | None
+
+    @property
+    def kinds(self) -> list[str]:
+        return list(self.config.model.stages)
+
+
+def _start(
+    config: DetectorConfig, resume: str | None, track: bool, progress: ProgressFn | None
+) -> _Run:
+    """Build the cascade; a new tracked run, or the state of the run being resumed."""
+    device = resolve_device(config.train.device)
+    data = prepare_data(config)
+    kinds = list(config.model.stages)
+    m = config.model
+    widths = {"pnet": m.pnet_widths, "rnet": m.rnet_widths, "onet": m.onet_widths}
+    torch.manual_seed(config.train.seed)
+    cascade = Cascade(widths, kinds).to(device)
+    E = config.train.epochs
+    hooks = TrackedRun("facetag train-detector", detector_config_to_toml(config)) if track else None
+    history: list[EpochRecord] = []
+    start_epoch, opt_state, run_id = 1, None, resume
+    if resume is not None:
+        state = load_checkpoint(runs_dir() / resume / "checkpoint.pt")
+        cascade.load_state_dict(state["cascade"])
+        history = [EpochRecord(**h) for h in state["history"]]
+        start_epoch = int(state["epoch"]) + 1
+        opt_state = state if start_epoch <= E * len(kinds) and (start_epoch - 1) % E else None
+        if hooks is not None:
+            hooks.resume(resume, config.data.name)
+    elif hooks is not None:
+        params = {
+            **flatten_detector_config(config),
+            "data.resolved_path": str(data.root.resolve()),
+            "data.content_hash": data.data_hash,
+            "data.train_images": len(data.train),
+            "data.val_images": len(data.val),
+            "data.nonface_images": len(data.nonface),
+            "device_used": device,
+            "facetag_version": __version__,
+            "torch_version": torch.__version__,
+            "parameters": sum(p.numel() for p in cascade.parameters()),
+        }
+        run_id = hooks.start(config.data.name, params)
+    run_dir = runs_dir() / (run_id or "local")
+    return _Run(
+        config,
+        data,
+        cascade,
+        device,
+        hooks,
+        run_id,
+        run_dir,
+        history,
+        start_epoch,
+        opt_state,
+        progress,
+    )
+
+
+def _stage_patches(run: _Run, s_index: int, kind: str) -> tuple[PatchSet, PatchSet]:
+    """(training, validation) patches of one stage, mined with the stages before it;
+    cached in the run folder so a resumed run does not build them again."""
+    config, data = run.config, run.data
+    previous = make_detector(run.cascade, run.kinds[:s_index], run.device) if s_index else None
+    seed = config.train.seed * 1000 + s_index
+    val_subset = data.val[: config.data.val_ap_images]
+    build = functools.partial(build_patches, config, data, progress=run.progress)
+    train_set = _cached_patches(
+        run.run_dir / f"patches_{kind}.pt",
+        functools.partial(build, data.train, kind, previous, seed),
+    )
+    val_set = _cached_patches(
+        run.run_dir / f"val_patches_{kind}.pt",
+        functools.partial(
+            build, val_subset, kind, previous, seed + 500, phase="val patches", extras=False
+        ),
+    )
+    return train_set, val_set
+
+
+def _train_stage(run: _Run, s_index: int, kind: str) -> None:
+    """The epochs of one stage that are still to train."""
+    config, E = run.config, run.config.train.epochs
+    first, last = s_index * E + 1, (s_index + 1) * E
+    if last < run.start_epoch:
+        return
+    net = run.cascade.stage(kind)
+    train_set, val_set = _stage_patches(run, s_index, kind)
+    opt = torch.optim.AdamW(param_groups(net, config.train.weight_decay), lr=config.train.lr)
+    steps = len(train_set) // config.train.batch_size
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=config.train.lr, total_steps=max(steps * E, 1), pct_start=0.2
+    )
+    if run.opt_state is not None and first < run.start_epoch:
+        opt.load_state_dict(run.opt_state["optimizer"])
+        sched.load_state_dict(run.opt_state["scheduler"])
+        run.opt_state = None
+    ctx = StepContext(opt, sched, GradientHealth(net), "", "lower --lr")
+    val_subset = run.data.val[: config.data.val_ap_images]
+    for epoch in range(max(first, run.start_epoch), last + 1):
+        record = _train_epoch(run, ctx, net, train_set, epoch, kind)
+        record.val_loss = patch_loss(net, val_set, config.train.box_weight, run.device)
+        scorer = make_detector(run.cascade, run.kinds[: s_index + 1], run.device)
+        record.val_ap50 = score_photos(scorer, run.data, val_subset, run.progress, kind).ap50
+        run.history.append(record)
+        if run.progress is not None:
+            figures = {"loss": record.train_loss, "acc": record.face_accuracy}
+            figures["patches/s"] = record.patches_per_s
+            summary = f"{kind} epoch {epoch}: val AP50 {record.val_ap50:.4f}"
+            task = _epoch_task(kind, epoch, E * len(run.kinds))
+            run.progress(Progress(task, steps, steps, figures, summary, epoch))
+        if run.hooks is not None:
+            health = {f"{kind}.{k}": v for k, v in ctx.health.summary().items()}
+            run.hooks.epoch(record.metrics(), epoch, health)
+        save_run_checkpoint(
+            run.run_dir,
+            weights={"cascade": run.cascade.state_dict()},
+            ctx=ctx,
+            epoch=epoch,
+            history=run.history,
+            config=detector_config_to_dict(config),
+            run_id=run.run_id,
+        )
 
 
 def train_detector(
@@ -491,183 +596,51 @@ def train_detector(
     facetag/weights/detector.pt this way).
     """
     config = resolve_detector_config(config_path, overrides, resume)
-    device = resolve_device(config.train.device)
-    data = prepare_data(config)
-    kinds = list(config.model.stages)
-    widths = {
-        "pnet": config.model.pnet_widths,
-        "rnet": config.model.rnet_widths,
-        "onet": config.model.onet_widths,
-    }
-    torch.manual_seed(config.train.seed)
-    cascade = Cascade(widths, kinds).to(device)
-    E = config.train.epochs
-    hooks = DetectorHooks(config) if track else None
-    history: list[EpochRecord] = []
-    start_epoch = 1
-    opt_state: dict[str, Any] | None = None
-    if resume is not None:
-        state = load_checkpoint(runs_dir() / resume / "checkpoint.pt")
-        cascade.load_state_dict(state["cascade"])
-        history = [EpochRecord(**h) for h in state["history"]]
-        start_epoch = int(state["epoch"]) + 1
-        opt_state = state if start_epoch <= E * len(kinds) and (start_epoch - 1) % E else None
-        run_id: str | None = resume
-        if hooks is not None:
-            hooks.resume(resume)
-    else:
-        params = {
-            **flatten_detector_config(config),
-            "data.resolved_path": str(data.root.resolve()),
-            "data.content_hash": data.data_hash,
-            "data.train_images": len(data.train),
-            "data.val_images": len(data.val),
-            "data.nonface_images": len(data.nonface),
-            "device_used": device,
-            "facetag_version": __version__,
-            "torch_version": torch.__version__,
-            "parameters": sum(p.numel() for p in cascade.parameters()),
-        }
-        run_id = hooks.start(params) if hooks is not None else None
-    run_dir = runs_dir() / (run_id or "local")
-    val_subset = data.val[: config.data.val_ap_images]
+    run = _start(config, resume, track, progress)
     t_start = time.perf_counter()
     try:
-        for s_index, kind in enumerate(kinds):
-            first, last = s_index * E + 1, (s_index + 1) * E
-            if last < start_epoch:
-                continue
-            net = cascade.stage(kind)
-            previous = make_detector(cascade, kinds[:s_index], device) if s_index else None
-            seed = config.train.seed * 1000 + s_index
-            train_set = _cached_patches(
-                run_dir / f"patches_{kind}.pt",
-                functools.partial(
-                    build_patches, config, data, data.train, kind, previous, seed, progress
-                ),
-            )
-            val_set = _cached_patches(
-                run_dir / f"val_patches_{kind}.pt",
-                functools.partial(
-                    build_patches,
-                    config,
-                    data,
-                    val_subset,
-                    kind,
-                    previous,
-                    seed + 500,
-                    progress,
-                    phase="val patches",
-                    extras=False,
-                ),
-            )
-            opt = torch.optim.AdamW(
-                _param_groups(net, config.train.weight_decay), lr=config.train.lr
-            )
-            steps = len(train_set) // config.train.batch_size
-            sched = torch.optim.lr_scheduler.OneCycleLR(
-                opt, max_lr=config.train.lr, total_steps=max(steps * E, 1), pct_start=0.2
-            )
-            if opt_state is not None and first < start_epoch:
-                opt.load_state_dict(opt_state["optimizer"])
-                sched.load_state_dict(opt_state["scheduler"])
-                opt_state = None
-            health = GradientHealth(net)
-            for epoch in range(max(first, start_epoch), last + 1):
-                record = _train_epoch(
-                    net,
-                    train_set,
-                    opt,
-                    sched,
-                    health,
-                    config,
-                    epoch,
-                    E * len(kinds),
-                    kind,
-                    device,
-                    progress,
-                )
-                record.val_loss = patch_loss(net, val_set, config.train.box_weight, device)
-                scorer = make_detector(cascade, kinds[: s_index + 1], device)
-                record.val_ap50 = score_photos(scorer, data, val_subset, progress, kind).ap50
-                history.append(record)
-                if progress is not None:
-                    figures = {"loss": record.train_loss, "acc": record.face_accuracy}
-                    figures["patches/s"] = record.patches_per_s
-                    summary = f"{kind} epoch {epoch}: val AP50 {record.val_ap50:.4f}"
-                    task = _epoch_task(kind, epoch, E * len(kinds))
-                    progress(Progress(task, steps, steps, figures, summary, epoch))
-                if hooks is not None:
-                    hooks.epoch(record, {f"{kind}.{k}": v for k, v in health.summary().items()})
-                save_checkpoint(
-                    run_dir / "checkpoint.pt",
-                    {
-                        "cascade": cascade.state_dict(),
-                        "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(),
-                        "epoch": epoch,
-                        "history": [vars(h) for h in history],
-                        "config": detector_config_to_dict(config),
-                        "run_id": run_id or "",
-                    },
-                )
-        final = make_detector(cascade, kinds, device)
-        scores = score_photos(final, data, data.val, progress, "cascade")
+        for s_index, kind in enumerate(run.kinds):
+            _train_stage(run, s_index, kind)
+        final = make_detector(run.cascade, run.kinds, run.device)
+        scores = score_photos(final, run.data, run.data.val, progress, "cascade")
     except TrainingError as e:
-        if hooks is not None:
-            hooks.failed(str(e))
+        if run.hooks is not None:
+            run.hooks.failed(str(e))
         raise
     except KeyboardInterrupt:
-        if hooks is not None:
-            hooks.failed(f"interrupted; continue with --resume {run_id}", interrupted=True)
+        if run.hooks is not None:
+            message = f"interrupted; continue with --resume {run.run_id}"
+            run.hooks.failed(message, interrupted=True)
         raise
     model_path = save_checkpoint(
-        run_dir / "detector.pt", model_state(cascade.cpu(), config, scores, run_id)
+        run.run_dir / "detector.pt", model_state(run.cascade.cpu(), config, scores, run.run_id)
     )
     if out is not None:
         copy_checkpoint(model_path, out)
-    result = DetectorResult(
-        run_id, model_path, scores, history, time.perf_counter() - t_start, device
-    )
-    if hooks is not None:
-        result.registered = _finish(hooks, cascade, scores, data, model_path)
+    seconds = time.perf_counter() - t_start
+    result = DetectorResult(run.run_id, model_path, scores, run.history, seconds, run.device)
+    if run.hooks is not None:
+        result.registered = _register(run, scores, model_path)
     return result
 
 
-def _finish(
-    hooks: DetectorHooks,
-    cascade: Cascade,
-    scores: DetectionScores,
-    data: DetectorData,
-    model_path: Path,
-) -> dict[str, Any]:
-    tracker = hooks.tracker
-    tracker.log_metrics(
-        {f"final_val_{k}": float(v) for k, v in scores.as_dict().items()},
-        step=len(cascade.kinds) * hooks.config.train.epochs,
+def _register(run: _Run, scores: DetectionScores, model_path: Path) -> dict[str, Any]:
+    assert run.hooks is not None
+    step = len(run.kinds) * run.config.train.epochs
+    run.hooks.tracker.log_metrics(
+        {f"final_val_{k}": float(v) for k, v in scores.as_dict().items()}, step=step
     )
-    pnet = make_detector(cascade, cascade.kinds, "cpu").cascade.stage("pnet")
-    example = torch.zeros(1, 3, 24, 24)
-    registration = tracker.log_model(
+    pnet = make_detector(run.cascade, run.kinds, "cpu").cascade.stage("pnet")
+    return run.hooks.register(
         _MapsForLogging(pnet),
         name="detector",
-        input_example=example,
+        input_example=torch.zeros(1, 3, 24, 24),
         registered_name=REGISTERED_DETECTOR,
         metric_name="val_ap50",
         metric_value=scores.ap50,
-        data_hash=data.data_hash,
+        data_hash=run.data.data_hash,
         checkpoint=model_path,
     )
-    tracker.set_tags(
-        {"registered_version": registration.version, "champion": registration.champion}
-    )
-    tracker.end()
-    return {
-        "registered_model": registration.name,
-        "version": registration.version,
-        "champion": registration.champion,
-        "champion_reason": registration.reason,
-    }
 
 
 def _cached_patches(path: Path, build: Callable[[], PatchSet]) -> PatchSet:
@@ -682,65 +655,37 @@ def _cached_patches(path: Path, build: Callable[[], PatchSet]) -> PatchSet:
     return patches
 
 
-def _param_groups(net: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    # No decay on batch-norm, PReLU and bias vectors (as facetag train).
-    return [
-        {"params": [p for p in net.parameters() if p.ndim > 1], "weight_decay": weight_decay},
-        {"params": [p for p in net.parameters() if p.ndim <= 1], "weight_decay": 0.0},
-    ]
-
-
 def _train_epoch(
-    net: StageNet,
-    patches: PatchSet,
-    opt: torch.optim.Optimizer,
-    sched: torch.optim.lr_scheduler.LRScheduler,
-    health: GradientHealth,
-    config: DetectorConfig,
-    epoch: int,
-    epochs: int,
-    kind: str,
-    device: str,
-    progress: ProgressFn | None,
+    run: _Run, ctx: StepContext, net: StageNet, patches: PatchSet, epoch: int, kind: str
 ) -> EpochRecord:
-    t = config.train
+    t = run.config.train
+    epochs = t.epochs * len(run.kinds)
+    ctx.where = f"epoch {epoch} ({kind})"
     g = torch.Generator().manual_seed(t.seed * 1_000_003 + epoch)
     order = torch.randperm(len(patches), generator=g)
     B = t.batch_size
     batches = len(patches) // B  # the last partial batch is dropped: batch norm needs N >= 2
     net.train()
-    health.reset()
+    ctx.health.reset()
     t0 = time.perf_counter()
     face_sum = box_sum = 0.0
     n_face = n_box = correct = seen = 0
-    lr = opt.param_groups[0]["lr"]
+    lr = ctx.opt.param_groups[0]["lr"]
+    device = run.device
     for i in range(1, batches + 1):
         idx = order[(i - 1) * B : i * B]
         x, offsets = augment(patches.images[idx].float(), patches.offsets[idx], g)
         x, offsets = normalize_patches(x).to(device), offsets.to(device)
         labels = patches.labels[idx].to(device)
-        opt.zero_grad(set_to_none=True)
+        ctx.opt.zero_grad(set_to_none=True)
         face, box, nb, logits = detector_losses(net, x, labels, offsets)
-        if not (torch.isfinite(face) and torch.isfinite(box)):
-            raise TrainingError(
-                f"epoch {epoch} ({kind}): the loss became NaN or infinite at batch {i}; lower --lr"
-            )
+        check_loss(ctx, i, face, box)
         # Two roots, each with its weight as the incoming gradient: no sum node needed.
         torch.autograd.backward(
             [face, box],
             [torch.ones((), device=device), torch.tensor(t.box_weight / max(nb, 1), device=device)],
         )
-        bad = health.first_non_finite()
-        if bad is not None:
-            raise TrainingError(
-                f"epoch {epoch} ({kind}): the gradient of layer '{bad}' became NaN or "
-                f"infinite at batch {i}; lower --lr"
-            )
-        health.before_step()
-        lr = opt.param_groups[0]["lr"]
-        opt.step()
-        health.after_step()
-        sched.step()
+        lr = optimizer_step(ctx, i)
         has_label = labels != PART
         k = int(has_label.sum())
         face_sum += float(face.detach()) * k
@@ -750,13 +695,14 @@ def _train_epoch(
         is_face = (labels == POS) | (labels == POS_NO_BOX)
         correct += int((((logits > 0) == is_face) & has_label).sum())
         seen += B
-        if progress is not None:
+        if run.progress is not None:
             figures = {
                 "loss": face_sum / max(n_face, 1) + t.box_weight * box_sum / max(n_box, 1),
                 "acc": correct / max(n_face, 1),
                 "patches/s": seen / max(time.perf_counter() - t0, 1e-9),
             }
-            progress(Progress(_epoch_task(kind, epoch, epochs), i, batches, figures, epoch=epoch))
+            task = _epoch_task(kind, epoch, epochs)
+            run.progress(Progress(task, i, batches, figures, epoch=epoch))
     seconds = time.perf_counter() - t0
     face_loss, box_loss = face_sum / max(n_face, 1), box_sum / max(n_box, 1)
     return EpochRecord(

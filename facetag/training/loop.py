@@ -13,7 +13,6 @@ seeded the same way, so a resumed run replays exactly the epochs it missed.
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,8 +23,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from facetag import __version__, layers
+from facetag.checkpoint import load_checkpoint, save_checkpoint
 from facetag.config import Config, config_to_dict, flatten
-from facetag.data.folders import FaceDataset, FaceFolder, content_hash, scan_folder, split
+from facetag.data.folders import FaceDataset, FaceFolder, Split, content_hash, scan_folder, split
 from facetag.data.transforms import AugmentConfig
 from facetag.device import resolve_device
 from facetag.errors import DataError, TrainingError
@@ -33,6 +33,15 @@ from facetag.models.embedder import EmbeddingNet, FaceClassifier
 from facetag.models.io import EMBEDDER_FORMAT as MODEL_FORMAT
 from facetag.models.io import weights_id
 from facetag.progress import Progress, ProgressFn
+from facetag.training.core import (
+    StepContext,
+    TrackedRun,
+    check_loss,
+    optimizer_step,
+    param_groups,
+    runs_dir,
+    save_run_checkpoint,
+)
 from facetag.training.health import GradientHealth
 
 
@@ -47,6 +56,18 @@ class EpochStats:
     images_per_s: float
     seconds: float
 
+    def metrics(self) -> dict[str, float]:
+        """The epoch's MLflow metrics."""
+        return {
+            "train_loss": self.train_loss,
+            "train_accuracy": self.train_accuracy,
+            "val_loss": self.val_loss,
+            "val_accuracy": self.val_accuracy,
+            "lr": self.lr,
+            "images_per_s": self.images_per_s,
+            "epoch_seconds": self.seconds,
+        }
+
 
 @dataclass
 class TrainResult:
@@ -58,15 +79,6 @@ class TrainResult:
     people: tuple[str, ...]
     history: list[EpochStats] = field(default_factory=list)
     model_path: Path | None = None
-    checkpoint_path: Path | None = None
-    registered: dict[str, Any] = field(default_factory=dict)
-    wall_seconds: float = 0.0
-    is_main: bool = True
-
-
-def runs_dir() -> Path:
-    """Where checkpoints live: $FACETAG_RUNS_DIR or experiments/runs."""
-    return Path(os.environ.get("FACETAG_RUNS_DIR", "experiments/runs"))
 
 
 def build_classifier(config: Config, num_classes: int, in_channels: int) -> FaceClassifier:
@@ -128,14 +140,7 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 
 def _make_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
     t = config.train
-    # No weight decay on BatchNorm/PReLU/bias vectors: decaying a scale or a slope
-    # towards 0 fights the normalisation instead of regularising.
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [
-        {"params": decay, "weight_decay": t.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    groups = param_groups(model, t.weight_decay)
     if t.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=t.lr, betas=(t.momentum, 0.999))
     if t.optimizer == "sgd":
@@ -210,23 +215,6 @@ def model_file_state(
     }
 
 
-class Hooks:
-    """What the loop reports to (tracking); the default does nothing. Rank 0 only."""
-
-    def start(self, experiment: str, params: dict[str, object]) -> str | None:
-        """A new run begins; returns its run id (names the checkpoint folder)."""
-        return None
-
-    def resume(self, run_id: str, experiment: str) -> None:
-        """The run ``run_id`` continues."""
-
-    def epoch(self, stats: EpochStats, health: dict[str, tuple[float, float]]) -> None:
-        """An epoch ended."""
-
-    def failed(self, message: str, interrupted: bool = False) -> None:
-        """Training stopped with an error (or was interrupted)."""
-
-
 @dataclass
 class Trained:
     """Everything the caller needs after the loop: to log, evaluate and save the model."""
@@ -241,22 +229,33 @@ class Trained:
     rank: int = 0  # under torchrun, only rank 0 reports
 
 
-def train(
-    config: Config,
-    *,
-    resume: str | None = None,
-    progress: ProgressFn | None = None,
-    hooks: Hooks | None = None,
-) -> Trained:
-    """Train ``config`` (resolved), or continue the run ``resume``; see the module doc."""
-    from facetag import checkpoint as ckpt
-    from facetag.training.distributed import DistContext
+@dataclass
+class _Epochs:
+    """What each epoch of one training run needs (the context of ``_train_epoch``)."""
 
-    hooks = hooks or Hooks()
-    dist = DistContext.from_env()
-    device = resolve_device(config.train.device)
-    if dist.active:
-        device = dist.device(device)
+    net: nn.Module  # the model, wrapped for DistributedDataParallel under torchrun
+    model: FaceClassifier
+    train_set: FaceDataset
+    test_set: FaceDataset
+    ctx: StepContext
+    config: Config
+    device: str
+    dist: Any  # facetag.training.distributed.DistContext
+    progress: ProgressFn | None
+
+
+@dataclass
+class _Data:
+    split: Split
+    train_set: FaceDataset
+    test_set: FaceDataset
+    in_channels: int
+    data_hash: str  # content hash of the dataset folder
+    images: int  # in the folder
+
+
+def _prepare(config: Config) -> tuple[Config, _Data]:
+    """The config with an absolute data path, and the split datasets."""
     if not config.data.path:
         raise DataError("train: no dataset given; pass --data PATH or set [data] path")
     # Absolute, so a model file can be evaluated from any working directory.
@@ -269,171 +268,153 @@ def train(
         sp.train, sp.people, size=size, channels=in_channels, augment=augment_config(config)
     )
     test_set = FaceDataset(sp.test, sp.people, size=size, channels=in_channels)
-    data_hash = content_hash(folder)
+    data = _Data(sp, train_set, test_set, in_channels, content_hash(folder), folder.num_images)
+    return config, data
 
+
+def _run_params(config: Config, d: _Data, model: nn.Module, **more: object) -> dict[str, object]:
+    return {
+        **flatten(config),
+        "data.resolved_path": str(Path(config.data.path).resolve()),
+        "data.content_hash": d.data_hash,
+        "data.people": len(d.split.people),
+        "data.images": d.images,
+        "data.train_images": len(d.split.train),
+        "data.test_images": len(d.split.test),
+        "data.in_channels": d.in_channels,
+        **more,
+        "facetag_version": __version__,
+        "torch_version": torch.__version__,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def train(
+    config: Config,
+    *,
+    resume: str | None = None,
+    progress: ProgressFn | None = None,
+    hooks: TrackedRun | None = None,
+) -> Trained:
+    """Train ``config`` (resolved), or continue the run ``resume``; see the module doc.
+
+    ``hooks`` (rank 0 only) records the run in MLflow; None trains untracked.
+    """
+    from facetag.training.distributed import DistContext
+
+    dist = DistContext.from_env()
+    device = resolve_device(config.train.device)
+    if dist.active:
+        device = dist.device(device)
+    config, d = _prepare(config)
+    sp, train_set, test_set, in_channels = d.split, d.train_set, d.test_set, d.in_channels
     _seed_everything(config.train.seed)
     model = build_classifier(config, len(sp.people), in_channels).to(device)
     opt = _make_optimizer(config, model)
-    batch = config.train.batch_size
-    steps_per_epoch = math.ceil(len(train_set) / (batch * dist.world_size))
+    steps_per_epoch = math.ceil(len(train_set) / (config.train.batch_size * dist.world_size))
     sched = _make_scheduler(config, opt, steps_per_epoch * config.train.epochs)
     start_epoch, history = 1, []
     experiment = config.data.name or Path(config.data.path).resolve().name
     run_id: str | None = resume
     if resume is not None:
-        state = ckpt.load_checkpoint(runs_dir() / resume / "checkpoint.pt")
+        state = load_checkpoint(runs_dir() / resume / "checkpoint.pt")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start_epoch = int(state["epoch"]) + 1
         history = [EpochStats(**h) for h in state["history"]]
-        if dist.is_main:
+        if dist.is_main and hooks is not None:
             hooks.resume(resume, experiment)
-    elif dist.is_main:
-        params: dict[str, object] = {
-            **flatten(config),
-            "data.resolved_path": str(Path(config.data.path).resolve()),
-            "data.content_hash": data_hash,
-            "data.people": len(sp.people),
-            "data.images": folder.num_images,
-            "data.train_images": len(sp.train),
-            "data.test_images": len(sp.test),
-            "data.in_channels": in_channels,
-            "device_used": device,
-            "world_size": dist.world_size,
-            "facetag_version": __version__,
-            "torch_version": torch.__version__,
-            "parameters": sum(p.numel() for p in model.parameters()),
-        }
+    elif dist.is_main and hooks is not None:
+        params = _run_params(
+            config,
+            d,
+            model,
+            device_used=device,
+            world_size=dist.world_size,
+        )
         run_id = hooks.start(experiment, params)
     run_id = dist.broadcast_str(run_id)
     run_dir = runs_dir() / (run_id or "local")
-
-    net: nn.Module = dist.wrap(model)
     health = GradientHealth(model)
-    t_start = time.perf_counter()
+    ctx = StepContext(
+        opt, sched, health, "", "lower --lr or set [train] grad_clip", model, config.train.grad_clip
+    )
+    epochs = _Epochs(
+        dist.wrap(model), model, train_set, test_set, ctx, config, device, dist, progress
+    )
     try:
         for epoch in range(start_epoch, config.train.epochs + 1):
-            stats = _train_epoch(
-                net,
-                model,
-                train_set,
-                test_set,
-                opt,
-                sched,
-                health,
-                config,
-                epoch,
-                device,
-                dist,
-                progress,
-            )
+            stats = _train_epoch(epochs, epoch)
             history.append(stats)
             if dist.is_main:
-                hooks.epoch(stats, health.summary())
-                ckpt.save_checkpoint(
-                    run_dir / "checkpoint.pt",
-                    {
-                        "model": model.state_dict(),
-                        "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(),
-                        "epoch": epoch,
-                        "history": [vars(h) for h in history],
-                        "config": config_to_dict(config),
-                        "run_id": run_id or "",
-                    },
+                if hooks is not None:
+                    hooks.epoch(stats.metrics(), epoch, health.summary())
+                save_run_checkpoint(
+                    run_dir,
+                    weights={"model": model.state_dict()},
+                    ctx=ctx,
+                    epoch=epoch,
+                    history=history,
+                    config=config_to_dict(config),
+                    run_id=run_id,
                 )
     except TrainingError as e:
-        if dist.is_main:
+        if dist.is_main and hooks is not None:
             hooks.failed(str(e))
         dist.close()
         raise
     except KeyboardInterrupt:
-        if dist.is_main:
+        if dist.is_main and hooks is not None:
             hooks.failed(f"interrupted; continue with --resume {run_id}", interrupted=True)
         raise
-    final = history[-1]
     result = TrainResult(
         run_id=run_id,
-        test_accuracy=final.val_accuracy,
+        test_accuracy=history[-1].val_accuracy,
         epochs=config.train.epochs,
         seconds=sum(h.seconds for h in history),
         device=device,
         people=sp.people,
         history=history,
-        checkpoint_path=run_dir / "checkpoint.pt",
     )
     _, _, preds = evaluate_classifier(model, test_set, device)
     if dist.is_main:
-        model_path = run_dir / "model.pt"
-        ckpt.save_checkpoint(
-            model_path,
-            model_file_state(model, config, sp.people, in_channels, extra={"run_id": run_id or ""}),
-        )
-        result.model_path = model_path
+        state = model_file_state(model, config, sp.people, in_channels, {"run_id": run_id or ""})
+        result.model_path = save_checkpoint(run_dir / "model.pt", state)
     dist.close()
-    result.wall_seconds = time.perf_counter() - t_start
-    return Trained(result, model, config, test_set, preds, data_hash, in_channels, dist.rank)
+    return Trained(result, model, config, test_set, preds, d.data_hash, in_channels, dist.rank)
 
 
-def _train_epoch(
-    net: nn.Module,
-    model: FaceClassifier,
-    train_set: FaceDataset,
-    test_set: FaceDataset,
-    opt: torch.optim.Optimizer,
-    sched: torch.optim.lr_scheduler.LRScheduler,
-    health: GradientHealth,
-    config: Config,
-    epoch: int,
-    device: str,
-    dist: Any,
-    progress: ProgressFn | None,
-) -> EpochStats:
+def _train_epoch(e: _Epochs, epoch: int) -> EpochStats:
+    config, dist, ctx = e.config, e.dist, e.ctx
+    ctx.where = f"epoch {epoch}"
     seed = _epoch_seed(config.train.seed, epoch)
     torch.manual_seed(seed)  # augmentation and dropout draw from the global RNG
-    loader = dist.loader(train_set, config.train.batch_size, seed, config.train.num_workers)
-    net.train()
-    health.reset()
+    loader = dist.loader(e.train_set, config.train.batch_size, seed, config.train.num_workers)
+    e.net.train()
+    ctx.health.reset()
     t0 = time.perf_counter()
     seen, loss_sum, correct = 0, 0.0, 0
     batches = len(loader)
-    lr = opt.param_groups[0]["lr"]
+    lr = ctx.opt.param_groups[0]["lr"]
     for i, (x, y) in enumerate(loader, start=1):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        opt.zero_grad(set_to_none=True)
-        logits = net(x, y)  # (N, P)
+        x, y = x.to(e.device, non_blocking=True), y.to(e.device, non_blocking=True)
+        ctx.opt.zero_grad(set_to_none=True)
+        logits = e.net(x, y)  # (N, P)
         loss = layers.cross_entropy(logits, y, label_smoothing=config.train.label_smoothing)
-        if not torch.isfinite(loss):
-            raise TrainingError(
-                f"epoch {epoch}: the loss became {float(loss.detach())} at batch {i}; "
-                "lower --lr or set [train] grad_clip"
-            )
+        check_loss(ctx, i, loss)
         loss.backward()
-        bad = health.first_non_finite()
-        if bad is not None:
-            raise TrainingError(
-                f"epoch {epoch}: the gradient of layer '{bad}' became NaN or infinite at "
-                f"batch {i}; lower --lr or set [train] grad_clip"
-            )
-        health.before_step()
-        if config.train.grad_clip > 0:
-            _clip(model, config.train.grad_clip)
-        lr = opt.param_groups[0]["lr"]
-        opt.step()
-        health.after_step()
-        sched.step()
+        lr = optimizer_step(ctx, i)
         n = y.shape[0]
         seen += n
         loss_sum += float(loss.detach()) * n
         correct += int((logits.argmax(1) == y).sum())
-        if progress is not None and dist.is_main:
-            elapsed = time.perf_counter() - t0
-            rate = seen * dist.world_size / max(elapsed, 1e-9)
+        if e.progress is not None and dist.is_main:
+            rate = seen * dist.world_size / max(time.perf_counter() - t0, 1e-9)
             figures = {"loss": loss_sum / seen, "acc": correct / seen, "img/s": rate}
-            progress(Progress(_epoch_task(epoch, config), i, batches, figures, epoch=epoch))
+            e.progress(Progress(_epoch_task(epoch, config), i, batches, figures, epoch=epoch))
     train_seconds = time.perf_counter() - t0
-    val_loss, val_acc, _ = evaluate_classifier(model, test_set, device)
+    val_loss, val_acc, _ = evaluate_classifier(e.model, e.test_set, e.device)
     stats = EpochStats(
         epoch=epoch,
         train_loss=loss_sum / max(seen, 1),
@@ -444,22 +425,13 @@ def _train_epoch(
         images_per_s=seen * dist.world_size / max(train_seconds, 1e-9),
         seconds=time.perf_counter() - t0,
     )
-    if progress is not None and dist.is_main:
+    if e.progress is not None and dist.is_main:
         figures = {"loss": stats.train_loss, "acc": stats.train_accuracy}
         figures["img/s"] = stats.images_per_s
         summary = f"val loss {stats.val_loss:.4f} acc {stats.val_accuracy:.4f}"
-        progress(Progress(_epoch_task(epoch, config), batches, batches, figures, summary, epoch))
+        e.progress(Progress(_epoch_task(epoch, config), batches, batches, figures, summary, epoch))
     return stats
 
 
 def _epoch_task(epoch: int, config: Config) -> str:
     return f"epoch {epoch:>3}/{config.train.epochs}"
-
-
-@torch.no_grad()
-def _clip(model: nn.Module, max_norm: float) -> None:
-    """Scale all gradients so their global norm is at most ``max_norm`` (explicit formula)."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    torch._foreach_mul_(grads, scale)

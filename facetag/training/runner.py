@@ -1,7 +1,7 @@
 """``facetag train``: resolve the config, run the loop, record everything in MLflow.
 
-The loop (facetag.training.loop) knows nothing of MLflow; ``MlflowHooks`` turns its
-reports into a tracked run, and ``finish`` logs the figures, tables and the registered
+The loop (facetag.training.loop) knows nothing of MLflow; a ``TrackedRun`` (training.core)
+turns its reports into a tracked run, and ``finish`` logs the figures, tables and the registered
 model once training ends.
 """
 
@@ -15,92 +15,33 @@ from typing import Any
 import torch
 
 from facetag.checkpoint import copy_checkpoint
-from facetag.config import (
-    Config,
-    config_from_dict,
-    config_to_dict,
-    config_to_toml,
-    load_config,
-)
-from facetag.errors import ConfigError
-from facetag.training import figures
-from facetag.training.loop import EpochStats, Hooks, ProgressFn, Trained, runs_dir, train
+from facetag.config import EMBEDDER, Config, config_to_toml, load_config
+from facetag.progress import ProgressFn
+from facetag.training import core, figures
+from facetag.training.core import TrackedRun
+from facetag.training.loop import Trained, train
 
 REGISTERED_EMBEDDER = "facetag-embedder"
-
-
-class MlflowHooks(Hooks):
-    """Rank 0's MLflow run for the loop: params at start, metrics per epoch, failures."""
-
-    def __init__(self, config: Config, parent: Any = None, run_name: str | None = None) -> None:
-        from facetag.training.tracking import Tracker
-
-        self._Tracker = Tracker
-        self.config = config
-        self.parent = parent  # a Tracker: this run is one point of a sweep
-        self.run_name = run_name
-        self.tracker: Any = None
-
-    def start(self, experiment: str, params: dict[str, object]) -> str | None:
-        tags = {"command": "facetag train"}
-        if self.parent is not None:
-            self.tracker = self.parent.child(run_name=self.run_name, tags=tags)
-        else:
-            self.tracker = self._Tracker.start(experiment, run_name=self.run_name, tags=tags)
-        self.tracker.log_params(params)
-        self.tracker.log_text(config_to_toml(self.config), "config.toml")
-        return str(self.tracker.run_id)
-
-    def resume(self, run_id: str, experiment: str) -> None:
-        self.tracker = self._Tracker.resume(run_id, experiment=experiment)
-
-    def epoch(self, stats: EpochStats, health: dict[str, tuple[float, float]]) -> None:
-        self.tracker.log_metrics(
-            {
-                "train_loss": stats.train_loss,
-                "train_accuracy": stats.train_accuracy,
-                "val_loss": stats.val_loss,
-                "val_accuracy": stats.val_accuracy,
-                "lr": stats.lr,
-                "images_per_s": stats.images_per_s,
-                "epoch_seconds": stats.seconds,
-            },
-            step=stats.epoch,
-        )
-        self.tracker.log_layer_health(health, step=stats.epoch)
-
-    def failed(self, message: str, interrupted: bool = False) -> None:
-        if self.tracker is not None and not self.tracker.ended:
-            self.tracker.end("KILLED" if interrupted else "FAILED", message)
 
 
 def resolve_config(
     config_path: Path | None, overrides: Mapping[str, object], resume: str | None
 ) -> Config:
-    """defaults < TOML < flags; a resumed run takes the config stored in its checkpoint."""
-    if resume is None:
-        return load_config(config_path, overrides)
-    from facetag.checkpoint import load_checkpoint
+    """defaults < TOML < flags; a resumed run keeps its stored config (--epochs extends it,
+    --device moves it)."""
+    return core.resolve_config(
+        EMBEDDER,
+        config_path,
+        overrides,
+        resume,
+        allowed=("epochs", "device"),
+        command="facetag train",
+    )
 
-    ckpt = runs_dir() / resume / "checkpoint.pt"
-    if not ckpt.is_file():
-        raise ConfigError(
-            f"--resume {resume}: expected a checkpoint at {ckpt}, got none; "
-            "check the run id (facetag train prints it) and FACETAG_RUNS_DIR"
-        )
-    stored = config_from_dict(load_checkpoint(ckpt)["config"], source=str(ckpt))
-    allowed = {"epochs", "device"}  # a resumed run may be extended or moved, nothing else
-    changed = sorted(k for k in overrides if k not in allowed)
-    if changed or config_path is not None:
-        what = ", ".join(f"--{k.replace('_', '-')}" for k in changed) or "--config"
-        raise ConfigError(
-            f"--resume {resume}: {what} cannot change a run that has started; resume "
-            "with only --resume (and optionally --epochs or --device)"
-        )
-    d = config_to_dict(stored)
-    for key, value in overrides.items():
-        d["train"][key] = value
-    return config_from_dict(d, source=f"--resume {resume}")
+
+def tracked_run(config: Config, parent: Any = None, run_name: str | None = None) -> TrackedRun:
+    """The MLflow run of one ``facetag train`` (a sweep's child when ``parent`` is given)."""
+    return TrackedRun("facetag train", config_to_toml(config), parent, run_name)
 
 
 def validation_key(trained: Trained) -> str:
@@ -110,7 +51,7 @@ def validation_key(trained: Trained) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def finish(hooks: MlflowHooks, trained: Trained) -> dict[str, Any]:
+def finish(hooks: TrackedRun, trained: Trained) -> dict[str, Any]:
     """Log figures, tables and the model; register it; end the run FINISHED."""
     tracker = hooks.tracker
     r = trained.result
@@ -140,7 +81,7 @@ def finish(hooks: MlflowHooks, trained: Trained) -> dict[str, Any]:
     tracker.log_text(figures.per_person_accuracy_csv(true, pred, people), "per_person.csv")
     tracker.log_metrics({"test_accuracy": r.test_accuracy, "train_seconds": r.seconds}, r.epochs)
     example = trained.test_set.images[:2].float() / 127.5 - 1.0  # (2, C, H, W)
-    registration = tracker.log_model(
+    return hooks.register(
         trained.model.embedder.cpu().eval(),
         name="embedder",
         input_example=example,
@@ -150,16 +91,6 @@ def finish(hooks: MlflowHooks, trained: Trained) -> dict[str, Any]:
         data_hash=validation_key(trained),
         checkpoint=r.model_path,
     )
-    tracker.set_tags(
-        {"registered_version": registration.version, "champion": registration.champion}
-    )
-    tracker.end()
-    return {
-        "registered_model": registration.name,
-        "version": registration.version,
-        "champion": registration.champion,
-        "champion_reason": registration.reason,
-    }
 
 
 def run_training(
@@ -176,7 +107,7 @@ def run_training(
     ``out_path``: also copy the finished model file there (rank 0).
     """
     config = resolve_config(config_path, overrides, resume)
-    hooks = MlflowHooks(config) if track else Hooks()
+    hooks = tracked_run(config) if track else None
     trained = train(config, resume=resume, progress=progress, hooks=hooks)
     r = trained.result
     out: dict[str, Any] = {
@@ -190,7 +121,7 @@ def run_training(
         "torch_threads": torch.get_num_threads(),
         "rank": trained.rank,
     }
-    if isinstance(hooks, MlflowHooks) and hooks.tracker is not None:
+    if hooks is not None and hooks.tracker is not None:
         out.update(finish(hooks, trained))
     if out_path is not None and trained.rank == 0 and r.model_path:
         out["out"] = str(copy_checkpoint(r.model_path, out_path))
@@ -225,7 +156,7 @@ def run_sweep(
         for lr in lrs:
             for bs in batch_sizes:
                 config = load_config(config_path, {**overrides, "lr": lr, "batch_size": bs})
-                hooks = MlflowHooks(config, parent=parent, run_name=f"lr={lr:g} bs={bs}")
+                hooks = tracked_run(config, parent=parent, run_name=f"lr={lr:g} bs={bs}")
                 trained = train(config, progress=progress, hooks=hooks)
                 registered = finish(hooks, trained)
                 results.append(

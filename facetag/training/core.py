@@ -1,0 +1,210 @@
+"""What every facetag training loop shares (the embedder's loop.py, the detector's
+detector_train.py, and later ones): where runs live, resuming a run's config, optimiser
+parameter groups, the guarded optimiser step, run checkpoints and the MLflow run.
+
+    ctx = StepContext(opt, sched, health, where="epoch 3", hint="lower --lr")
+    check_loss(ctx, batch, loss)      # TrainingError naming the epoch and batch on NaN/inf
+    loss.backward()
+    lr = optimizer_step(ctx, batch)   # gradient guard naming the layer, health, step, schedule
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from facetag.checkpoint import load_checkpoint, save_checkpoint
+from facetag.config import Schema
+from facetag.errors import ConfigError, TrainingError
+from facetag.training.health import GradientHealth
+
+C = TypeVar("C")
+
+
+def runs_dir() -> Path:
+    """Where checkpoints live: $FACETAG_RUNS_DIR or experiments/runs."""
+    return Path(os.environ.get("FACETAG_RUNS_DIR", "experiments/runs"))
+
+
+def run_checkpoint(resume: str, command: str) -> Path:
+    """The checkpoint of run ``resume``; ConfigError (one line) when there is none."""
+    ckpt = runs_dir() / resume / "checkpoint.pt"
+    if not ckpt.is_file():
+        raise ConfigError(
+            f"--resume {resume}: expected a checkpoint at {ckpt}, got none; "
+            f"check the run id ({command} prints it) and FACETAG_RUNS_DIR"
+        )
+    return ckpt
+
+
+def resolve_config(
+    schema: Schema[C],
+    config_path: Path | None,
+    overrides: Mapping[str, object],
+    resume: str | None,
+    *,
+    allowed: tuple[str, ...],
+    command: str,
+) -> C:
+    """defaults < TOML < flags; a resumed run takes the config stored in its checkpoint,
+    changed only by the flags in ``allowed`` (--epochs to extend it, --device to move it)."""
+    if resume is None:
+        return schema.load(config_path, overrides)
+    ckpt = run_checkpoint(resume, command)
+    changed = sorted(k for k, v in overrides.items() if k not in allowed and v is not None)
+    if changed or config_path is not None:
+        what = ", ".join(f"--{k.replace('_', '-')}" for k in changed) or "--config"
+        flags = " or ".join(f"--{k}" for k in allowed)
+        raise ConfigError(
+            f"--resume {resume}: {what} cannot change a run that has started; resume "
+            f"with only --resume (and optionally {flags})"
+        )
+    stored = schema.from_dict(load_checkpoint(ckpt)["config"], source=str(ckpt))
+    kept = {k: v for k, v in overrides.items() if k in allowed}
+    return schema.with_flags(stored, kept, f"--resume {resume}")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on weight matrices and kernels only: decaying a batch-norm scale, a
+    PReLU slope or a bias towards 0 fights the normalisation instead of regularising."""
+    return [
+        {"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": weight_decay},
+        {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0},
+    ]
+
+
+@dataclass
+class StepContext:
+    """The optimiser side of one epoch of a loop, and how its errors are worded."""
+
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    health: GradientHealth
+    where: str  # "epoch 3", "epoch 3 (pnet)": starts every error message
+    hint: str  # the fix an error message ends with
+    model: nn.Module | None = None  # with clip > 0: whose gradients are clipped
+    clip: float = 0.0  # global gradient-norm limit, 0 = off
+
+
+def check_loss(ctx: StepContext, batch: int, *losses: Tensor) -> None:
+    """TrainingError when a loss is NaN or infinite (before backward wastes a step)."""
+    for loss in losses:
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise TrainingError(
+                f"{ctx.where}: the loss became {value} at batch {batch}; {ctx.hint}"
+            )
+
+
+def optimizer_step(ctx: StepContext, batch: int) -> float:
+    """After backward: stop on a non-finite gradient (naming the layer), record gradient
+    health, clip, step the optimiser and the schedule. Returns the learning rate used."""
+    bad = ctx.health.first_non_finite()
+    if bad is not None:
+        raise TrainingError(
+            f"{ctx.where}: the gradient of layer '{bad}' became NaN or infinite at batch "
+            f"{batch}; {ctx.hint}"
+        )
+    ctx.health.before_step()
+    if ctx.clip > 0 and ctx.model is not None:
+        clip_gradients(ctx.model, ctx.clip)
+    lr = float(ctx.opt.param_groups[0]["lr"])
+    ctx.opt.step()
+    ctx.health.after_step()
+    ctx.sched.step()
+    return lr
+
+
+@torch.no_grad()
+def clip_gradients(model: nn.Module, max_norm: float) -> None:
+    """Scale all gradients so their global norm is at most ``max_norm`` (explicit formula)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_(grads, scale)
+
+
+def save_run_checkpoint(
+    run_dir: Path,
+    *,
+    weights: Mapping[str, Any],
+    ctx: StepContext,
+    epoch: int,
+    history: list[Any],
+    config: dict[str, Any],
+    run_id: str | None,
+) -> None:
+    """The atomic per-epoch checkpoint ``--resume`` continues from (``weights`` holds the
+    model's state under the loop's own key: "model", "cascade")."""
+    save_checkpoint(
+        run_dir / "checkpoint.pt",
+        {
+            **weights,
+            "optimizer": ctx.opt.state_dict(),
+            "scheduler": ctx.sched.state_dict(),
+            "epoch": epoch,
+            "history": [vars(h) for h in history],
+            "config": config,
+            "run_id": run_id or "",
+        },
+    )
+
+
+class TrackedRun:
+    """A loop's MLflow run (facetag.training.tracking, imported only when tracking):
+    params and the resolved config at the start, metrics and layer health per epoch, the
+    end state on failure, and the registered model at the end."""
+
+    def __init__(self, command: str, config_toml: str, parent: Any = None, name: str | None = None):
+        self.command, self.config_toml = command, config_toml
+        self.parent, self.run_name = parent, name  # parent: a Tracker (a sweep's child run)
+        self.tracker: Any = None
+
+    def start(self, experiment: str, params: Mapping[str, object]) -> str:
+        from facetag.training.tracking import Tracker
+
+        tags = {"command": self.command}
+        if self.parent is not None:
+            self.tracker = self.parent.child(run_name=self.run_name, tags=tags)
+        else:
+            self.tracker = Tracker.start(experiment, run_name=self.run_name, tags=tags)
+        self.tracker.log_params(params)
+        self.tracker.log_text(self.config_toml, "config.toml")
+        return str(self.tracker.run_id)
+
+    def resume(self, run_id: str, experiment: str) -> None:
+        from facetag.training.tracking import Tracker
+
+        self.tracker = Tracker.resume(run_id, experiment=experiment)
+
+    def epoch(
+        self, metrics: Mapping[str, float], step: int, health: dict[str, tuple[float, float]]
+    ) -> None:
+        self.tracker.log_metrics(dict(metrics), step=step)
+        self.tracker.log_layer_health(health, step=step)
+
+    def failed(self, message: str, interrupted: bool = False) -> None:
+        if self.tracker is not None and not self.tracker.ended:
+            self.tracker.end("KILLED" if interrupted else "FAILED", message)
+
+    def register(self, model: nn.Module, **log_model: Any) -> dict[str, Any]:
+        """Log ``model`` (tracking.Tracker.log_model's arguments), tag the run with the
+        registered version, end it FINISHED; the registration for ``--json``."""
+        registration = self.tracker.log_model(model, **log_model)
+        self.tracker.set_tags(
+            {"registered_version": registration.version, "champion": registration.champion}
+        )
+        self.tracker.end()
+        return {
+            "registered_model": registration.name,
+            "version": registration.version,
+            "champion": registration.champion,
+            "champion_reason": registration.reason,
+        }
