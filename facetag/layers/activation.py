@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from facetag.layers._util import channel_view
 from facetag.layers.norm import channel_dot
 
 
@@ -56,11 +57,6 @@ def leaky_relu_backward(
     return _slope(x, x.new_full((), negative_slope), out).mul_(grad_out)
 
 
-def _channel_view(weight: Tensor, ndim: int) -> Tensor:
-    """(P,) -> (1, P, 1, ...) so that it broadcasts along dim 1 of an ndim tensor."""
-    return weight.view((1, -1) + (1,) * (ndim - 2)) if ndim >= 2 else weight
-
-
 def prelu_input_grad(
     grad_out: Tensor, x: Tensor, weight: Tensor, out: Tensor | None = None
 ) -> Tensor:
@@ -68,7 +64,7 @@ def prelu_input_grad(
 
     grad_out, x (N, C, *) or (N,); weight (P,) -> (N, C, *). ``out`` may be x itself.
     """
-    return _slope(x, _channel_view(weight, x.ndim), out).mul_(grad_out)
+    return _slope(x, channel_view(weight, x.ndim), out).mul_(grad_out)
 
 
 def prelu_weight_grad(

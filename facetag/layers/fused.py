@@ -27,15 +27,13 @@ bn.num_batches_tracked`` and, for PReLU, ``act.weight``: load a torch twin
 ``ours.bn.load_state_dict(twin[0].state_dict()); ours.act.load_state_dict(twin[1].state_dict())``.
 """
 
-import types
-import warnings
-from collections.abc import Callable
 from typing import Any, Literal, cast, get_args
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from facetag.layers._util import channel_view
 from facetag.layers.activation import (
     LeakyReLU,
     PReLU,
@@ -45,6 +43,7 @@ from facetag.layers.activation import (
     prelu_weight_grad,
     relu_backward,
 )
+from facetag.layers.compile import MaybeCompiled
 from facetag.layers.norm import (
     BatchNorm2d,
     batch_norm_backward,
@@ -64,11 +63,6 @@ COMPILE_MIN_NUMEL = 1 << 16
 _COMPILE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _view(v: Tensor, ndim: int) -> Tensor:
-    """(C,) -> (1, C, 1, ...) so that it broadcasts along dim 1 of an ndim tensor."""
-    return v.view((1, -1) + (1,) * (ndim - 2))
-
-
 def _prelu_(z: Tensor, x: Tensor, scale: Tensor, shift: Tensor, prelu_weight: Tensor) -> Tensor:
     """PReLU in place on z = y = x * scale + shift (scale, shift (C,)); returns z.
 
@@ -77,8 +71,8 @@ def _prelu_(z: Tensor, x: Tensor, scale: Tensor, shift: Tensor, prelu_weight: Te
     """
     a = prelu_weight.expand(x.shape[1])  # (C,)
     z.relu_()
-    torch.addcmul(_view(a * shift, x.ndim), z, _view(1 - a, x.ndim), out=z)
-    return z.addcmul_(x, _view(a * scale, x.ndim))
+    torch.addcmul(channel_view(a * shift, x.ndim), z, channel_view(1 - a, x.ndim), out=z)
+    return z.addcmul_(x, channel_view(a * scale, x.ndim))
 
 
 def bn_act_forward(
@@ -141,7 +135,7 @@ def bn_act_backward(
     # The pre-activation y is recomputed, not saved (one tensor fewer kept alive between
     # forward and backward), with the forward's own formula so that its sign, which picks
     # the activation's gradient, is the forward's. Its buffer then takes grad_y in place.
-    xc = x - _view(mean, x.ndim) if use_batch_stats else None  # (N, C, *): becomes grad_x
+    xc = x - channel_view(mean, x.ndim) if use_batch_stats else None  # (N, C, *): becomes grad_x
 
     def preactivation(out: Tensor | None = None) -> Tensor:
         if xc is not None:
@@ -171,55 +165,8 @@ def bn_act_backward(
     return grad_x, grad_weight, grad_bias, grad_prelu
 
 
-def _own_code_copy(fn: Callable[..., Any], tag: str) -> Callable[..., Any]:
-    """fn with a code object of its own.
-
-    NOTE: torch.compile keeps its graphs, and its limit of 8 recompiles, per code object;
-    each (activation, statistics) pair is a different graph, so each gets its own copy and
-    the layouts, dtypes and affine options of one pair share the 8.
-    """
-    code = fn.__code__.replace(co_name=f"{fn.__name__}_{tag}")
-    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
-
-
-class _MaybeCompiled:
-    """``fn`` through torch.compile (built on first use, one per key) or eagerly.
-
-    A compile failure (no C++ compiler for the CPU backend, no triton for CUDA, the
-    recompile limit) warns once and turns compiling off for that key; the eager formulas
-    are the same maths.
-    """
-
-    def __init__(self, fn: Callable[..., Any]) -> None:
-        self.fn = fn
-        self.compiled: dict[str, Callable[..., Any]] = {}
-        self.failures: dict[str, str] = {}
-
-    def __call__(self, key: str | None, *args: Any) -> Any:
-        if key is None or key in self.failures or torch.compiler.is_compiling():
-            return self.fn(*args)
-        # Imported here: importing torch._dynamo costs time that eager users never need.
-        from torch._dynamo.exc import FailOnRecompileLimitHit, TorchDynamoException
-
-        if key not in self.compiled:
-            fn = _own_code_copy(self.fn, key)
-            self.compiled[key] = torch.compile(fn, dynamic=True, fullgraph=True)
-        try:
-            return self.compiled[key](*args)
-        except (TorchDynamoException, FailOnRecompileLimitHit, OSError) as e:
-            lines = str(e).strip().splitlines()
-            self.failures[key] = lines[0] if lines else type(e).__name__
-            warnings.warn(
-                f"batch_norm_act: torch.compile failed for {self.fn.__name__} ({key}): "
-                f"{self.failures[key]}; using the eager formulas, which are slower",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            return self.fn(*args)
-
-
-_forward = _MaybeCompiled(bn_act_forward)
-_backward = _MaybeCompiled(bn_act_backward)
+_forward = MaybeCompiled(bn_act_forward, "batch_norm_act")
+_backward = MaybeCompiled(bn_act_backward, "batch_norm_act")
 
 
 def compile_failures() -> dict[str, str]:

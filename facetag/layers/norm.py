@@ -20,15 +20,12 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from facetag.layers._util import channel_view
+
 
 def _reduce_dims(x: Tensor) -> tuple[int, ...]:
     """Every dim of x but the channel dim 1."""
     return (0, *range(2, x.ndim))
-
-
-def _channel_view(v: Tensor, ndim: int) -> Tensor:
-    """(C,) -> (1, C, 1, ...) so that it broadcasts along dim 1 of an ndim tensor."""
-    return v.view((1, -1) + (1,) * (ndim - 2))
 
 
 def channel_sum(x: Tensor) -> Tensor:
@@ -71,7 +68,7 @@ def batch_norm_stats_forward(
     C = x.shape[1]
     n = x.numel() // C
     mean = channel_sum(x) / n  # (C,)
-    y = x - _channel_view(mean, x.ndim)  # (N, C, *): fresh, centred, becomes the output
+    y = x - channel_view(mean, x.ndim)  # (N, C, *): fresh, centred, becomes the output
     var = channel_dot(y, y) / n  # (C,)
     invstd = torch.rsqrt(var + eps)  # (C,)
     return centred_affine(y, invstd, weight, bias, out=y), mean, var, invstd
@@ -91,8 +88,8 @@ def centred_affine(
     """
     scale = invstd if weight is None else weight * invstd  # (C,)
     if bias is None:
-        return torch.mul(xc, _channel_view(scale, xc.ndim), out=out)
-    return torch.addcmul(_channel_view(bias, xc.ndim), xc, _channel_view(scale, xc.ndim), out=out)
+        return torch.mul(xc, channel_view(scale, xc.ndim), out=out)
+    return torch.addcmul(channel_view(bias, xc.ndim), xc, channel_view(scale, xc.ndim), out=out)
 
 
 def running_affine(
@@ -107,7 +104,7 @@ def running_affine(
     shift = bias - running_mean * scale, all (C,): one pass, x (N, C, *) -> y (N, C, *)."""
     scale = invstd if weight is None else weight * invstd  # (C,)
     shift = -running_mean * scale if bias is None else bias - running_mean * scale  # (C,)
-    return torch.addcmul(_channel_view(shift, x.ndim), x, _channel_view(scale, x.ndim), out=out)
+    return torch.addcmul(channel_view(shift, x.ndim), x, channel_view(scale, x.ndim), out=out)
 
 
 def update_running_stats(
@@ -153,17 +150,17 @@ def batch_norm_backward(
         grad_bias = sum_g
     if not (need_x or need_weight):
         return grad_x, grad_weight, grad_bias
-    xc = x - _channel_view(mean, x.ndim) if centred is None else centred  # (N, C, *)
+    xc = x - channel_view(mean, x.ndim) if centred is None else centred  # (N, C, *)
     sum_g_xhat = channel_dot(grad_out, xc) * invstd  # (C,)
     if need_weight:
         grad_weight = sum_g_xhat
     if need_x:
         k = invstd if weight is None else weight * invstd  # (C,)
         # grad_x = k * g + (-k * sum_g / n) + xc * (-k * invstd * sum_g_xhat / n)
-        shift = _channel_view(-k * sum_g / n, x.ndim)
-        slope = _channel_view(-k * invstd * sum_g_xhat / n, x.ndim)
+        shift = channel_view(-k * sum_g / n, x.ndim)
+        slope = channel_view(-k * invstd * sum_g_xhat / n, x.ndim)
         torch.addcmul(shift, xc, slope, out=xc)
-        grad_x = xc.addcmul_(grad_out, _channel_view(k, x.ndim))
+        grad_x = xc.addcmul_(grad_out, channel_view(k, x.ndim))
     return grad_x, grad_weight, grad_bias
 
 
@@ -186,9 +183,9 @@ def batch_norm_eval_backward(
     grad_x = grad_weight = grad_bias = None
     if need_x:
         k = invstd if weight is None else weight * invstd  # (C,)
-        grad_x = grad_out * _channel_view(k, x.ndim)  # (N, C, *)
+        grad_x = grad_out * channel_view(k, x.ndim)  # (N, C, *)
     if need_weight:
-        xc = x - _channel_view(running_mean, x.ndim)  # (N, C, *)
+        xc = x - channel_view(running_mean, x.ndim)  # (N, C, *)
         grad_weight = channel_dot(grad_out, xc) * invstd  # (C,)
     if need_bias:
         grad_bias = channel_sum(grad_out)  # (C,)

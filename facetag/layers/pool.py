@@ -17,15 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-IntPair = int | tuple[int, int]
-
-
-def _pair(value: IntPair, op: str, name: str) -> tuple[int, int]:
-    """(a, b) from an int or a pair of ints; ValueError naming the op otherwise."""
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
-        raise ValueError(f"{op}: expected {name} to be an int or a pair of ints, got {value!r}")
-    return cast(tuple[int, int], pair)
+from facetag.layers._util import IntPair, pair
 
 
 def pool_output_size(
@@ -51,10 +43,10 @@ def _check_pool_args(
     """Validate pooling arguments like torch; returns K, S, P, D and (H_out, W_out)."""
     if x.ndim != 4:
         raise ValueError(f"{op}: expected x of shape (N, C, H, W), got {tuple(x.shape)}")
-    K = _pair(kernel_size, op, "kernel_size")
-    S = K if stride is None else _pair(stride, op, "stride")
-    P = _pair(padding, op, "padding")
-    D = _pair(dilation, op, "dilation")
+    K = pair(kernel_size, op, "kernel_size")
+    S = K if stride is None else pair(stride, op, "stride")
+    P = pair(padding, op, "padding")
+    D = pair(dilation, op, "dilation")
     if min(K) <= 0 or min(S) <= 0 or min(D) <= 0:
         raise ValueError(
             f"{op}: expected kernel_size, stride and dilation > 0, got kernel_size={K}, "

@@ -6,7 +6,7 @@ from torch import nn
 
 from facetag.gradcheck.conv import CASES
 from facetag.gradcheck.core import run_case
-from facetag.layers import conv
+from facetag.layers import conv, conv_fast
 from facetag.layers.conv import Conv2d, Conv2dFn, conv2d, conv2d_grad_weight, conv2d_grad_x
 
 LAYOUTS = [torch.contiguous_format, torch.channels_last]
@@ -72,7 +72,7 @@ def test_conv2d_module_matches_torch(memory_format, kw):
 def test_conv2d_grad_weight_blocks_sum_like_torch(monkeypatch, method, memory_format, block_bytes):
     # Small blocks: the im2col loop splits an image into row slices (4 KiB) or groups
     # several images (40 kB) per matmul; every block must be counted once.
-    monkeypatch.setattr(conv, "IM2COL_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(conv_fast, "IM2COL_BLOCK_BYTES", block_bytes)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, 16, 9, 7, generator=g).contiguous(memory_format=memory_format)
     weight = torch.randn(8, 8, 3, 3, generator=g)
@@ -90,7 +90,7 @@ def test_conv2d_winograd_in_the_backward_matches_torch(
 ):
     # The backward runs without autograd, so Winograd takes its one-pass out= branch here
     # (the gradchecks differentiate it and take the other). Enough channels for "auto".
-    monkeypatch.setattr(conv, "WINOGRAD_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(conv_fast, "WINOGRAD_BLOCK_BYTES", block_bytes)
     torch.manual_seed(0)
     ours, twin = _pair_of_modules(
         memory_format, in_channels=64, out_channels=8, kernel_size=3, padding=padding
@@ -104,8 +104,8 @@ def test_conv2d_winograd_in_the_backward_matches_torch(
 
 def test_conv2d_grad_weight_picks_winograd_from_64_channels(monkeypatch):
     calls = []
-    monkeypatch.setattr(conv, "_grad_weight_winograd", lambda *a: calls.append(a[1].shape[1]))
-    monkeypatch.setattr(conv, "_grad_weight_im2col", lambda *a: calls.append("im2col"))
+    monkeypatch.setattr(conv, "grad_weight_winograd", lambda *a: calls.append(a[1].shape[1]))
+    monkeypatch.setattr(conv, "grad_weight_im2col", lambda *a: calls.append("im2col"))
     for C in (32, 64):
         conv2d_grad_weight(
             torch.zeros(1, 4, 5, 5),
@@ -146,7 +146,7 @@ def test_conv2d_grad_weight_rejects_winograd_for_strided_conv():
 def test_conv2d_grad_weight_im2col_large_images_like_torch(monkeypatch, memory_format):
     # From 1024 output positions an NCHW grad_out is taken one image per block (a view)
     # even when the block budget would hold several.
-    monkeypatch.setattr(conv, "IM2COL_BLOCK_BYTES", 1 << 20)
+    monkeypatch.setattr(conv_fast, "IM2COL_BLOCK_BYTES", 1 << 20)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 4, 32, 33, generator=g).contiguous(memory_format=memory_format)
     grad_out = torch.randn(3, 5, 32, 33, generator=g)
@@ -159,8 +159,8 @@ def test_conv2d_grad_weight_im2col_large_images_like_torch(monkeypatch, memory_f
 def test_conv2d_grad_weight_is_differentiable_over_several_blocks(monkeypatch, method):
     # Under autograd (only when the gradient function itself is checked) the blocks must
     # not share buffers, since each block's matmul keeps its operands for the backward.
-    monkeypatch.setattr(conv, "IM2COL_BLOCK_BYTES", 1)
-    monkeypatch.setattr(conv, "WINOGRAD_BLOCK_BYTES", 1)
+    monkeypatch.setattr(conv_fast, "IM2COL_BLOCK_BYTES", 1)
+    monkeypatch.setattr(conv_fast, "WINOGRAD_BLOCK_BYTES", 1)
     g = torch.Generator().manual_seed(0)
     grad_out = torch.randn(2, 2, 4, 4, generator=g, dtype=torch.float64, requires_grad=True)
     x = torch.randn(2, 2, 4, 4, generator=g, dtype=torch.float64, requires_grad=True)

@@ -13,6 +13,7 @@ from torch import nn
 from facetag.gradcheck.core import TORCH_TOLERANCE, run_case
 from facetag.gradcheck.fused import CASES, bn_act, bn_act_inputs
 from facetag.layers import fused
+from facetag.layers.compile import MaybeCompiled
 from facetag.layers.fused import (
     COMPILE_MIN_NUMEL,
     FUNCTIONS,
@@ -131,7 +132,7 @@ def test_batch_norm_act_compile_failure_warns_and_falls_back(monkeypatch):
         return run
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    kernel = fused._MaybeCompiled(fused.bn_act_forward)
+    kernel = MaybeCompiled(fused.bn_act_forward, "batch_norm_act")
     g = torch.Generator().manual_seed(0)
     x, w, b = bn_act_inputs((2, 3, 4, 4), torch.float32, g)
     args = (x.detach(), w.detach(), b.detach(), None, None, None, True, 1e-5, "relu", 0.0)
