@@ -5,7 +5,7 @@ defaults < TOML < overrides (CLI flags); unknown keys, wrong types and bad value
 ConfigError naming the key and the fix. The type checks and TOML reading are
 facetag.config's own helpers.
 
-    cfg = load_detector_config(Path("experiments/configs/detector.toml"), {"epochs": 2})
+    cfg = DETECTOR.load(Path("experiments/configs/detector.toml"), {"epochs": 2})
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from facetag.config import FLAG_KEYS as EMBEDDER_FLAGS
 from facetag.config import Schema, check_limits
 
 Stage = Literal["pnet", "rnet", "onet"]
@@ -78,14 +79,7 @@ SECTIONS: dict[str, type[Any]] = {
     "model": DetectorModelConfig,
     "train": DetectorTrainConfig,
 }
-FLAG_KEYS = {
-    "data": "data.path",
-    "epochs": "train.epochs",
-    "lr": "train.lr",
-    "batch_size": "train.batch_size",
-    "seed": "train.seed",
-    "device": "train.device",
-}
+FLAG_KEYS = EMBEDDER_FLAGS  # the same six flags set the same keys
 _STAGES = ("pnet", "rnet", "onet")
 LIMITS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "data.val_fraction": (lambda v: 0 < v < 1, "a fraction in (0, 1)"),
@@ -125,8 +119,3 @@ def _build(values: dict[str, dict[str, Any]], origin: dict[str, str]) -> Detecto
 
 
 DETECTOR: Schema[DetectorConfig] = Schema("detector config", SECTIONS, FLAG_KEYS, _build)
-load_detector_config = DETECTOR.load
-detector_config_from_dict = DETECTOR.from_dict
-detector_config_to_dict = DETECTOR.to_dict
-flatten_detector_config = DETECTOR.flatten
-detector_config_to_toml = DETECTOR.to_toml

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from facetag.device import resolve_device
-from facetag.errors import ModelError
 from facetag.inference.align import FaceDetector, WholePhotoDetector
 from facetag.models.detector import load_detector
 from facetag.models.io import LoadedEmbedder, ModelRef, load_embedder, shipped_embedder
@@ -77,16 +76,7 @@ def load_models(
     (None: the shipped files)."""
     embedder = embedder or ModelRef()
     dev = resolve_device(device)
-    path = embedder.path
-    if path is None:
-        path = shipped_embedder()
-        if not path.is_file():
-            raise ModelError(
-                f"{path}: expected the shipped embedder weights, got no such file; pass "
-                "--model (a model.pt from facetag train, runs:/... or models:/...) or run "
-                "make weights"
-            )
-    emb = load_embedder(path, dev)
+    emb = load_embedder(embedder.path or shipped_embedder(), dev)
     det = open_detector(detector or ModelRef(), dev)
     t, source = resolve_threshold(threshold, embedder, emb)
     return Models(emb, det, dev, t, source, embedder.spec)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import cast
+import math
+from typing import Any, cast
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 IntPair = int | tuple[int, int]
 Pair = tuple[int, int]
@@ -33,3 +34,28 @@ def channel_view(v: Tensor, ndim: int) -> Tensor:
     """(C,) -> (1, C, 1, ...) so that it broadcasts along dim 1 of an ndim tensor (a vector
     for a 1-D tensor stays as it is)."""
     return v.view((1, -1) + (1,) * (ndim - 2)) if ndim >= 2 else v
+
+
+def weight_and_bias(
+    module: nn.Module, shape: tuple[int, ...], bias: bool, factory: dict[str, Any]
+) -> None:
+    """Give a conv or linear layer ``weight`` (shape) and ``bias`` (shape[0],) or None,
+    initialised as torch initialises them (see ``init_like_torch``)."""
+    module.weight = nn.Parameter(torch.empty(*shape, **factory))
+    if bias:
+        module.bias = nn.Parameter(torch.empty(shape[0], **factory))
+    else:
+        module.register_parameter("bias", None)
+    init_like_torch(module.weight, module.bias)
+
+
+@torch.no_grad()
+def init_like_torch(weight: Tensor, bias: Tensor | None) -> None:
+    """torch's default for Linear and Conv2d: kaiming_uniform(a=sqrt(5)) weight and bias
+    ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = the weight's elements per output. The
+    same seed then gives the same values as the torch.nn twin."""
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    if bias is not None:
+        fan_in = weight[0].numel()
+        bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+        nn.init.uniform_(bias, -bound, bound)

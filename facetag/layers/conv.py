@@ -23,7 +23,6 @@ call them, and facetag.gradcheck.conv checks them on their own as well.
 
 from __future__ import annotations
 
-import math
 from typing import Any, cast
 
 import torch
@@ -31,7 +30,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from facetag.layers._util import IntPair, Pair, memory_format, pair
+from facetag.layers._util import (
+    IntPair,
+    Pair,
+    init_like_torch,
+    memory_format,
+    pair,
+    weight_and_bias,
+)
 from facetag.layers.conv_fast import (
     WINOGRAD_MIN_C,
     grad_weight_im2col,
@@ -321,23 +327,15 @@ class Conv2d(nn.Module):
         self.groups = groups
         self.padding_mode = padding_mode
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(
-            torch.empty(out_channels, in_channels // groups, *self.kernel_size, **factory)
-        )
+        self.weight: nn.Parameter
         self.bias: nn.Parameter | None
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_channels, **factory))
-        else:
-            self.register_parameter("bias", None)
-        self.reset_parameters()
+        weight_and_bias(
+            self, (out_channels, in_channels // groups, *self.kernel_size), bias, factory
+        )
 
     def reset_parameters(self) -> None:
-        """torch's init: kaiming_uniform(a=sqrt(5)) weight, U(-1/sqrt(fan_in), ..) bias."""
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            fan_in = self.weight.shape[1] * self.weight.shape[2] * self.weight.shape[3]
-            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
-            nn.init.uniform_(self.bias, -bound, bound)
+        """torch's init (facetag.layers._util.init_like_torch)."""
+        init_like_torch(self.weight, self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return conv2d(

@@ -9,13 +9,14 @@ M = N * prod(*):  grad_x = grad_out @ weight          (M, P) @ (P, D)
 
 from __future__ import annotations
 
-import math
 from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+
+from facetag.layers._util import init_like_torch, weight_and_bias
 
 
 class LinearFn(torch.autograd.Function):
@@ -87,20 +88,13 @@ class Linear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
+        self.weight: nn.Parameter
         self.bias: nn.Parameter | None
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_features, **factory))
-        else:
-            self.register_parameter("bias", None)
-        self.reset_parameters()
+        weight_and_bias(self, (out_features, in_features), bias, factory)
 
     def reset_parameters(self) -> None:
-        """torch's init: kaiming_uniform(a=sqrt(5)) weight, U(-1/sqrt(D), 1/sqrt(D)) bias."""
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0
-            nn.init.uniform_(self.bias, -bound, bound)
+        """torch's init (facetag.layers._util.init_like_torch)."""
+        init_like_torch(self.weight, self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return linear(x, self.weight, self.bias)

@@ -51,6 +51,7 @@ from facetag.layers.activation import PReLU
 from facetag.layers.conv import Conv2d
 from facetag.layers.fused import BatchNormAct2d
 from facetag.layers.pool import MaxPool2d
+from facetag.models.io import shipped_file
 
 DETECTOR_FORMAT = "facetag-detector/1"
 MAX_CANDIDATES = 2000  # windows kept per pyramid level and per stage (by score)
@@ -410,7 +411,7 @@ def detector_from_state(state: dict[str, Any], name: str, device: str = "cpu") -
 
 def shipped_detector() -> Path:
     """The detector weights inside the package (trained with experiments/configs/detector.toml)."""
-    return Path(str(resources.files("facetag") / "weights" / "detector.pt"))
+    return shipped_file("detector.pt", "reinstall facetag or pass --model")
 
 
 def load_detector(
@@ -424,11 +425,6 @@ def load_detector(
     """
     if path is None:
         path = shipped_detector()
-        if not path.is_file():
-            raise ModelError(
-                f"{path}: expected the shipped detector weights, got no such file; "
-                "reinstall facetag or pass --model"
-            )
         state = load_checkpoint(path)
         return detector_from_state(
             state, name or f"shipped:{state.get('model_id', 'detector')}", device

@@ -30,9 +30,22 @@ class ModelRef:
     calibrated_threshold: float | None = None  # stored in MLflow by facetag evaluate
 
 
+def shipped_file(name: str, fix: str) -> Path:
+    """facetag/weights/<name> inside the package; ModelError (one line, ending in ``fix``)
+    when the installation lacks it."""
+    path = Path(str(resources.files("facetag") / "weights" / name))
+    if not path.is_file():
+        raise ModelError(f"{path}: expected the shipped weights, got no such file; {fix}")
+    return path
+
+
 def shipped_embedder() -> Path:
     """The embedder weights inside the package (``make weights`` rebuilds them)."""
-    return Path(str(resources.files("facetag") / "weights" / "embedder.pt"))
+    return shipped_file(
+        "embedder.pt",
+        "pass --model (a model.pt from facetag train, runs:/... or models:/...) or run "
+        "make weights",
+    )
 
 
 @dataclass

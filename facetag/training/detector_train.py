@@ -56,9 +56,6 @@ from facetag.data.patches import (
 from facetag.detector_config import (
     DETECTOR,
     DetectorConfig,
-    detector_config_to_dict,
-    detector_config_to_toml,
-    flatten_detector_config,
 )
 from facetag.device import resolve_device
 from facetag.errors import ConfigError, DataError, TrainingError
@@ -416,7 +413,7 @@ def model_state(
         "format": DETECTOR_FORMAT,
         "model_id": f"detector-{digest.hexdigest()[:16]}",
         "facetag_version": __version__,
-        "config": detector_config_to_dict(config),
+        "config": DETECTOR.to_dict(config),
         "stages": cascade.kinds,
         "widths": {k: list(cascade.stage(k).widths) for k in cascade.kinds},
         "weights": weights,
@@ -474,7 +471,7 @@ def _start(
     torch.manual_seed(config.train.seed)
     cascade = Cascade(widths, kinds).to(device)
     E = config.train.epochs
-    hooks = TrackedRun("facetag train-detector", detector_config_to_toml(config)) if track else None
+    hooks = TrackedRun("facetag train-detector", DETECTOR.to_toml(config)) if track else None
     history: list[EpochRecord] = []
     start_epoch, opt_state, run_id = 1, None, resume
     if resume is not None:
@@ -487,7 +484,7 @@ def _start(
             hooks.resume(resume, config.data.name)
     elif hooks is not None:
         params = {
-            **flatten_detector_config(config),
+            **DETECTOR.flatten(config),
             "data.resolved_path": str(data.root.resolve()),
             "data.content_hash": data.data_hash,
             "data.train_images": len(data.train),
@@ -576,7 +573,7 @@ def _train_stage(run: _Run, s_index: int, kind: str) -> None:
             ctx=ctx,
             epoch=epoch,
             history=run.history,
-            config=detector_config_to_dict(config),
+            config=DETECTOR.to_dict(config),
             run_id=run.run_id,
         )
 

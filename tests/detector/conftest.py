@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from facetag.checkpoint import save_checkpoint
-from facetag.detector_config import load_detector_config
+from facetag.detector_config import DETECTOR
 from facetag.metrics.ap import DetectionScores
 from facetag.models.detector import Cascade
 from facetag.training.detector_train import model_state
@@ -21,7 +21,7 @@ TINY = {"pnet": (4, 4, 8), "rnet": (4, 8, 8, 16), "onet": (4, 4, 8, 8, 16)}
 def tiny_model_file(path: Path, stages=("pnet", "rnet")) -> Path:
     torch.manual_seed(0)
     cascade = Cascade(TINY, list(stages))
-    config = load_detector_config(None, {"model.stages": list(stages)})
+    config = DETECTOR.load(None, {"model.stages": list(stages)})
     scores = DetectionScores(0.0, 0.0, 0.0, 0, 0, 0, 0)
     return save_checkpoint(path, model_state(cascade, config, scores, None))
 

@@ -7,9 +7,7 @@ from pathlib import Path
 import pytest
 
 from facetag.detector_config import (
-    detector_config_from_dict,
-    detector_config_to_dict,
-    load_detector_config,
+    DETECTOR,
 )
 from facetag.errors import ConfigError
 
@@ -37,11 +35,11 @@ def test_bad_detector_configs_are_one_line_errors(tmp_path, text, overrides, mat
     path = tmp_path / "detector.toml"
     path.write_text(text)
     with pytest.raises(ConfigError, match=match):
-        load_detector_config(path, overrides)
+        DETECTOR.load(path, overrides)
 
 
 def test_presets_load_with_flag_overrides_and_round_trip():
     for name in ("detector.toml", "detector-fast.toml"):
-        cfg = load_detector_config(PRESETS / name, {"epochs": 2, "lr": None, "seed": 3})
+        cfg = DETECTOR.load(PRESETS / name, {"epochs": 2, "lr": None, "seed": 3})
         assert (cfg.train.epochs, cfg.train.seed) == (2, 3)
-        assert detector_config_from_dict(detector_config_to_dict(cfg)) == cfg
+        assert DETECTOR.from_dict(DETECTOR.to_dict(cfg)) == cfg
