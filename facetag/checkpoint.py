@@ -157,7 +157,7 @@ def capture_rng_state(generators: Mapping[str, torch.Generator] | None = None) -
         "torch": torch.get_rng_state(),
         "generators": {name: g.get_state() for name, g in (generators or {}).items()},
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 

@@ -264,7 +264,8 @@ def apply_overrides(
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
-            return tomllib.load(f)
+            doc: dict[str, Any] = tomllib.load(f)
+            return doc
     except FileNotFoundError:
         raise ConfigError(
             f"{path}: no such config file; expected a TOML file such as "
@@ -469,11 +470,12 @@ def _fields(section: str | type[Any]) -> list[str]:
 
 def _hints(section: str | type[Any]) -> dict[str, Any]:
     """Field types of a section dataclass (or of SECTIONS[name])."""
-    return _type_hints(SECTIONS[section] if isinstance(section, str) else section)
+    cls: Any = SECTIONS[section] if isinstance(section, str) else section
+    return _type_hints(cls)
 
 
 @functools.cache
-def _type_hints(cls: type[Any]) -> dict[str, Any]:
+def _type_hints(cls: Any) -> dict[str, Any]:  # Any: a dataclass type, hashable
     return typing.get_type_hints(cls)
 
 

@@ -169,12 +169,12 @@ def memory_probe(spec: BenchSpec, which: str) -> float:
     step = _step_fn(model, spec, which == "ours")
     if spec.device.startswith("cuda"):
         torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
+        base_bytes = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         for _ in range(3):
             step(x, y)
         torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
+        return (torch.cuda.max_memory_allocated() - base_bytes) / 2**20
     base = current_rss_mb()
     for _ in range(3):
         step(x, y)

@@ -133,7 +133,8 @@ def _read_wider(p: Path, text: str) -> BoxFile:
             if count == 0:
                 continue
             invalid = len(fields) >= 8 and fields[7] == "1"
-            faces.append(_face(p, line_no, *fields[:4], invalid))
+            x, y, w, h = fields[:4]
+            faces.append(_face(p, line_no, x, y, w, h, invalid))
         boxes.setdefault(image, []).extend(faces)
         i += 2 + rows
     return boxes
@@ -166,7 +167,8 @@ def _read_csv(p: Path, text: str) -> BoxFile:
             boxes.setdefault(image, [])
             continue
         invalid = (row.get("invalid") or "0").strip() in ("1", "true", "True")
-        boxes.setdefault(image, []).append(_face(p, line_no, *values, invalid))
+        x, y, w, h = values
+        boxes.setdefault(image, []).append(_face(p, line_no, x, y, w, h, invalid))
     return boxes
 
 

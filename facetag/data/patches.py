@@ -103,7 +103,7 @@ def crop_windows(image: Tensor | list[Tensor], windows: Tensor, size: int) -> Te
     windows = windows.to(levels[0].dtype)
     side = (windows[:, 2] - windows[:, 0]).clamp(min=1.0)
     level = torch.log2(side / size).floor().clamp(0, len(levels) - 1).long()  # (K,)
-    for k in level.unique().tolist():
+    for k in torch.unique(level).tolist():
         idx = (level == k).nonzero()[:, 0]
         rois = torch.cat([windows.new_zeros(idx.numel(), 1), windows[idx]], dim=1)  # (k, 5)
         # sampling_ratio=-1: ceil(side / 2^k / size) samples per output pixel and direction
@@ -121,7 +121,8 @@ def crop_windows(image: Tensor | list[Tensor], windows: Tensor, size: int) -> Te
 def box_offsets(windows: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     """Regression targets: (box - window) / window side, per corner; (K, 4) each -> (K, 4)."""
     side = (windows[:, 2] - windows[:, 0])[:, None]  # (K, 1)
-    return (boxes - windows) / np.maximum(side, 1e-6)
+    offsets: np.ndarray = (boxes - windows) / np.maximum(side, 1e-6)
+    return offsets
 
 
 def label_windows(

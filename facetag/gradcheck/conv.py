@@ -11,13 +11,16 @@ x), since a fused conv + batch norm op calls them directly.
 from __future__ import annotations
 
 from functools import partial
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn import grad as torch_grad
 
 from facetag.gradcheck.core import OpCase
-from facetag.layers.conv import conv2d, conv2d_grad_weight, conv2d_grad_x, winograd_applies
+from facetag.layers.conv import conv2d, conv2d_grad_weight, conv2d_grad_x
+from facetag.layers.conv_fast import winograd_applies
 
 Pair = tuple[int, int]
 Conv = tuple[Pair, Pair, Pair, int]  # stride, padding, dilation, groups
@@ -67,7 +70,8 @@ def _conv_case(
     groups: int = 1,
 ) -> OpCase:
     """A conv2d case; `big` gives larger (x_shape, w_shape) for the float32 torch comparison."""
-    kw = {"stride": stride, "padding": padding, "dilation": dilation, "groups": groups}
+    kw: dict[str, Any] = {"stride": stride, "padding": padding, "dilation": dilation}
+    kw["groups"] = groups
     small = partial(_conv_inputs, x_shape, w_shape, bias, layout, x_grad)
     return OpCase(
         "conv2d",
@@ -115,7 +119,7 @@ def _grad_cases(
             "conv2d_grad_x",
             name,
             ours=lambda go, w: conv2d_grad_x(go, w, x_shape, S, P, D, groups),
-            ref=lambda go, w: torch.nn.grad.conv2d_input(x_shape, w, go, S, P, D, groups),
+            ref=lambda go, w: _torch_grad_x(go, w, x_shape, S, P, D, groups),
             make_inputs=partial(_grad_inputs, go_shape, w_shape, layout),
         )
     ]
@@ -143,7 +147,13 @@ def _grad_weight(
 
 
 def _torch_grad_weight(go: Tensor, x: Tensor, w_shape: tuple[int, ...], conv: Conv) -> Tensor:
-    return torch.nn.grad.conv2d_weight(x, w_shape, go, *conv)
+    return cast(Tensor, torch_grad.conv2d_weight(x, w_shape, go, *conv))
+
+
+def _torch_grad_x(
+    go: Tensor, w: Tensor, x_shape: tuple[int, ...], S: Pair, P: Pair, D: Pair, groups: int
+) -> Tensor:
+    return cast(Tensor, torch_grad.conv2d_input(x_shape, w, go, S, P, D, groups))
 
 
 # Gradcheck inputs stay small (the checkers build full Jacobians): <= ~150 input and

@@ -9,13 +9,14 @@ at sizes that take the compiled path.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
 from facetag.gradcheck.core import OpCase
-from facetag.layers.fused import batch_norm_act
+from facetag.layers.fused import Activation, batch_norm_act
 
 EPS = 1e-5
 
@@ -118,9 +119,9 @@ def bn_act(
                 training,
                 0.1,
                 EPS,
-                activation,
+                cast(Activation, activation),
                 negative_slope,
-                a,  # type: ignore[arg-type]
+                a,
             )
         y = F.batch_norm(x, rm, rv, w, b, training, 0.1, EPS)
         if activation == "relu":

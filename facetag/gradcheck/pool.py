@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +49,7 @@ def _max_case(name: str, shape: tuple[int, ...], layout: str = "contiguous", **k
     return OpCase(
         "max_pool2d",
         name,
-        ours=lambda x: max_pool2d(x, **kw),
+        ours=lambda x: cast(Tensor, max_pool2d(x, **kw)),
         ref=lambda x: F.max_pool2d(x, **kw),
         make_inputs=partial(_pool_inputs, shape, layout),
     )

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 from facetag.gradcheck.core import FD_TOLERANCE, TORCH_TOLERANCE, CaseResult
 
 
-def summarise(results: Sequence[CaseResult]) -> list[dict[str, object]]:
+def summarise(results: Sequence[CaseResult]) -> list[dict[str, Any]]:
     """One row per op: its worst case's errors, and whether every case passed."""
-    rows: dict[str, dict[str, object]] = {}
+    rows: dict[str, dict[str, Any]] = {}
     for r in results:
         row = rows.setdefault(
             r.op,
@@ -23,11 +24,11 @@ def summarise(results: Sequence[CaseResult]) -> list[dict[str, object]]:
                 "failures": [],
             },
         )
-        row["cases"] = int(row["cases"]) + 1  # type: ignore[call-overload]
+        row["cases"] = int(row["cases"]) + 1
         fd = r.fd_error if not math.isnan(r.fd_error) else math.inf
         te = r.torch_error if not math.isnan(r.torch_error) else math.inf
-        row["fd_error"] = max(float(row["fd_error"]), fd)  # type: ignore[arg-type]
-        row["torch_error"] = max(float(row["torch_error"]), te)  # type: ignore[arg-type]
+        row["fd_error"] = max(float(row["fd_error"]), fd)
+        row["torch_error"] = max(float(row["torch_error"]), te)
         if not r.passed:
             row["passed"] = False
             why = r.error or (
@@ -35,11 +36,11 @@ def summarise(results: Sequence[CaseResult]) -> list[dict[str, object]]:
                 if not r.gradcheck_ok
                 else f"fd {r.fd_error:.1e} / torch {r.torch_error:.1e}"
             )
-            row["failures"].append(f"{r.name}: {why}")  # type: ignore[union-attr]
+            row["failures"].append(f"{r.name}: {why}")
     return list(rows.values())
 
 
-def format_table(rows: Sequence[dict[str, object]]) -> str:
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """op | cases | max abs err vs finite differences | max rel err vs torch | pass."""
     head = ("op", "cases", "max |err| vs finite diff", "max rel err vs torch", "result")
     body = [
@@ -59,7 +60,7 @@ def format_table(rows: Sequence[dict[str, object]]) -> str:
     lines.append("  ".join("-" * w for w in widths))
     for r, b in zip(rows, body, strict=True):
         lines.append("  ".join(c.ljust(w) for c, w in zip(b, widths, strict=True)))
-        for failure in r["failures"]:  # type: ignore[attr-defined]
+        for failure in r["failures"]:
             lines.append(f"    {failure}")
     n_fail = sum(not r["passed"] for r in rows)
     lines.append(

@@ -294,7 +294,7 @@ def annotate(img: Image.Image, image: dict[str, Any], scale: float) -> Image.Ima
         colour = (40, 200, 60) if f["name"] else (230, 60, 40)
         draw.rectangle((x1, y1, x2, y2), outline=colour, width=width)
         label = f"{f['name']} {f['confidence']:.2f}" if f["name"] else "?"
-        tx, ty = x1, max(0.0, y1 - font.size - 2 * width)
+        tx, ty = x1, max(0.0, y1 - float(getattr(font, "size", 12)) - 2 * width)
         bbox = draw.textbbox((tx, ty), label, font=font)
         draw.rectangle(bbox, fill=colour)
         draw.text((tx, ty), label, fill=(255, 255, 255), font=font)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -17,7 +17,7 @@ def pair(value: IntPair, op: str, name: str) -> Pair:
     p = (value, value) if isinstance(value, int) else tuple(value)
     if len(p) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in p):
         raise ValueError(f"{op}: expected {name} to be an int or a pair of ints, got {value!r}")
-    return cast(Pair, p)
+    return (int(p[0]), int(p[1]))
 
 
 def is_channels_last(t: Tensor) -> bool:
@@ -41,12 +41,14 @@ def weight_and_bias(
 ) -> None:
     """Give a conv or linear layer ``weight`` (shape) and ``bias`` (shape[0],) or None,
     initialised as torch initialises them (see ``init_like_torch``)."""
-    module.weight = nn.Parameter(torch.empty(*shape, **factory))
-    if bias:
-        module.bias = nn.Parameter(torch.empty(shape[0], **factory))
-    else:
+    weight = nn.Parameter(torch.empty(*shape, **factory))
+    module.weight = weight
+    b = nn.Parameter(torch.empty(shape[0], **factory)) if bias else None
+    if b is None:
         module.register_parameter("bias", None)
-    init_like_torch(module.weight, module.bias)
+    else:
+        module.bias = b
+    init_like_torch(weight, b)
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ class L2NormalizeFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, dim: int, eps: float) -> Tensor:
         norm = x.norm(2, dim, keepdim=True)  # (..., 1, ...), the same call F.normalize makes
-        y = x / norm.clamp_min(eps).expand_as(x)
+        y: Tensor = x / norm.clamp_min(eps).expand_as(x)
         ctx.dim, ctx.eps = dim, eps
         ctx.save_for_backward(y, norm)  # the derivative is simplest in terms of y
         return y

@@ -74,7 +74,8 @@ class ConvBlock(nn.Module):
         self.act: nn.Module = BatchNormAct2d(F, activation="prelu", use_compile=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.act(self.conv(x))  # (N, F, H - K + 1, W - K + 1)
+        y: Tensor = self.act(self.conv(x))  # (N, F, H - K + 1, W - K + 1)
+        return y
 
     @torch.no_grad()
     def fuse(self) -> None:
@@ -88,11 +89,16 @@ class ConvBlock(nn.Module):
         bn = self.act.bn
         assert bn.running_mean is not None
         assert bn.running_var is not None
+        assert bn.weight is not None  # batch norm with affine
+        assert bn.bias is not None
         s = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # (F,)
         conv = Conv2d(self.conv.in_channels, self.conv.out_channels, self.conv.kernel_size)
         conv.weight.copy_(self.conv.weight * s.view(-1, 1, 1, 1))  # (F, C, K, K)
-        conv.bias.copy_(bn.bias - s * bn.running_mean)  # type: ignore[union-attr]
-        prelu_weight = self.act.act.weight.detach().clone()
+        assert conv.bias is not None
+        conv.bias.copy_(bn.bias - s * bn.running_mean)
+        prelu = self.act.act
+        assert isinstance(prelu, PReLU)
+        prelu_weight = prelu.weight.detach().clone()
         act = PReLU(prelu_weight.numel())
         act.weight.copy_(prelu_weight)
         self.conv = conv.to(self.conv.weight.device)
@@ -399,13 +405,12 @@ def detector_from_state(state: dict[str, Any], name: str, device: str = "cpu") -
         cascade.stage(kind).fuse()
     cascade.to(device).eval()
     raw = state.get("settings", {})
-    settings = DetectSettings(
-        **{
-            k: tuple(v) if isinstance(v, list) else v
-            for k, v in raw.items()
-            if k in DetectSettings.__dataclass_fields__
-        }
-    )
+    stored: dict[str, Any] = {
+        k: tuple(v) if isinstance(v, list) else v
+        for k, v in raw.items()
+        if k in DetectSettings.__dataclass_fields__
+    }
+    settings = DetectSettings(**stored)
     return Detector(cascade, settings, name, device, state)
 
 

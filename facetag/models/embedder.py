@@ -58,7 +58,8 @@ class ConvStage(nn.Module):
         self.pool = ops.MaxPool2d(2)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.pool(self.norm_act(self.conv(x)))  # (N, F, H/2, W/2)
+        y: Tensor = self.pool(self.norm_act(self.conv(x)))  # (N, F, H/2, W/2)
+        return y
 
 
 class EmbeddingNet(nn.Module):
@@ -116,7 +117,8 @@ class EmbeddingNet(nn.Module):
         x = self.stages(x)  # (N, F, h, w)
         x = self.pool(x)  # (N, F) or (N, F * h * w)
         x = self.dropout(x)
-        return self.bn(self.fc(x))  # (N, D)
+        z: Tensor = self.bn(self.fc(x))  # (N, D)
+        return z
 
     def embed(self, x: Tensor) -> Tensor:
         """L2-normalised embeddings (N, D), the ones galleries, tagging and evaluate compare.
@@ -163,9 +165,8 @@ class FaceClassifier(nn.Module):
 
     def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         z = self.embedder(x)  # (N, D)
-        if self.head_kind == "arcface":
-            return self.head(z, labels)  # (N, P)
-        return self.head(z)  # (N, P)
+        logits: Tensor = self.head(z, labels) if self.head_kind == "arcface" else self.head(z)
+        return logits  # (N, P)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -352,7 +352,7 @@ def score_photos(
     for i, name in enumerate(names, start=1):
         img, faces = _photo(data, name)
         dets = detector.detect(img, threshold=SCORE_THRESHOLD)  # (K, 5)
-        found[name] = [tuple(r) for r in dets.tolist()]  # type: ignore[misc]
+        found[name] = [(r[0], r[1], r[2], r[3], r[4]) for r in dets.tolist()]
         truth[name] = faces
         if progress is not None:
             progress(Progress(f"{stage} validate", i, len(names)))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -55,7 +56,9 @@ class DistContext:
         ids = [dev.index] if dev.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
 
-    def loader(self, data: Dataset, batch_size: int, seed: int, workers: int) -> DataLoader:
+    def loader(
+        self, data: Dataset[Any], batch_size: int, seed: int, workers: int
+    ) -> DataLoader[Any]:
         """Shuffled batches; every rank sees a disjoint shard, reshuffled per epoch seed."""
         g = torch.Generator().manual_seed(seed)
         # BatchNorm cannot normalise a batch of one: drop a lone last sample (it is seen
@@ -63,7 +66,7 @@ class DistContext:
         per_rank = len(data) // self.world_size  # type: ignore[arg-type]
         drop_last = per_rank % batch_size == 1
         if self.active:
-            sampler = DistributedSampler(
+            sampler: DistributedSampler[Any] = DistributedSampler(
                 data, num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=seed
             )
             return DataLoader(

@@ -40,7 +40,7 @@ def detect_for_scoring(
         found = detector.detect(photo.chw(), min_face=min_face, threshold=threshold)  # (K, 5)
         boxes = (found[:, :4] / photo.scale).tolist()
         out[name] = [
-            (*(round(v, 1) for v in box), round(float(s), 4))  # type: ignore[misc]
+            (round(box[0], 1), round(box[1], 1), round(box[2], 1), round(box[3], 1), round(s, 4))
             for box, s in zip(boxes, found[:, 4].tolist(), strict=True)
         ]
     return out

@@ -47,9 +47,9 @@ import mlflow
 import mlflow.pytorch
 import numpy as np
 import torch
-from mlflow import MlflowClient
+from mlflow import MlflowClient as MlflowClient  # re-exported: evaluate.py reaches MLflow only here
 from mlflow.entities import Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
+from mlflow.exceptions import MlflowException as MlflowException
 from mlflow.models import infer_signature
 from torch import Tensor, nn
 
