@@ -1,4 +1,4 @@
-"""Training checkpoints: atomic writes, a format marker, and every RNG state for exact resume.
+"""Training checkpoints and model files: atomic writes and a format marker.
 
 A checkpoint is a ``torch.save``d dict of plain data (tensors, numbers, strings, lists,
 dicts) that ``torch.load(weights_only=True)`` reads back, so loading a file never runs
@@ -8,9 +8,10 @@ loop's choice, e.g.::
 
     save_checkpoint(run_dir / "last.ckpt", {
         "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
-        "scheduler": sched.state_dict(), "config": config_to_dict(cfg),
-        "rng": capture_rng_state({"loader": loader_generator}), "run_id": run_id,
+        "scheduler": sched.state_dict(), "config": config_to_dict(cfg), "run_id": run_id,
     })
+
+Resuming is exact without saving RNG states: each epoch re-seeds from (seed, epoch).
 """
 
 from __future__ import annotations
@@ -18,14 +19,12 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
-import random
 import tempfile
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -132,60 +131,6 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
             f"(this is {__version__})"
         )
     return cast(dict[str, Any], state)
-
-
-def capture_rng_state(generators: Mapping[str, torch.Generator] | None = None) -> dict[str, Any]:
-    """Every random state a training run draws from, as plain data for a checkpoint.
-
-    Python's ``random``, numpy's global generator, torch's CPU generator, the CUDA
-    generators (only when CUDA is initialised: asking would otherwise start CUDA), and
-    the named ``generators`` (e.g. a DataLoader's shuffling generator).
-    """
-    version, mt_state, gauss = random.getstate()
-    np_state = np.random.get_state(legacy=True)
-    assert isinstance(np_state, tuple)  # legacy=True: (kind, keys, pos, has_gauss, gauss)
-    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np_state
-    state: dict[str, Any] = {
-        "python": [version, list(mt_state), gauss],
-        "numpy": [
-            np_kind,
-            torch.from_numpy(np_keys.astype(np.int64)),
-            np_pos,
-            np_has_gauss,
-            np_gauss,
-        ],
-        "torch": torch.get_rng_state(),
-        "generators": {name: g.get_state() for name, g in (generators or {}).items()},
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(
-    state: Mapping[str, Any], generators: Mapping[str, torch.Generator] | None = None
-) -> None:
-    """Put back what ``capture_rng_state`` captured, so the next draws repeat exactly.
-
-    CUDA states are restored when CUDA is available (a CPU resume of a GPU run skips
-    them). Raises ModelError when a named generator has no saved state.
-    """
-    version, mt_state, gauss = state["python"]
-    random.setstate((version, tuple(mt_state), gauss))
-    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
-    keys = np.asarray(np_keys.numpy() if isinstance(np_keys, Tensor) else np_keys, np.uint32)
-    np.random.set_state((np_kind, keys, np_pos, np_has_gauss, np_gauss))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    saved = state.get("generators", {})
-    for name, g in (generators or {}).items():
-        if name not in saved:
-            raise ModelError(
-                f"checkpoint rng state: expected generator '{name}', got only "
-                f"{sorted(saved) or 'none'}; resume with the code that wrote the checkpoint"
-            )
-        g.set_state(saved[name])
 
 
 def _check_plain(obj: Any, where: str) -> None:

@@ -16,9 +16,7 @@ from torch import nn
 from facetag import checkpoint as ckpt_module
 from facetag.checkpoint import (
     FORMAT,
-    capture_rng_state,
     load_checkpoint,
-    restore_rng_state,
     save_checkpoint,
 )
 from facetag.config import Config, config_from_dict, config_to_dict
@@ -175,73 +173,3 @@ def draw_everything(g: torch.Generator) -> tuple:
         torch.rand(3).tolist(),
         torch.rand(2, generator=g).tolist(),
     )
-
-
-def test_checkpoint_rng_state_round_trip_through_file(tmp_path):
-    g = torch.Generator().manual_seed(7)
-    random.seed(1)
-    np.random.seed(2)
-    torch.manual_seed(3)
-    path = save_checkpoint(tmp_path / "rng.ckpt", {"rng": capture_rng_state({"loader": g})})
-    expected = draw_everything(g)
-    random.seed(99)
-    np.random.seed(99)
-    torch.manual_seed(99)
-    g.manual_seed(99)
-    restore_rng_state(load_checkpoint(path)["rng"], {"loader": g})
-    assert draw_everything(g) == expected
-
-
-def test_checkpoint_rng_restore_names_missing_generator():
-    state = capture_rng_state()
-    with pytest.raises(ModelError, match=r"expected generator 'loader', got only none"):
-        restore_rng_state(state, {"loader": torch.Generator()})
-
-
-def train_steps(model, opt, loader_iter, steps):
-    for _ in range(steps):
-        x, y = next(loader_iter)
-        loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-
-def make_run(seed: int):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    g = torch.Generator().manual_seed(seed)
-    fixed = torch.Generator().manual_seed(0)  # the same data whatever the seed
-    x, y = torch.randn(40, 6, generator=fixed), torch.randint(0, 3, (40,), generator=fixed)
-    data = torch.utils.data.TensorDataset(x, y)
-    loader = torch.utils.data.DataLoader(data, batch_size=8, shuffle=True, generator=g)
-    return model, opt, g, loader
-
-
-def test_checkpoint_resume_is_bit_exact_on_cpu(tmp_path):
-    # Uninterrupted: 2 epochs of 5 steps (dropout and shuffling both draw random numbers).
-    model, opt, g, loader = make_run(seed=0)
-    for _ in range(2):
-        train_steps(model, opt, iter(loader), 5)
-    expected = {k: v.clone() for k, v in model.state_dict().items()}
-
-    # Interrupted after epoch 1, resumed by fresh objects from the checkpoint.
-    model, opt, g, loader = make_run(seed=0)
-    train_steps(model, opt, iter(loader), 5)
-    path = save_checkpoint(
-        tmp_path / "last.ckpt",
-        {
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "rng": capture_rng_state({"loader": g}),
-        },
-    )
-    model, opt, g, loader = make_run(seed=123)  # different seed: everything must come back
-    state = load_checkpoint(path)
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
-    restore_rng_state(state["rng"], {"loader": g})
-    train_steps(model, opt, iter(loader), 5)
-    for key, value in model.state_dict().items():
-        torch.testing.assert_close(value, expected[key], rtol=0, atol=0)

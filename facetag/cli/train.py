@@ -187,16 +187,18 @@ def evaluate(
     from facetag.training.evaluate import format_result
 
     try:
-        result = run_evaluate(
-            model,
-            data,
-            split=split,
-            seed=seed,
-            device=resolve_device(device.value),
-            log=log,
-            store_threshold=store_threshold,
-            far=far.value,
-        )
+        with ProgressBar() as bar:
+            result = run_evaluate(
+                model,
+                data,
+                split=split,
+                seed=seed,
+                device=resolve_device(device.value),
+                log=log,
+                store_threshold=store_threshold,
+                far=far.value,
+                progress=bar.update,
+            )
     except FacetagError as e:
         raise fail(e) from None
     typer.echo(json.dumps(result, indent=2) if as_json else format_result(result))

@@ -9,7 +9,9 @@ Each op family registers ``OpCase`` objects in a module of this package
 2. float32, against the torch.nn twin with a random upstream gradient: ``torch_error`` is
    the largest relative difference over the output and every input gradient.
 
-The test-suite parametrizes over the same cases, so what users run is what CI runs.
+The test-suite parametrizes over the same cases, so what users run is what CI runs. The
+torch.nn twins (references) ship in the package for that reason: `facetag gradcheck` is
+a user command, and the proof it prints needs them.
 """
 
 from facetag.gradcheck.core import CaseResult, OpCase, all_cases, run_case, run_cases

@@ -12,7 +12,7 @@ any length.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,11 +74,6 @@ def iter_detections(
             yield PhotoResult(path, found)
         except DataError as e:
             yield PhotoResult(path, error=str(e))
-
-
-def with_settings(detector: Detector, **changes: Any) -> Detector:
-    """A copy of ``detector`` sharing its nets, with some settings changed."""
-    return replace(detector, settings=replace(detector.settings, **changes))
 
 
 def detect_paths(

@@ -35,7 +35,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -383,11 +382,6 @@ def square(boxes: Tensor) -> Tensor:
     side = torch.maximum(w, h)
     cx, cy = boxes[:, 0] + w / 2, boxes[:, 1] + h / 2
     return torch.stack([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2], dim=1)
-
-
-def shipped_weights() -> Path:
-    """The detector weights inside the package (trained with experiments/configs/detector.toml)."""
-    return Path(str(resources.files("facetag") / "weights" / "detector.pt"))
 
 
 def detector_from_state(state: dict[str, Any], name: str, device: str = "cpu") -> Detector:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from torch import Tensor, nn
 
@@ -167,11 +166,3 @@ class FaceClassifier(nn.Module):
         z = self.embedder(x)  # (N, D)
         logits: Tensor = self.head(z, labels) if self.head_kind == "arcface" else self.head(z)
         return logits  # (N, P)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def describe(model: nn.Module) -> dict[str, Any]:
-    return {"parameters": count_parameters(model), "repr": repr(model)}

@@ -60,6 +60,7 @@ from facetag.data.folders import FaceDataset, Split, scan_folder
 from facetag.data.folders import split as split_folder
 from facetag.device import resolve_device
 from facetag.errors import DataError
+from facetag.progress import Progress, ProgressFn
 from facetag.training import figures
 
 if TYPE_CHECKING:
@@ -73,8 +74,6 @@ METRIC_PREFIX = "eval_"
 ROC_ARTIFACT = "evaluation/roc.png"
 RESULT_ARTIFACT = "evaluation/result.json"
 CALIBRATED_MODEL_ARTIFACT = "calibration/model.pt"
-
-ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
 
 
 @dataclass(frozen=True)
@@ -322,13 +321,13 @@ def evaluate(
     ``log``: metrics, ROC figure and result JSON to the model's run. ``store_threshold``:
     the chosen threshold into the model file and the run / version tags (module doc).
     ``far``: the false accept rate the stored threshold is chosen at ("1e-3" or "1e-2").
-    ``progress(stage, done, total)`` reports image loading and embedding.
+    ``progress`` gets a Progress per image loaded and per batch embedded.
 
     Nothing is written before every number is computed: a bad model, dataset or split
     raises (ModelError, DataError, ConfigError) and leaves files, runs and registry as
     they were.
     """
-    from facetag.models.io import load_embedder, write_threshold
+    from facetag.models.io import load_embedder
     from facetag.training import tracking
 
     used = resolve_device(device)
@@ -338,28 +337,8 @@ def evaluate(
         loaded = load_embedder(path, used)
         root, split_spec, split_seed = _evaluation_data(loaded.state, path, data, split, seed)
         sp = _split_for_pairs(root, split_spec, split_seed)
-        size, channels = loaded.image_size, loaded.in_channels
-
-        def stage(name: str) -> Callable[[int, int], None] | None:
-            if progress is None:
-                return None
-            return lambda done, total: progress(name, done, total)
-
-        train_set = FaceDataset(
-            sp.train, sp.people, size=size, channels=channels, on_progress=stage("load train")
-        )
-        test_set = FaceDataset(
-            sp.test, sp.people, size=size, channels=channels, on_progress=stage("load test")
-        )
-        gallery = embed_dataset(loaded.net, train_set, used, batch_size, stage("embed train"))
-        probes = embed_dataset(loaded.net, test_set, used, batch_size, stage("embed test"))
-        accuracy, _ = closed_set_accuracy(
-            gallery, train_set.labels, probes, test_set.labels, len(sp.people)
-        )
-        scores, same = pair_scores(probes, test_set.labels)
-        v = verify(scores, same)
+        accuracy, v, sizes = _measure(loaded, sp, used, batch_size, progress)
         rule, chosen = choose_threshold(v, far)
-
         # A local file names its run itself; model_run_id would only set up the store.
         run_id = tracking.model_run_id(model_spec) if remote else None
         run_id = run_id or str(loaded.state.get("run_id") or "")
@@ -370,50 +349,100 @@ def evaluate(
             "split": split_spec,
             "seed": split_seed,
             "people": len(sp.people),
-            "enrolled_images": len(train_set),
-            "test_images": len(test_set),
-            "pairs": v.pairs,
-            "genuine_pairs": v.genuine,
-            "impostor_pairs": v.impostor,
-            "closed_set_accuracy": accuracy,
-            "auc": v.auc,
-            "eer": v.eer,
-            "tar_at_far": {k: None if p is None else p.tar for k, p in v.at_far.items()},
-            "threshold_at_far": {
-                k: None if p is None else p.threshold for k, p in v.at_far.items()
-            },
-            "best_threshold": v.best.threshold,
-            "best_pair_accuracy": v.best_accuracy,
-            "threshold": chosen.threshold,
-            "threshold_rule": rule,
-            "threshold_far": chosen.far,
-            "threshold_tar": chosen.tar,
-            "threshold_metric": "cosine distance (1 - cos); same person when below",
+            "enrolled_images": sizes[0],
+            "test_images": sizes[1],
+            **_verification_fields(accuracy, v, rule, chosen),
             "stored": [],
             "run_id": run_id or None,
             "tracking": "",
             "device": used,
         }
-        if store_threshold:
-            write_threshold(path, chosen.threshold, _calibration_record(result))
-            if not remote:
-                result["stored"].append(str(path))
-        if not (log or store_threshold):  # nothing for MLflow to record
-            result["tracking"] = "not logged: --no-log"
-            return result
-        tracker, why_not = _attach(run_id) if run_id else (None, _no_run(path))
-        if tracker is None:
-            result["run_id"] = None
-            result["tracking"] = f"not logged: {why_not}"
-        else:
-            result["tracking"] = (
-                f"logged to run {tracker.run_id}" if log else "not logged: --no-log"
-            )
-            if store_threshold:
-                result["stored"] += _store_in_mlflow(tracker, model_spec, path, result, tmp)
-            if log:
-                _log_evaluation(tracker, v, chosen, result)
+        _record(result, model_spec, path, tmp, v, chosen, log=log, store=store_threshold)
     return result
+
+
+def _measure(
+    loaded: Any, sp: Split, device: str, batch_size: int, progress: ProgressFn | None
+) -> tuple[float, Verification, tuple[int, int]]:
+    """Embed the split's enrolment and test images: (closed-set accuracy, verification of
+    every test pair, (enrolment images, test images))."""
+    size, channels = loaded.image_size, loaded.in_channels
+
+    def stage(name: str) -> Callable[[int, int], None] | None:
+        if progress is None:
+            return None
+        return lambda done, total: progress(Progress(name, done, total))
+
+    train_set = FaceDataset(
+        sp.train, sp.people, size=size, channels=channels, on_progress=stage("load train")
+    )
+    test_set = FaceDataset(
+        sp.test, sp.people, size=size, channels=channels, on_progress=stage("load test")
+    )
+    gallery = embed_dataset(loaded.net, train_set, device, batch_size, stage("embed train"))
+    probes = embed_dataset(loaded.net, test_set, device, batch_size, stage("embed test"))
+    accuracy, _ = closed_set_accuracy(
+        gallery, train_set.labels, probes, test_set.labels, len(sp.people)
+    )
+    scores, same = pair_scores(probes, test_set.labels)
+    return accuracy, verify(scores, same), (len(train_set), len(test_set))
+
+
+def _verification_fields(
+    accuracy: float, v: Verification, rule: str, chosen: OperatingPoint
+) -> dict[str, Any]:
+    return {
+        "pairs": v.pairs,
+        "genuine_pairs": v.genuine,
+        "impostor_pairs": v.impostor,
+        "closed_set_accuracy": accuracy,
+        "auc": v.auc,
+        "eer": v.eer,
+        "tar_at_far": {k: None if p is None else p.tar for k, p in v.at_far.items()},
+        "threshold_at_far": {k: None if p is None else p.threshold for k, p in v.at_far.items()},
+        "best_threshold": v.best.threshold,
+        "best_pair_accuracy": v.best_accuracy,
+        "threshold": chosen.threshold,
+        "threshold_rule": rule,
+        "threshold_far": chosen.far,
+        "threshold_tar": chosen.tar,
+        "threshold_metric": "cosine distance (1 - cos); same person when below",
+    }
+
+
+def _record(
+    result: dict[str, Any],
+    model_spec: str,
+    path: Path,
+    tmp: str,
+    v: Verification,
+    chosen: OperatingPoint,
+    *,
+    log: bool,
+    store: bool,
+) -> None:
+    """Store the threshold in the model file and MLflow, and log the evaluation."""
+    from facetag.models.io import write_threshold
+
+    remote = model_spec.startswith(("runs:/", "models:/"))
+    if store:
+        write_threshold(path, chosen.threshold, _calibration_record(result))
+        if not remote:
+            result["stored"].append(str(path))
+    if not (log or store):  # nothing for MLflow to record
+        result["tracking"] = "not logged: --no-log"
+        return
+    run_id = result["run_id"]
+    tracker, why_not = _attach(run_id) if run_id else (None, _no_run(path))
+    if tracker is None:
+        result["run_id"] = None
+        result["tracking"] = f"not logged: {why_not}"
+        return
+    result["tracking"] = f"logged to run {tracker.run_id}" if log else "not logged: --no-log"
+    if store:
+        result["stored"] += _store_in_mlflow(tracker, model_spec, path, result, tmp)
+    if log:
+        _log_evaluation(tracker, v, chosen, result)
 
 
 def format_result(result: dict[str, Any]) -> str:

@@ -313,33 +313,22 @@ def train(
     opt = _make_optimizer(config, model)
     steps_per_epoch = math.ceil(len(train_set) / (config.train.batch_size * dist.world_size))
     sched = _make_scheduler(config, opt, steps_per_epoch * config.train.epochs)
-    start_epoch, history = 1, []
     experiment = config.data.name or Path(config.data.path).resolve().name
-    run_id: str | None = resume
-    if resume is not None:
-        state = load_checkpoint(runs_dir() / resume / "checkpoint.pt")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start_epoch = int(state["epoch"]) + 1
-        history = [EpochStats(**h) for h in state["history"]]
-        if dist.is_main and hooks is not None:
-            hooks.resume(resume, experiment)
-    elif dist.is_main and hooks is not None:
-        params = _run_params(
-            config,
-            d,
-            model,
-            device_used=device,
-            world_size=dist.world_size,
-        )
-        run_id = hooks.start(experiment, params)
+    ctx = StepContext(
+        opt,
+        sched,
+        GradientHealth(model),
+        "",
+        "lower --lr or set [train] grad_clip",
+        model,
+        config.train.grad_clip,
+    )
+    start_epoch, history, run_id = _open_run(
+        config, d, model, ctx, resume, hooks, experiment, device, dist
+    )
     run_id = dist.broadcast_str(run_id)
     run_dir = runs_dir() / (run_id or "local")
-    health = GradientHealth(model)
-    ctx = StepContext(
-        opt, sched, health, "", "lower --lr or set [train] grad_clip", model, config.train.grad_clip
-    )
+    health = ctx.health
     epochs = _Epochs(
         dist.wrap(model), model, train_set, test_set, ctx, config, device, dist, progress
     )
@@ -383,6 +372,34 @@ def train(
         result.model_path = save_checkpoint(run_dir / "model.pt", state)
     dist.close()
     return Trained(result, model, config, test_set, preds, d.data_hash, in_channels, dist.rank)
+
+
+def _open_run(
+    config: Config,
+    d: _Data,
+    model: nn.Module,
+    ctx: StepContext,
+    resume: str | None,
+    hooks: TrackedRun | None,
+    experiment: str,
+    device: str,
+    dist: Any,
+) -> tuple[int, list[EpochStats], str | None]:
+    """(first epoch to train, the epochs so far, run id): a resumed run's checkpoint put
+    back into model and optimiser, or a new MLflow run started (rank 0)."""
+    if resume is not None:
+        state = load_checkpoint(runs_dir() / resume / "checkpoint.pt")
+        model.load_state_dict(state["model"])
+        ctx.opt.load_state_dict(state["optimizer"])
+        ctx.sched.load_state_dict(state["scheduler"])
+        if dist.is_main and hooks is not None:
+            hooks.resume(resume, experiment)
+        return int(state["epoch"]) + 1, [EpochStats(**h) for h in state["history"]], resume
+    run_id = None
+    if dist.is_main and hooks is not None:
+        params = _run_params(config, d, model, device_used=device, world_size=dist.world_size)
+        run_id = hooks.start(experiment, params)
+    return 1, [], run_id
 
 
 def _train_epoch(e: _Epochs, epoch: int) -> EpochStats:

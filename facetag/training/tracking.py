@@ -357,47 +357,14 @@ class Tracker:
         """
         example = _as_numpy(input_example)
         cpu_model = copy.deepcopy(model).cpu().eval()  # loadable without a GPU
-        with torch.no_grad():
-            output = cpu_model(torch.from_numpy(example))
-        if not isinstance(output, Tensor):
-            raise ValueError(
-                f"log_model: expected the model to return a Tensor, got {type(output).__name__}"
-            )
-        signature = infer_signature(example, output.numpy())
-        run = self.client.get_run(self.run_id)
-        logged = self.client.create_logged_model(
-            experiment_id=self.experiment_id,
-            name=name,
-            source_run_id=self.run_id,
-            params=dict(run.data.params),
-            tags={DATA_TAG: data_hash, metric_name: _text(metric_value, _MAX_TAG_LENGTH)},
+        info = self._log_pytorch(
+            cpu_model,
+            name,
+            example,
+            checkpoint,
+            data_hash,
+            {metric_name: _text(metric_value, _MAX_TAG_LENGTH)},
         )
-        # Model.log creates artifacts through the global tracking URI (an MLflow detail);
-        # the explicit model_id and run_id keep the model in this run's experiment.
-        mlflow.set_tracking_uri(self.uri)
-        mlflow.set_registry_uri(self.uri)
-        with tempfile.TemporaryDirectory(prefix="facetag-model-") as tmp:
-            extra_files = None
-            if checkpoint is not None:
-                shipped = Path(tmp) / MODEL_CHECKPOINT
-                shutil.copyfile(checkpoint, shipped)
-                extra_files = [str(shipped)]
-            info = mlflow.pytorch.log_model(
-                cpu_model,
-                name=name,
-                signature=signature,
-                input_example=example,
-                extra_files=extra_files,
-                # Explicit requirements: inferring them re-imports the model in a subprocess.
-                # The local part of torch's version ("+cu130") is not on PyPI: drop it.
-                pip_requirements=[
-                    f"torch=={_public(torch.__version__)}",
-                    f"facetag=={__version__}",
-                ],
-                serialization_format="pickle",
-                run_id=self.run_id,
-                model_id=logged.model_id,
-            )
         # The client, not mlflow.register_model: that one prints to stderr on every call.
         try:
             self.client.create_registered_model(registered_name)
@@ -427,6 +394,59 @@ class Tracker:
             champion=champion,
             reason=reason,
         )
+
+    def _log_pytorch(
+        self,
+        cpu_model: nn.Module,
+        name: str,
+        example: np.ndarray,
+        checkpoint: Path | str | None,
+        data_hash: str,
+        tags: dict[str, str],
+    ) -> Any:
+        """mlflow.pytorch.log_model into this run, with the signature inferred from the
+        model's output on ``example``; returns MLflow's ModelInfo."""
+        with torch.no_grad():
+            output = cpu_model(torch.from_numpy(example))
+        if not isinstance(output, Tensor):
+            raise ValueError(
+                f"log_model: expected the model to return a Tensor, got {type(output).__name__}"
+            )
+        signature = infer_signature(example, output.numpy())
+        run = self.client.get_run(self.run_id)
+        logged = self.client.create_logged_model(
+            experiment_id=self.experiment_id,
+            name=name,
+            source_run_id=self.run_id,
+            params=dict(run.data.params),
+            tags={DATA_TAG: data_hash, **tags},
+        )
+        # Model.log creates artifacts through the global tracking URI (an MLflow detail);
+        # the explicit model_id and run_id keep the model in this run's experiment.
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_registry_uri(self.uri)
+        with tempfile.TemporaryDirectory(prefix="facetag-model-") as tmp:
+            extra_files = None
+            if checkpoint is not None:
+                shipped = Path(tmp) / MODEL_CHECKPOINT
+                shutil.copyfile(checkpoint, shipped)
+                extra_files = [str(shipped)]
+            return mlflow.pytorch.log_model(
+                cpu_model,
+                name=name,
+                signature=signature,
+                input_example=example,
+                extra_files=extra_files,
+                # Explicit requirements: inferring them re-imports the model in a subprocess.
+                # The local part of torch's version ("+cu130") is not on PyPI: drop it.
+                pip_requirements=[
+                    f"torch=={_public(torch.__version__)}",
+                    f"facetag=={__version__}",
+                ],
+                serialization_format="pickle",
+                run_id=self.run_id,
+                model_id=logged.model_id,
+            )
 
     def _maybe_crown(
         self,

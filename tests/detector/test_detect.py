@@ -1,6 +1,7 @@
 """The detection pipeline: boxes in displayed pixels, bad photos reported one line each."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -9,9 +10,13 @@ from PIL import Image
 
 from facetag.checkpoint import save_checkpoint
 from facetag.errors import DataError, ModelError
-from facetag.inference.detect import detect_paths, detect_photo, with_settings
+from facetag.inference.detect import detect_paths, detect_photo
 from facetag.models.detector import drop_nested, load_detector, regress, square
 from facetag.models.io import ModelRef
+
+
+def with_settings(detector, **changes):
+    return replace(detector, settings=replace(detector.settings, **changes))
 
 
 def test_square_keeps_centres():
