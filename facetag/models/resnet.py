@@ -26,11 +26,14 @@ At 35 and 17 px the two agree (17, 8) and only the skip's missing channels are z
 top-left 3x3 corner, and at 4 px the conv gives 1x1 and the pool 2x2. 29 convolutions,
 each followed by an affine (dlib's stand-in for batch norm at inference).
 
-The descriptor is dlib's raw output: dlib does NOT L2-normalise it, and its 0.6 threshold
-is a Euclidean distance between raw descriptors (their norms are near, not at, 1).
-``embed`` returns the L2-normalised form facetag's galleries compare by cosine distance;
-for unit vectors ||a - b||^2 = 2 * (1 - cos(a, b)), so a Euclidean 0.6 between unit
-vectors is a cosine distance of 0.18.
+The descriptor is dlib's raw output: dlib does NOT L2-normalise it (loss_metric's
+to_label copies the fc output), and its 0.6 threshold is a Euclidean distance between raw
+descriptors, whose norms are 1.27-1.56 on real faces (median 1.42), not 1. ``embed``
+returns the L2-normalised form facetag's galleries compare by cosine distance. For unit
+vectors ||a - b||^2 = 2 * (1 - cos(a, b)), so a Euclidean 0.6 between UNIT vectors would
+be a cosine distance of 0.18; between raw descriptors of norm ~1.42 it is
+1 - cos = 0.6^2 / (2 * 1.42^2) ~ 0.09 (on dlib's johns set: same-person pairs reach 0.073,
+different people start at 0.109). Calibrate the cosine threshold; do not carry 0.6 over.
 
 ``folded()`` gives the inference copy: each affine folded into its conv (weight * gamma,
 bias * gamma + beta), one pass less per conv, in channels_last (faster on CPU).
