@@ -113,6 +113,8 @@ class DlibResNet(nn.Module):
     """150x150 RGB chips (N, 3, 150, 150), uint8 or float 0..255 -> descriptors (N, 128).
 
     The chips are cut as dlib.get_face_chip cuts them (5 landmarks, padding 0.25).
+    ``channels_last`` lays the conv weights out (F, KH, KW, C), which makes every
+    activation channels_last: faster on CPU (oneDNN's native layout).
     """
 
     architecture = ARCHITECTURE
@@ -122,7 +124,6 @@ class DlibResNet(nn.Module):
 
     def __init__(self, channels_last: bool = False) -> None:
         super().__init__()
-        self.channels_last = channels_last
         # (x - mean) / 256 as x * (1/256) + (-mean/256): both factors are exact in float32
         # (a power of two), so this rounds exactly where dlib's (x - mean) / 256.0 does.
         mean = torch.tensor(DLIB_MEAN_RGB, dtype=torch.float32)
@@ -140,6 +141,8 @@ class DlibResNet(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.pool = layers.GlobalAvgPool2d()
         self.fc = layers.Linear(C, EMBEDDING_DIM, bias=False)
+        if channels_last:  # conv weights (F, C, K, K) laid out (F, K, K, C): see normalize
+            self.to(memory_format=torch.channels_last)
 
     def normalize(self, chips: Tensor) -> Tensor:
         """uint8 or float 0..255 chips (N, 3, 150, 150) -> dlib's input tensor, float32."""
@@ -149,9 +152,12 @@ class DlibResNet(nn.Module):
                 f"{tuple(chips.shape)}; cut them with dlib.get_face_chip(img, shape, "
                 f"size={CHIP_SIZE}, padding=0.25)"
             )
-        x = chips.to(self.input_scale.dtype)  # (N, 3, 150, 150)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        # NOTE: plain (N, C, H, W) order, whatever the chips' strides (an (N, H, W, C)
+        # array permuted is channels_last): the 3-channel affine broadcasts twice as fast
+        # there, and the stem conv reads it faster too; with channels_last weights its
+        # output is channels_last all the same (oneDNN follows either operand's layout).
+        x = torch.empty(chips.shape, dtype=self.input_scale.dtype, device=chips.device)
+        x.copy_(chips)  # (N, 3, 150, 150): uint8 -> float and any transpose, one pass
         return layers.channel_affine(x, self.input_scale, self.input_shift)
 
     def forward(self, chips: Tensor) -> Tensor:
@@ -173,10 +179,8 @@ class DlibResNet(nn.Module):
         for module in net.modules():
             if isinstance(module, ConvAffine):
                 module.fold_()
-        net.channels_last = channels_last
-        if channels_last:
-            net.to(memory_format=torch.channels_last)
-        return net
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        return net.to(memory_format=layout)
 
 
 def conv_layers(net: nn.Module) -> list[layers.Conv2d]:

@@ -109,8 +109,13 @@ def test_resnet_folded_matches_unfolded(channels_last):
 def test_resnet_channels_last_matches_contiguous():
     net, chips = _randomised(), _chips(2)
     cl = _randomised(channels_last=True)
+    layouts = []
+    cl.blocks[0].register_forward_hook(
+        lambda m, i, o: layouts.append(o.is_contiguous(memory_format=torch.channels_last))
+    )
     with torch.no_grad():
         torch.testing.assert_close(cl(chips), net(chips), rtol=1e-4, atol=1e-5)
+    assert layouts == [True]  # the weights' layout carries the activations' after the stem
 
 
 def test_resnet_rejects_chips_of_the_wrong_size():
