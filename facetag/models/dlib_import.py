@@ -8,9 +8,12 @@ dlib/serialize.h, dlib/float_details.h, dlib/cuda/tensor.h and dlib/dnn/core.h:
 - integers: a control byte, then that many little-endian magnitude bytes. The control
   byte's low 4 bits count the bytes (1..8), bit 0x80 marks a negative value, bits 0x70
   are always 0. So 1 is ``01 01``, -28 is ``81 1c`` and 0 is ``01 00``.
-- floats and doubles: two such integers, a mantissa m (int64) and an exponent e (int16), the value
-  being ldexp(float(m), e); e = 32000, 32001, 32002 mean inf, -inf and NaN. (A first byte
-  with any of the bits 0x70 set would be dlib's older ASCII float format.)
+- floats and doubles: two such integers, a mantissa m (int64) and an exponent e (int16),
+  the value being ldexp(m, e) (m first rounded to the target type); e = 32000, 32001,
+  32002 mean inf, -inf and NaN. So float 0.04 is ``03 0a d7 a3 81 1c`` (0xa3d70a * 2^-28)
+  while a double 1.0 is ``01 10 81 04``: the layers' learning-rate multipliers are
+  doubles, with 53-bit mantissas. (A first byte with any of the bits 0x70 set would be
+  dlib's older ASCII float format.)
 - strings: the length as an integer, then the bytes; bools: the byte '1' or '0'.
 - tensors: the integer 2 (version), N, K, NR, NC as integers, then N*K*NR*NC float32s
   little-endian, raw (not as dlib floats). An "alias tensor" (a view into a layer's
@@ -20,7 +23,11 @@ A network is written from its loss layer inwards: ``add_loss_layer`` writes its 
 the loss and then its subnetwork; every ``add_layer`` writes its version and then its
 subnetwork BEFORE its own layer, and tag and skip layers write a version and their
 subnetwork only. So the file holds the loss, then 130 version integers (one per wrapper,
-output side first), then the input layer, then each layer's details input side first.
+output side first), then the input layer, then each layer's details input side first,
+each followed by its add_layer's state (three bools, then its cached x_grad, output and
+params gradient: empty tensors in this file). Weights are row-major float32: a conv's
+params are its filters (F, C, K, K) then its F biases, an affine's gamma (C) then beta
+(C), and the fc layer's a (D, P) matrix that multiplies x from the right.
 The wrappers' kinds are not in the file (a tag's version 1 looks like an old add_layer's):
 the reader walks the known topology, checks every layer's type name and geometry, and
 says where a file departs from it.
