@@ -15,6 +15,7 @@ dlib (dlib-bin) and face_recognition_models must be installed: this measures aga
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import time
@@ -142,7 +143,7 @@ def bench_embed(
             rates = {}
             for B in batch_sizes:
                 got = ours(B)  # warm-up (oneDNN picks its kernels on the first call)
-                rates[B] = _best_rate(lambda B=B: ours(B), N, repeats)
+                rates[B] = _best_rate(functools.partial(ours, B), N, repeats)
     finally:
         torch.set_num_threads(default_threads)
     dlib_rates = {
@@ -185,7 +186,7 @@ def _main() -> None:  # pragma: no cover - a measurement entry point, not librar
     else:
         from skimage import data
 
-        chips = dlib_chips(data.astronaut())
+        chips = dlib_chips(data.astronaut())  # type: ignore[no-untyped-call]
     chips = [chips[i % len(chips)] for i in range(args.n)]
     result = bench_embed(
         chips,

@@ -69,7 +69,8 @@ class ConvAffine(nn.Module):
         self.affine: nn.Module = layers.ChannelAffine(F)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.affine(self.conv(x))  # (N, F, H_out, W_out)
+        y: Tensor = self.affine(self.conv(x))  # (N, F, H_out, W_out)
+        return y
 
     @torch.no_grad()
     def fold_(self) -> None:
@@ -104,9 +105,11 @@ class ResidualBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         y = self.conv2(self.relu1(self.conv1(x)))  # (N, F, H_conv, W_conv)
         if self.skip_pool is None:
-            return self.relu(layers.add(y, x))  # (N, F, H, W)
-        skip = self.skip_pool(x)  # (N, C, H_pool, W_pool)
-        return self.relu(layers.zero_pad_add(y, skip))  # (N, F, max H, max W)
+            out: Tensor = self.relu(layers.add(y, x))  # (N, F, H, W)
+        else:
+            skip = self.skip_pool(x)  # (N, C, H_pool, W_pool)
+            out = self.relu(layers.zero_pad_add(y, skip))  # (N, F, max H, max W)
+        return out
 
 
 class DlibResNet(nn.Module):
@@ -117,6 +120,8 @@ class DlibResNet(nn.Module):
     activation channels_last: faster on CPU (oneDNN's native layout).
     """
 
+    input_scale: Tensor  # (3,) buffers: 1/256, and -mean/256
+    input_shift: Tensor
     architecture = ARCHITECTURE
     in_channels = 3
     image_size = (CHIP_SIZE, CHIP_SIZE)
@@ -164,7 +169,8 @@ class DlibResNet(nn.Module):
         x = self.normalize(chips)  # (N, 3, 150, 150)
         x = self.stem_pool(self.stem_relu(self.stem(x)))  # (N, 32, 35, 35)
         x = self.blocks(x)  # (N, 256, 2, 2)
-        return self.fc(self.pool(x))  # (N, 128)
+        descriptors: Tensor = self.fc(self.pool(x))  # (N, 128)
+        return descriptors
 
     def embed(self, chips: Tensor) -> Tensor:
         """L2-normalised descriptors (N, 128), what galleries compare by cosine distance."""
