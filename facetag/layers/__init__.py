@@ -7,6 +7,7 @@ autograd node in its graph (tests/test_models.py walks it).
 """
 
 import facetag.layers.activation as _activation
+import facetag.layers.affine as _affine
 import facetag.layers.conv as _conv
 import facetag.layers.dropout as _dropout
 import facetag.layers.fused as _fused
@@ -16,8 +17,10 @@ import facetag.layers.margin as _margin
 import facetag.layers.norm as _norm
 import facetag.layers.normalize as _normalize
 import facetag.layers.pool as _pool
+import facetag.layers.residual as _residual
 import facetag.layers.shape as _shape
 from facetag.layers.activation import LeakyReLU, PReLU, ReLU, leaky_relu, prelu, relu
+from facetag.layers.affine import ChannelAffine, channel_affine
 from facetag.layers.conv import Conv2d, conv2d
 from facetag.layers.dropout import Dropout, dropout
 from facetag.layers.fused import BatchNormAct2d, batch_norm_act
@@ -41,10 +44,12 @@ from facetag.layers.pool import (
     global_avg_pool2d,
     max_pool2d,
 )
+from facetag.layers.residual import Add, ZeroPadAdd, add, zero_pad_add
 from facetag.layers.shape import Flatten, flatten
 
 FUNCTIONS = (
     *_activation.FUNCTIONS,
+    *_affine.FUNCTIONS,
     *_conv.FUNCTIONS,
     *_dropout.FUNCTIONS,
     *_fused.FUNCTIONS,
@@ -54,17 +59,20 @@ FUNCTIONS = (
     *_norm.FUNCTIONS,
     *_normalize.FUNCTIONS,
     *_pool.FUNCTIONS,
+    *_residual.FUNCTIONS,
     *_shape.FUNCTIONS,
 )
 
 __all__ = [
     "FUNCTIONS",
+    "Add",
     "ArcMarginHead",
     "AvgPool2d",
     "BCEWithLogitsLoss",
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNormAct2d",
+    "ChannelAffine",
     "Conv2d",
     "CrossEntropyLoss",
     "Dropout",
@@ -77,11 +85,14 @@ __all__ = [
     "PReLU",
     "ReLU",
     "SmoothL1Loss",
+    "ZeroPadAdd",
+    "add",
     "arc_margin",
     "avg_pool2d",
     "batch_norm",
     "batch_norm_act",
     "binary_cross_entropy_with_logits",
+    "channel_affine",
     "conv2d",
     "cosine",
     "cross_entropy",
@@ -95,4 +106,5 @@ __all__ = [
     "prelu",
     "relu",
     "smooth_l1_loss",
+    "zero_pad_add",
 ]

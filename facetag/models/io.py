@@ -3,6 +3,11 @@
 A model file is a facetag checkpoint (facetag.checkpoint) holding the embedder's weights,
 the config it was built from, its input (channels, size), the people it was trained on
 and, after ``facetag evaluate``, the calibrated verification threshold.
+
+``architecture`` says which network the weights belong to: ``"embedding-net"`` (the
+small VGG-style EmbeddingNet that ``facetag train`` builds from ``config``; files without
+the field are this) or ``"dlib-resnet"`` (facetag.models.resnet.DlibResNet, as
+facetag.models.dlib_import writes it: no config, its ``provenance`` records the source).
 """
 
 from __future__ import annotations
@@ -13,11 +18,16 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from facetag import __version__
 from facetag.checkpoint import load_checkpoint, save_checkpoint
 from facetag.errors import ModelError
 from facetag.models.embedder import EmbeddingNet
+from facetag.models.resnet import ARCHITECTURE as DLIB_RESNET
+from facetag.models.resnet import DlibResNet
 
 EMBEDDER_FORMAT = "facetag-embedder/1"
+EMBEDDING_NET = "embedding-net"  # the architecture of files without the field
+ARCHITECTURES = (EMBEDDING_NET, DLIB_RESNET)
 
 
 @dataclass(frozen=True)
@@ -50,7 +60,7 @@ def shipped_embedder() -> Path:
 
 @dataclass
 class LoadedEmbedder:
-    net: EmbeddingNet
+    net: EmbeddingNet | DlibResNet  # both: .embedding_dim, forward(images), embed(images)
     path: Path
     in_channels: int
     image_size: tuple[int, int]  # (H, W)
@@ -76,10 +86,28 @@ def read_embedder_state(path: Path | str) -> dict[str, Any]:
     return state
 
 
-def load_embedder(path: Path | str, device: str = "cpu") -> LoadedEmbedder:
-    """Rebuild the embedding network from a model file, in eval mode on ``device``."""
+def architecture(state: dict[str, Any], path: Path | str) -> str:
+    """The model file's architecture; ModelError (one line) for one this facetag lacks."""
+    arch = state.get("architecture", EMBEDDING_NET)
+    if arch not in ARCHITECTURES:
+        raise ModelError(
+            f"{path}: expected an embedder architecture in {', '.join(ARCHITECTURES)}, got "
+            f"{arch!r}; upgrade facetag (this is {__version__})"
+        )
+    return str(arch)
+
+
+def load_embedder(path: Path | str, device: str = "cpu", *, fold: bool = True) -> LoadedEmbedder:
+    """Rebuild the embedding network from a model file, in eval mode on ``device``.
+
+    A dlib-resnet comes back with its affines folded into its convs, in channels_last
+    (the fast inference form; ``fold=False`` gives the trainable one). Its ``net``
+    takes chips (N, 3, 150, 150) 0..255, not [-1, 1] images.
+    """
     path = Path(path)
     state = read_embedder_state(path)
+    if architecture(state, path) == DLIB_RESNET:
+        return _load_dlib_resnet(path, state, device, fold)
     m = state["config"]["model"]
     net = EmbeddingNet(
         int(state["in_channels"]),
@@ -100,6 +128,23 @@ def load_embedder(path: Path | str, device: str = "cpu") -> LoadedEmbedder:
         in_channels=int(state["in_channels"]),
         image_size=(int(state["image_size"][0]), int(state["image_size"][1])),
         people=list(state["people"]),
+        threshold=float(threshold) if threshold is not None else None,
+        state=state,
+    )
+
+
+def _load_dlib_resnet(path: Path, state: dict[str, Any], device: str, fold: bool) -> LoadedEmbedder:
+    resnet = DlibResNet()
+    resnet.load_state_dict(state["embedder"])  # float16 weights are copied into float32
+    resnet = resnet.folded() if fold else resnet.eval()
+    resnet.to(device)
+    threshold = state.get("threshold")
+    return LoadedEmbedder(
+        net=resnet,
+        path=path,
+        in_channels=int(state["in_channels"]),
+        image_size=(int(state["image_size"][0]), int(state["image_size"][1])),
+        people=list(state.get("people", [])),
         threshold=float(threshold) if threshold is not None else None,
         state=state,
     )
