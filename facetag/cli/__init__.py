@@ -9,6 +9,7 @@ its options, making one library call and printing a ``format_*`` of the result.
     train.py      train, sweep, evaluate, export, ui
     detector.py   train-detector, detect, evaluate-detector, bench detect
     tag.py        enroll, tag, bench tag
+    models.py     import dlib, bench embed
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Annotated
 import typer
 
 from facetag import __version__
-from facetag.cli import data, detector, layers, tag, train
+from facetag.cli import data, detector, layers, models, tag, train
 from facetag.cli._app import app
 
 
@@ -37,4 +38,4 @@ def main(
     """Find the faces in your photos and name the people you know."""
 
 
-__all__ = ["app", "data", "detector", "layers", "tag", "train"]
+__all__ = ["app", "data", "detector", "layers", "models", "tag", "train"]

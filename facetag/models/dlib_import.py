@@ -426,6 +426,21 @@ def _state_dict(net: DlibNet) -> dict[str, Tensor]:
     return out
 
 
+def packaged_dlib_model() -> Path:
+    """dlib_face_recognition_resnet_model_v1.dat inside the installed face_recognition_models
+    package (found without importing it: its __init__ needs pkg_resources); ModelError
+    (one line, with the pip command) when it is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "face_recognition_models: expected the package that ships dlib's weights, got none "
+            "installed; pip install face_recognition_models, or pass the .dat file"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "models" / SOURCE_NAME
+
+
 def load_dlib(src: Path | str) -> tuple[DlibNet, dict[str, Tensor], str]:
     """(what the file holds, a DlibResNet state_dict, the file's sha256); ModelError
     naming the file and what was expected when it is not dlib's face metric network."""

