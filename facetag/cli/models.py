@@ -50,8 +50,9 @@ def import_dlib_cmd(
         json.dumps(summary, indent=2)
         if as_json
         else (
-            f"{out}: {state['model_id']} ({summary['bytes'] / 1e6:.1f} MB, {state['weights_dtype']}) "
-            f"from {p['source']} (sha256 {p['sha256'][:12]}..., {p['licence']})"
+            f"{out}: {state['model_id']} ({summary['bytes'] / 1e6:.1f} MB, "
+            f"{state['weights_dtype']}) from {p['source']} (sha256 {p['sha256'][:12]}..., "
+            f"{p['licence'].split(' (')[0]})"
         )
     )
 
