@@ -17,6 +17,7 @@ straight to fit_image, exactly like a training image.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -146,15 +147,25 @@ class WholePhotoDetector:
     whole_photo: bool = True
 
     def detect(self, image: Tensor) -> Tensor:
-        """(3, H, W) -> (1, 5): the whole image, score 1."""
+        """(3, H, W) -> (1, 15): the whole image, score 1, no landmarks (NaN)."""
         _, H, W = image.shape
-        return torch.tensor([[0.0, 0.0, float(W), float(H), 1.0]])
+        return torch.tensor([[0.0, 0.0, float(W), float(H), 1.0] + [math.nan] * 10])
 
 
 def find_faces(detector: FaceDetector, photo: Photo) -> list[list[float]]:
-    """Faces in a photo: [[x1, y1, x2, y2, score]] in the loaded pixels, best first."""
-    found = detector.detect(photo.chw())  # (K, 5)
+    """Faces in a photo: [[x1, y1, x2, y2, score, x0, y0, ..., x4, y4]] in the loaded
+    pixels, best first (landmarks NaN when the detector has none)."""
+    found = detector.detect(photo.chw())  # (K, 15)
     return [[float(v) for v in row] for row in found.tolist()]
+
+
+def displayed_landmarks(face: Sequence[float], scale: float) -> list[list[float]] | None:
+    """A face's five landmarks in displayed pixels [[x, y], ...] (0.1 px), None if it has
+    none (a detector without ONet, or --detector none)."""
+    marks = list(face[5:15])
+    if len(marks) < 10 or any(math.isnan(v) for v in marks):
+        return None
+    return [[round(marks[2 * i] / scale, 1), round(marks[2 * i + 1] / scale, 1)] for i in range(5)]
 
 
 def photo_crops(

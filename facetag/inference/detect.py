@@ -19,6 +19,7 @@ from typing import Any
 from facetag.data.images import decode_photo, find_images
 from facetag.device import resolve_device
 from facetag.errors import DataError
+from facetag.inference.align import displayed_landmarks
 from facetag.models.detector import Detector, load_detector
 from facetag.models.io import ModelRef
 
@@ -35,12 +36,17 @@ def detect_photo(
     Raises DataError for a photo that cannot be used (see facetag.data.images).
     """
     photo = decode_photo(path, detector.settings.max_side)
-    found = detector.detect(photo.chw(), min_face=min_face, threshold=threshold)  # (K, 5)
-    boxes = (found[:, :4] / photo.scale).tolist()
-    faces = [
-        {"box": [round(v, 1) for v in box], "score": round(float(score), 4)}
-        for box, score in zip(boxes, found[:, 4].tolist(), strict=True)
-    ]
+    found = detector.detect(photo.chw(), min_face=min_face, threshold=threshold)  # (K, 15)
+    faces = []
+    for row in found.tolist():
+        face: dict[str, Any] = {
+            "box": [round(v / photo.scale, 1) for v in row[:4]],
+            "score": round(float(row[4]), 4),
+        }
+        marks = displayed_landmarks(row, photo.scale)
+        if marks is not None:
+            face["landmarks"] = marks
+        faces.append(face)
     return {"path": str(path), "width": photo.width, "height": photo.height, "faces": faces}
 
 

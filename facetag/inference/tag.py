@@ -27,7 +27,13 @@ from torch import Tensor
 
 from facetag.data.images import Photo, find_images
 from facetag.errors import DataError
-from facetag.inference.align import DEFAULT_MARGIN, displayed_box, find_faces, photo_crops
+from facetag.inference.align import (
+    DEFAULT_MARGIN,
+    displayed_box,
+    displayed_landmarks,
+    find_faces,
+    photo_crops,
+)
 from facetag.inference.gallery import load_gallery
 from facetag.inference.manifest import Manifest
 from facetag.inference.match import assign, person_distances
@@ -156,16 +162,16 @@ def _named(job: _Job, w: _Waiting, vectors: Tensor, threshold: float) -> dict[st
     if w.faces:
         distances = person_distances(vectors, job.G, job.labels, len(job.names))  # (K, P)
         matches = assign(distances, threshold)
-    faces = [
-        {
-            "box": displayed_box(f, photo.scale),
-            "score": round(f[4], 4),
-            "name": job.names[m.person] if m.person is not None else None,
-            "distance": round(m.distance, 4),
-            "confidence": round(m.confidence, 4),
-        }
-        for f, m in zip(w.faces, matches, strict=True)
-    ]
+    faces = []
+    for f, m in zip(w.faces, matches, strict=True):
+        face: dict[str, Any] = {"box": displayed_box(f, photo.scale), "score": round(f[4], 4)}
+        marks = displayed_landmarks(f, photo.scale)
+        if marks is not None:
+            face["landmarks"] = marks
+        face["name"] = job.names[m.person] if m.person is not None else None
+        face["distance"] = round(m.distance, 4)
+        face["confidence"] = round(m.confidence, 4)
+        faces.append(face)
     return {"path": str(photo.path), "width": photo.width, "height": photo.height, "faces": faces}
 
 

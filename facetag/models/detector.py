@@ -8,15 +8,18 @@ maps an image (or a batch of crops) to a face logit and 4 box offsets per positi
     RNet   24x24 crops              x (N, 3, 24, 24) -> (N, 1 + 4, 1, 1)
            conv3x3 F0 -> pool 3/2 -> conv3x3 F1 -> pool 3/2 -> conv2x2 F2 -> conv3x3 F3
            (the "fully connected" layer, as a conv over the whole 3x3 map) -> conv1x1 1 and 4
-    ONet   48x48 crops              x (N, 3, 48, 48) -> (N, 1 + 4, 1, 1)
+    ONet   48x48 crops              x (N, 3, 48, 48) -> (N, 1 + 4 + 10, 1, 1)
            conv3x3 F0 -> pool 3/2 -> conv3x3 F1 -> pool 3/2 -> conv3x3 F2 -> pool 2
-           -> conv2x2 F3 -> conv3x3 F4 -> conv1x1 1 and 4
+           -> conv2x2 F3 -> conv3x3 F4 -> conv1x1 1, 4 and 10
 
 Each stage returns a face logit (N, 1, h, w) and 4 box offsets (N, 4, h, w):
 (x1' - x1, y1' - y1, x2' - x2, y2' - y2) / side of the square window, so a window
-(x1, y1, x2, y2) regresses to the face box inside it. Every conv is followed by batch norm
-and PReLU (BatchNormAct2d) while training; ``fuse()`` folds each batch norm into its conv
-for inference, leaving Conv2d(bias) -> PReLU.
+(x1, y1, x2, y2) regresses to the face box inside it. ONet also returns five landmarks
+(N, 10, 1, 1) as (x0, y0, ..., x4, y4), each (point - window corner) / side, in the order
+of MTCNN, RetinaFace and insightface (LANDMARKS): image-left eye centre, image-right eye
+centre, nose tip, image-left mouth corner, image-right mouth corner. Every conv is followed
+by batch norm and PReLU (BatchNormAct2d) while training; ``fuse()`` folds each batch norm
+into its conv for inference, leaving Conv2d(bias) -> PReLU.
 
 ``Detector`` runs a fused cascade over one image (3, H, W):
 
@@ -55,6 +58,7 @@ from facetag.models.io import shipped_file
 DETECTOR_FORMAT = "facetag-detector/1"
 MAX_CANDIDATES = 2000  # windows kept per pyramid level and per stage (by score)
 REFINE_CHUNK = 256  # crops per forward pass of RNet / ONet: bounds the activations' memory
+LANDMARKS = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")  # image-left first
 STAGE_SIZES = {"pnet": 12, "rnet": 24, "onet": 48}  # input window of each stage
 PNET_STRIDE = 2  # one PNet output per 2 input pixels (its one max-pool)
 DEFAULT_WIDTHS: dict[str, tuple[int, ...]] = {
@@ -154,11 +158,18 @@ class StageNet(nn.Module):
         # as it is, with no slicing node (a built-in autograd op) in the training graph.
         self.face = Conv2d(W[-1], 1, 1)  # face logit
         self.box = Conv2d(W[-1], 4, 1)  # box offsets
+        self.landmarks: Conv2d | None = Conv2d(W[-1], 10, 1) if kind == "onet" else None
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x (N, 3, H, W) -> (face logits (N, 1, h, w), box offsets (N, 4, h, w))."""
+        face, box, _ = self.outputs(x)
+        return face, box
+
+    def outputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(face logits, box offsets, landmarks (N, 10, h, w) or None for PNet and RNet)."""
         z = self.body(x)  # (N, F, h, w)
-        return self.face(z), self.box(z)
+        marks = self.landmarks(z) if self.landmarks is not None else None
+        return self.face(z), self.box(z), marks
 
     def fuse(self) -> StageNet:
         """Fold every batch norm into its conv (in place, eval mode); returns self."""
@@ -228,23 +239,27 @@ class Detector:
     def detect(
         self, image: Tensor, *, min_face: float | None = None, threshold: float | None = None
     ) -> Tensor:
-        """Faces in one image (3, H, W) of 0..255 float pixels -> (K, 5) x1 y1 x2 y2 score.
+        """Faces in one image (3, H, W) of 0..255 float pixels -> (K, 15):
+        x1 y1 x2 y2 score, then the landmarks x0 y0 ... x4 y4 (NaN without an ONet).
 
-        Boxes are in the image's pixels, clipped to it, sorted by decreasing score.
+        Boxes and landmarks are in the image's pixels, clipped to it (a landmark outside
+        the photo is moved to its edge, the face kept), sorted by decreasing score.
         """
         s = self.settings
-        windows, scores = self.propose(
+        windows, scores, marks = self.propose(
             image, stages=len(self.cascade.kinds), min_face=min_face, threshold=threshold
         )
         if windows.numel() == 0:
-            return image.new_zeros(0, 5)
+            return image.new_zeros(0, 15).cpu()
         keep = nms(windows, scores, s.nms_final)
         keep = keep[drop_nested(windows[keep], s.nested_final)]
-        boxes, scores = windows[keep], scores[keep]
+        boxes, scores, marks = windows[keep], scores[keep], marks[keep]
         H, W = image.shape[1:]
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, W)
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, H)
-        return torch.cat([boxes, scores[:, None]], dim=1).cpu()  # (K, 5)
+        marks[:, 0::2] = marks[:, 0::2].clamp(0, W)  # NaN stays NaN
+        marks[:, 1::2] = marks[:, 1::2].clamp(0, H)
+        return torch.cat([boxes, scores[:, None], marks], dim=1).cpu()  # (K, 15)
 
     @torch.no_grad()
     def propose(
@@ -255,8 +270,9 @@ class Detector:
         min_face: float | None = None,
         threshold: float | None = None,
         thresholds: tuple[float, ...] | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """Run the first ``stages`` stages: (boxes (K, 4) regressed, not squared; probs (K,)).
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Run the first ``stages`` stages: (boxes (K, 4) regressed, not squared; probs (K,);
+        landmarks (K, 10) in image pixels, NaN unless the last stage run is an ONet).
 
         Training uses this to mine the windows a partly trained cascade gets wrong.
         ``thresholds`` overrides the prob thresholds of the stages run (all of them).
@@ -269,12 +285,13 @@ class Detector:
             last = s.threshold if threshold is None else threshold
             thresholds = (*s.stage_thresholds[: n - 1], last)[:stages]
         boxes, scores = self._pnet(image, min_face or s.min_face, thresholds[0])
+        marks = boxes.new_full((boxes.shape[0], 10), math.nan)
         levels = halvings(image) if len(kinds) > 1 else [image]
         for kind, t in zip(kinds[1:], thresholds[1:], strict=True):
             if boxes.numel() == 0:
                 break
-            boxes, scores = self._refine(levels, self.cascade.stage(kind), square(boxes), t)
-        return boxes, scores
+            boxes, scores, marks = self._refine(levels, self.cascade.stage(kind), square(boxes), t)
+        return boxes, scores, marks
 
     def _pnet(self, image: Tensor, min_face: float, t: float) -> tuple[Tensor, Tensor]:
         pnet = self.cascade.stage("pnet")
@@ -327,19 +344,23 @@ class Detector:
 
     def _refine(
         self, levels: list[Tensor], net: StageNet, windows: Tensor, t: float
-    ) -> tuple[Tensor, Tensor]:
-        probs, regs = [], []
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        probs, regs, marks = [], [], []
         # In chunks: 2000 RNet crops at once would hold ~100 MB of activations.
         for chunk in windows.split(REFINE_CHUNK):
             crops = crop_windows(levels, chunk, net.size)  # (k, 3, S, S)
-            logit, offsets = net(_channels_last(normalize_patches(crops)))  # (k, 1|4, 1, 1)
+            logit, offsets, lm = net.outputs(_channels_last(normalize_patches(crops)))
             probs.append(torch.sigmoid(logit[:, 0, 0, 0]))  # (k,)
             regs.append(offsets[:, :, 0, 0])  # (k, 4)
-        prob, reg = torch.cat(probs), torch.cat(regs)
+            marks.append(
+                lm[:, :, 0, 0] if lm is not None else chunk.new_full((chunk.shape[0], 10), math.nan)
+            )  # (k, 10)
+        prob, reg, mark = torch.cat(probs), torch.cat(regs), torch.cat(marks)
         keep = prob >= t
-        windows, prob, reg = windows[keep], prob[keep], reg[keep]
+        windows, prob, reg, mark = windows[keep], prob[keep], reg[keep], mark[keep]
         keep = nms(windows, prob, self.settings.nms_stage)[:MAX_CANDIDATES]
-        return regress(windows[keep], reg[keep]), prob[keep]
+        windows = windows[keep]
+        return regress(windows, reg[keep]), prob[keep], place_landmarks(windows, mark[keep])
 
 
 def drop_nested(boxes: Tensor, limit: float) -> Tensor:
@@ -374,6 +395,13 @@ def regress(windows: Tensor, offsets: Tensor) -> Tensor:
     """Apply box offsets (K, 4), in units of each window's side, to windows (K, 4)."""
     side = (windows[:, 2] - windows[:, 0])[:, None]  # (K, 1)
     return windows + offsets * side
+
+
+def place_landmarks(windows: Tensor, marks: Tensor) -> Tensor:
+    """Landmarks (K, 10) in units of each square window (K, 4) -> image pixels (K, 10)."""
+    side = (windows[:, 2] - windows[:, 0])[:, None]  # (K, 1)
+    origin = windows[:, :2].repeat(1, 5)  # (K, 10): x1 y1 x1 y1 ...
+    return origin + marks * side
 
 
 def square(boxes: Tensor) -> Tensor:

@@ -254,7 +254,7 @@ def _mined(
     ``hard_negatives_per_image`` of its false positives (the hard negatives)."""
     stages = len(previous.cascade.kinds)
     thresholds = tuple(MINE_THRESHOLDS[k] for k in previous.cascade.kinds)
-    boxes, _ = previous.propose(img, stages, thresholds=thresholds)
+    boxes, _, _ = previous.propose(img, stages, thresholds=thresholds)
     if boxes.numel() == 0:
         return np.zeros((0, 4))
     windows = square(boxes).numpy().astype(np.float64)
@@ -352,7 +352,7 @@ def score_photos(
     for i, name in enumerate(names, start=1):
         img, faces = _photo(data, name)
         dets = detector.detect(img, threshold=SCORE_THRESHOLD)  # (K, 5)
-        found[name] = [(r[0], r[1], r[2], r[3], r[4]) for r in dets.tolist()]
+        found[name] = [(r[0], r[1], r[2], r[3], r[4]) for r in dets.tolist()]  # boxes only
         truth[name] = faces
         if progress is not None:
             progress(Progress(f"{stage} validate", i, len(names)))

@@ -11,8 +11,16 @@ from PIL import Image
 from facetag.checkpoint import save_checkpoint
 from facetag.errors import DataError, ModelError
 from facetag.inference.detect import detect_paths, detect_photo
-from facetag.models.detector import drop_nested, load_detector, regress, square
+from facetag.models.detector import (
+    StageNet,
+    drop_nested,
+    load_detector,
+    place_landmarks,
+    regress,
+    square,
+)
 from facetag.models.io import ModelRef
+from tests.detector.conftest import TINY, tiny_model_file
 
 
 def with_settings(detector, **changes):
@@ -38,8 +46,9 @@ def test_detector_output_is_sorted_clipped_boxes(tiny_model):
     image = torch.rand(3, 70, 90, generator=g) * 255
     found = det.detect(image, min_face=14)
     assert found.ndim == 2
-    assert found.shape[1] == 5
+    assert found.shape[1] == 15  # box, score, 5 landmarks
     assert found.shape[0] > 0
+    assert torch.isnan(found[:, 5:]).all()  # no ONet: no landmarks
     assert (found[:, 0] >= 0).all()
     assert (found[:, 2] <= 90).all()
     assert (found[:, 3] <= 70).all()
@@ -126,3 +135,37 @@ def test_drop_nested_removes_boxes_inside_better_ones():
     assert drop_nested(boxes, 0.7).tolist() == [0, 2]
     assert drop_nested(boxes[:1], 0.7).tolist() == [0]
     assert drop_nested(boxes, 1.0).tolist() == [0, 1, 2, 3]
+
+
+def test_onet_landmarks_are_clipped_into_the_photo_and_reported(tmp_path):
+    model = tiny_model_file(tmp_path / "onet.pt", stages=("pnet", "rnet", "onet"))
+    det = with_settings(load_detector(model), threshold=0.0, stage_thresholds=(0.0, 0.0))
+    image = torch.rand(3, 70, 90, generator=torch.Generator().manual_seed(0)) * 255
+    found = det.detect(image, min_face=14)  # random weights: landmarks land anywhere
+    assert found.shape[0] > 0
+    marks = found[:, 5:]
+    assert not torch.isnan(marks).any()
+    assert (marks[:, 0::2] >= 0).all()
+    assert (marks[:, 0::2] <= 90).all()
+    assert (marks[:, 1::2] >= 0).all()
+    assert (marks[:, 1::2] <= 70).all()
+    path = tmp_path / "p.png"
+    Image.fromarray(image.permute(1, 2, 0).byte().numpy()).save(path)
+    face = detect_photo(det, path, min_face=14)["faces"][0]
+    assert len(face["landmarks"]) == 5
+    assert all(len(p) == 2 for p in face["landmarks"])
+
+
+def test_stage_net_landmark_head_only_on_onet():
+    x = torch.zeros(2, 3, 48, 48)
+    face, box, marks = StageNet("onet", TINY["onet"]).outputs(x)
+    assert (face.shape, box.shape, marks.shape) == ((2, 1, 1, 1), (2, 4, 1, 1), (2, 10, 1, 1))
+    assert StageNet("rnet", TINY["rnet"]).outputs(torch.zeros(2, 3, 24, 24))[2] is None
+
+
+def test_place_landmarks_in_window_units():
+    windows = torch.tensor([[10.0, 20.0, 30.0, 40.0]])  # side 20
+    marks = torch.tensor([[0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.25, 1.0, 0.75, 1.0]])
+    got = place_landmarks(windows, marks)
+    want = torch.tensor([[10.0, 20.0, 30.0, 30.0, 20.0, 30.0, 15.0, 40.0, 25.0, 40.0]])
+    torch.testing.assert_close(got, want)
