@@ -16,19 +16,17 @@ Resuming is exact without saving RNG states: each epoch re-seeds from (seed, epo
 
 from __future__ import annotations
 
-import contextlib
-import os
 import pickle
-import tempfile
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 
 from facetag import __version__
+from facetag.atomic import replace_atomically
 from facetag.errors import ModelError
 
 FORMAT = 1  # bump when the layout of a checkpoint changes incompatibly
@@ -66,7 +64,7 @@ def save_checkpoint(path: Path | str, state: Mapping[str, Any]) -> Path:
     path = Path(path)
     _check_plain(state, "state")
     payload = {**state, MARKER: {"format": FORMAT, "version": __version__}}
-    return _replace_atomically(path, lambda f: torch.save(payload, f))
+    return replace_atomically(path, lambda f: torch.save(payload, f))
 
 
 def copy_checkpoint(src: Path | str, dst: Path | str) -> Path:
@@ -76,30 +74,12 @@ def copy_checkpoint(src: Path | str, dst: Path | str) -> Path:
     src, dst = Path(src), Path(dst)
     data = src.read_bytes()
     try:
-        return _replace_atomically(dst, lambda f: f.write(data))
+        return replace_atomically(dst, lambda f: f.write(data))
     except OSError as e:
         raise ModelError(
             f"{dst}: expected a writable file, got "
             f"{e.strerror or type(e).__name__}; the model is still at {src}"
         ) from None
-
-
-def _replace_atomically(path: Path, write: Callable[[BinaryIO], object]) -> Path:
-    """Write through ``write`` to a temporary file beside ``path``, fsync, rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)  # make the rename itself survive a power cut
-    return path
 
 
 def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -150,13 +130,3 @@ def _check_plain(obj: Any, where: str) -> None:
             f"save_checkpoint: expected plain data (tensors, numbers, str, lists, dicts), "
             f"got {type(obj).__name__} at {where}; store e.g. its state_dict() or a dict"
         )
-
-
-def _fsync_dir(directory: Path) -> None:
-    # NOTE: directories cannot be opened for fsync on Windows; the rename is still atomic.
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

@@ -23,6 +23,7 @@ from urllib.request import urlopen
 import numpy as np
 from PIL import Image
 
+from facetag.atomic import atomic_write
 from facetag.errors import DataError
 
 Progress = Callable[[int, int], None]  # (done, total)
@@ -197,11 +198,9 @@ def _offline_message(name: str, e: BaseException) -> str:
 
 def _write_atomic(path: Path, data: bytes, name: str) -> None:
     """Write to a temporary sibling, then rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        atomic_write(path, data)
     except OSError as e:
         # A DataError is not an OSError, so the archive handler in _fetch_lfw does not
         # blame the archive for a full disk.
@@ -209,8 +208,6 @@ def _write_atomic(path: Path, data: bytes, name: str) -> None:
             f"fetch {name}: expected to write {path}, got {_reason(e)}; free "
             "some disk space or choose another --to folder"
         ) from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _reason(e: BaseException) -> str:

@@ -32,10 +32,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from facetag.atomic import atomic_write
 from facetag.data.images import decode_photo, is_image_file
 from facetag.errors import DataError
 from facetag.inference.align import DEFAULT_MARGIN, FILL, FaceDetector, crop_face
-from facetag.inference.gallery import atomic_write
 from facetag.progress import Meter, ProgressFn
 
 MessageFn = Callable[[str], None]

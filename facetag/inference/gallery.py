@@ -29,8 +29,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from facetag.atomic import atomic_write
 from facetag.errors import DataError, ModelError
 
 GALLERY_FORMAT = "facetag-gallery/1"
@@ -207,49 +206,3 @@ def save_gallery(path: Path | str, gallery: Gallery) -> Path:
     text = json.dumps(gallery.to_json(), indent=1) + "\n"
     atomic_write(path, text.encode("utf-8"))
     return path
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves the old file or the new one.
-
-    The bytes go to a temporary file in the same folder, are fsynced, then renamed over
-    ``path`` (os.replace is atomic); the folder is fsynced so the rename survives a power
-    cut. Raises OSError (PermissionError for a read-only folder) for the caller to report.
-    """
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if path.exists():
-            # Keep the permission bits of the file we replace (a sidecar the user made).
-            os.chmod(tmp, path.stat().st_mode & 0o7777)
-        else:
-            os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(folder: Path) -> None:
-    """fsync a folder (makes a rename durable); a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

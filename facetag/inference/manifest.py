@@ -23,8 +23,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from facetag.atomic import atomic_write
 from facetag.errors import DataError
-from facetag.inference.gallery import atomic_write
 
 MANIFEST_FORMAT = "facetag-manifest/1"
 DEFAULT_NAME = "facetag-manifest.jsonl"

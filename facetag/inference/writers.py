@@ -1,6 +1,6 @@
 """What ``facetag tag`` writes: JSON, CSV, XMP sidecars with face regions, annotated copies.
 
-Every file is written atomically (facetag.inference.gallery.atomic_write): a kill at any
+Every file is written atomically (facetag.atomic.atomic_write): a kill at any
 moment leaves the old file or the new one. The photo itself is never touched.
 
 XMP sidecars follow the Metadata Working Group's region schema (MWG 2.0, section 5.9),
@@ -26,9 +26,9 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
+from facetag.atomic import atomic_write
 from facetag.data.images import is_image_file
 from facetag.errors import DataError
-from facetag.inference.gallery import atomic_write
 
 NS = {
     "x": "adobe:ns:meta/",
