@@ -19,7 +19,8 @@ def replace_atomically(path: Path, write: Callable[[BinaryIO], object]) -> Path:
 
     os.replace is atomic; the folder is fsynced so the rename survives a power cut. An
     existing file's permission bits are kept (a sidecar the user made); a new file gets
-    the umask's; a missing folder is made. Raises OSError (PermissionError for a read-only folder) for the caller.
+    the umask's; a missing folder is made. Raises OSError (PermissionError for a
+    read-only folder) for the caller.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:40]}.", suffix=".tmp")

@@ -37,6 +37,9 @@ class DetectorDataConfig:
     nonface: str = "nonface"  # photos without faces: negatives only; "" = none
     crop_sets: tuple[str, ...] = ("lfw", "glint_celebs", "johns")  # face-crop sets
     crops_per_set: int = 600  # images taken from each crop set
+    # Teacher landmarks (facetag data landmarks); "" = none, and the ONet learns no
+    # landmarks. A path relative to the working directory, or absolute.
+    landmarks: str = ""
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,8 @@ class DetectorTrainConfig:
     lr: float = 3e-3  # AdamW peak learning rate (one-cycle)
     weight_decay: float = 1e-4
     box_weight: float = 0.5  # loss = BCE(face) + box_weight * smooth L1(box offsets)
+    landmark_weight: float = 1.0  # ... + landmark_weight * smooth L1(landmarks), ONet (MTCNN: 1)
+    ohem: float = 0.7  # share of each batch's labelled patches whose face loss counts (1 = all)
     jitter_per_face: int = 20  # windows sampled around each face (pos / part / none)
     negatives_per_image: int = 60  # random windows anywhere in a photo
     near_negatives_per_face: int = 4  # windows next to each face
@@ -88,8 +93,8 @@ LIMITS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "data.min_face": (lambda v: v >= 4, "a size >= 4 px"),
     "data.crops_per_set": (lambda v: v >= 0, "an integer >= 0"),
     "data.crop_sets": (
-        lambda v: all(s in ("lfw", "glint_celebs", "johns") for s in v),
-        "names from lfw, glint_celebs, johns",
+        lambda v: all(s in ("lfw", "glint_celebs", "johns", "celeba") for s in v),
+        "names from lfw, glint_celebs, johns, celeba (celeba needs landmarks)",
     ),
     "model.stages": (
         lambda v: len(v) >= 1 and tuple(v) == _STAGES[: len(v)],
@@ -103,6 +108,8 @@ LIMITS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.lr": (lambda v: v > 0, "a value > 0"),
     "train.weight_decay": (lambda v: v >= 0, "a value >= 0"),
     "train.box_weight": (lambda v: v >= 0, "a value >= 0"),
+    "train.landmark_weight": (lambda v: v >= 0, "a value >= 0"),
+    "train.ohem": (lambda v: 0 < v <= 1, "a share in (0, 1]"),
     "train.jitter_per_face": (lambda v: v >= 1, "an integer >= 1"),
     "train.negatives_per_image": (lambda v: v >= 0, "an integer >= 0"),
     "train.near_negatives_per_face": (lambda v: v >= 0, "an integer >= 0"),

@@ -85,3 +85,46 @@ def data_crops(
         raise fail(e) from None
     summary = report.summary()
     typer.echo(json.dumps(summary, indent=2) if as_json else format_crops(summary, report.merged))
+
+
+@data_app.command("landmarks")
+def data_landmarks(
+    root: Annotated[Path, typer.Argument(help="The face data folder (FACETAG_DATA_DIR).")],
+    out: Annotated[Path, typer.Option(dir_okay=False, help="The landmarks file to write.")] = (
+        Path("data/landmarks.json")
+    ),
+    sets: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Folders of ROOT to label (repeatable) [the five below]."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Five teacher landmarks for every face of 40 px and more, for training the ONet.
+
+    Labels wider_train, lfw (people A-M only: N-Z are held out), celeba, glint_celebs
+    and johns with MTCNN (facenet-pytorch) and dlib's 5-point predictor; training only.
+    """
+    from facetag.training.teachers import label_landmarks
+
+    try:
+        with ProgressBar("warning") as bar:
+            kw = {"sets": tuple(sets)} if sets else {}
+            r = label_landmarks(root, out, progress=bar.update, **kw)
+    except FacetagError as e:
+        raise fail(e) from None
+    summary = {
+        "out": str(r.out),
+        "photos": r.photos,
+        "faces": r.faces,
+        "per_set": r.per_set,
+        "dropped": r.dropped,
+    }
+    typer.echo(
+        json.dumps(summary, indent=2)
+        if as_json
+        else (
+            f"{r.out}: {r.faces} faces in {r.photos} photos "
+            f"({', '.join(f'{k} {v}' for k, v in r.per_set.items())}); {r.dropped} left out "
+            "(the teachers disagreed or found no face)"
+        )
+    )

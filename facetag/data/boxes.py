@@ -41,6 +41,9 @@ class FaceBox:
     w: float
     h: float
     invalid: bool = False
+    # Five landmarks x0 y0 ... x4 y4 (facetag.models.detector.LANDMARKS order), in the same
+    # pixels as the box, when a teacher labelled them (facetag data landmarks).
+    landmarks: tuple[float, ...] | None = None
 
     @property
     def xyxy(self) -> tuple[float, float, float, float]:

@@ -81,6 +81,18 @@ class FolderInfo:
     problems: tuple[tuple[Path, str], ...]  # (file or folder, what is wrong and the fix)
 
 
+HELD_OUT_SETS = ("lfw",)  # sets whose people N-Z are held out
+
+
+def held_out(source: Path | str, person: str) -> bool:
+    """True for the people no training may see: LFW people whose folder names start with
+    N to Z are facetag's verification and clustering set (facetag evaluate --pairs).
+
+    ``source`` is the set's folder (its name is what counts: ``.../lfw``) or that name.
+    """
+    return Path(source).name in HELD_OUT_SETS and person[:1].upper() >= "N"
+
+
 def scan_folder(root: Path | str) -> FaceFolder:
     """Find <root>/<person>/<image> files.
 

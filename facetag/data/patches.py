@@ -20,7 +20,7 @@ and a detection crop of the same window are the same pixels. Patches are stored 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,14 +47,29 @@ FACE_IN_CROP = {
 
 @dataclass
 class PatchSet:
-    """images (N, 3, S, S) uint8, labels (N,) int64 in NEG/POS/PART/POS_NO_BOX, offsets (N, 4)."""
+    """images (N, 3, S, S) uint8, labels (N,) int64 in NEG/POS/PART/POS_NO_BOX, offsets (N, 4),
+    landmarks (N, 10): each point (x - window x1) / side, (y - y1) / side, NaN where the
+    patch's face has no landmarks (and for negatives)."""
 
     images: Tensor
     labels: Tensor
     offsets: Tensor
+    landmarks: Tensor | None = None  # None: no patch has any (filled with NaN)
+
+    def __post_init__(self) -> None:
+        if self.landmarks is None:
+            self.landmarks = torch.full((self.labels.shape[0], 10), math.nan)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    @property
+    def marks(self) -> Tensor:
+        assert self.landmarks is not None  # filled in __post_init__
+        return self.landmarks
+
+    def subset(self, idx: Tensor) -> PatchSet:
+        return PatchSet(self.images[idx], self.labels[idx], self.offsets[idx], self.marks[idx])
 
     @staticmethod
     def empty(size: int) -> PatchSet:
@@ -70,6 +85,7 @@ class PatchSet:
             torch.cat([p.images for p in parts]),
             torch.cat([p.labels for p in parts]),
             torch.cat([p.offsets for p in parts]),
+            torch.cat([p.marks for p in parts]),
         )
 
     def counts(self) -> dict[str, int]:
@@ -125,6 +141,16 @@ def box_offsets(windows: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     return offsets
 
 
+def landmark_targets(windows: np.ndarray, marks: np.ndarray) -> np.ndarray:
+    """Landmarks (K, 10) in pixels -> in units of each square window (K, 4): the ONet's
+    targets, (x - x1) / side and (y - y1) / side (facetag.models.detector.place_landmarks
+    undoes it)."""
+    side = np.maximum(windows[:, 2] - windows[:, 0], 1e-6)[:, None]  # (K, 1)
+    origin = np.tile(windows[:, :2], 5)  # (K, 10)
+    targets: np.ndarray = (marks - origin) / side
+    return targets
+
+
 def label_windows(
     windows: np.ndarray, faces: Sequence[FaceBox], neg_iou: float = NEG_IOU
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -133,13 +159,23 @@ def label_windows(
     Invalid faces never yield positives, and a window near any face (invalid or not)
     is no negative.
     """
+    labels, offsets, _ = label_windows_marks(windows, faces, neg_iou)
+    return labels, offsets
+
+
+def label_windows_marks(
+    windows: np.ndarray, faces: Sequence[FaceBox], neg_iou: float = NEG_IOU
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """label_windows, plus each window's landmark targets (K, 10) from its best face
+    (NaN for negatives, unused windows and faces without landmarks)."""
     K = windows.shape[0]
     labels = np.full(K, -1, dtype=np.int64)
     offsets = np.zeros((K, 4), dtype=np.float32)
+    marks = np.full((K, 10), np.nan, dtype=np.float32)
     all_boxes = np.array([f.xyxy for f in faces], dtype=np.float64).reshape(-1, 4)
     if all_boxes.shape[0] == 0:
         labels[:] = NEG
-        return labels, offsets
+        return labels, offsets, marks
     overlaps = iou_matrix(windows, all_boxes)  # (K, G)
     best_any = overlaps.max(axis=1)
     valid = np.array([not f.invalid for f in faces])
@@ -151,7 +187,12 @@ def label_windows(
     labels[best >= POS_IOU] = POS
     offsets[:] = box_offsets(windows, all_boxes[j]).astype(np.float32)
     offsets[labels == NEG] = 0.0
-    return labels, offsets
+    face_marks = np.array(
+        [f.landmarks if f.landmarks is not None else (np.nan,) * 10 for f in faces], np.float64
+    )  # (G, 10)
+    marks[:] = landmark_targets(windows, face_marks[j]).astype(np.float32)
+    marks[(labels != POS) & (labels != PART)] = np.nan
+    return labels, offsets, marks
 
 
 def random_windows(
@@ -199,7 +240,7 @@ def patches_from_windows(
     image: Tensor, windows: np.ndarray, faces: Sequence[FaceBox], size: int
 ) -> PatchSet:
     """Label ``windows`` of ``image`` (3, H, W) by IoU with ``faces``; crop the used ones."""
-    labels, offsets = label_windows(windows, faces)
+    labels, offsets, marks = label_windows_marks(windows, faces)
     keep = labels >= 0
     if not keep.any():
         return PatchSet.empty(size)
@@ -208,6 +249,7 @@ def patches_from_windows(
         crops.round().clamp(0, 255).to(torch.uint8),
         torch.from_numpy(labels[keep]),
         torch.from_numpy(offsets[keep]),
+        torch.from_numpy(marks[keep]),
     )
 
 
@@ -222,7 +264,7 @@ def balance(patches: PatchSet, rng: np.random.Generator, max_per_label: dict[int
             idx = rng.choice(idx, limit, replace=False)
         keep.append(idx)
     order = torch.from_numpy(np.sort(np.concatenate(keep)))
-    return PatchSet(patches.images[order], patches.labels[order], patches.offsets[order])
+    return patches.subset(order)
 
 
 def crop_positives(
@@ -232,32 +274,64 @@ def crop_positives(
     load: Callable[[Path], Tensor],
     per_folder_limit: int,
     jitter: int = 1,
+    teacher: Mapping[Path, tuple[Sequence[float], Sequence[float]]] | None = None,
 ) -> PatchSet:
-    """POS_NO_BOX patches from person-folder sets (name in FACE_IN_CROP, root folder).
+    """POS_NO_BOX patches from person-folder sets (name, root folder): a face a photo.
 
-    Up to ``per_folder_limit`` images per set (chosen with rng), ``jitter`` windows each.
+    Up to ``per_folder_limit`` images per set (chosen with rng), ``jitter`` windows each,
+    never of the held-out people (LFW N-Z). The face is where ``teacher`` (photo -> (box,
+    landmarks), facetag data landmarks) puts it, with landmark targets; a photo without a
+    teacher label uses its set's FACE_IN_CROP geometry and has none (other sets: skipped).
     """
+    from facetag.data.folders import held_out
     from facetag.data.images import is_image_file
 
+    teacher = teacher or {}
     parts: list[PatchSet] = []
     for name, root in folders:
-        fx, fy, fs = FACE_IN_CROP[name]
-        files = sorted(p for p in root.glob("*/*") if is_image_file(p))
+        files = sorted(
+            p for p in root.glob("*/*") if is_image_file(p) and not held_out(root, p.parent.name)
+        )
         if len(files) > per_folder_limit:
             files = [files[i] for i in sorted(rng.choice(len(files), per_folder_limit, False))]
         for path in files:
+            label = teacher.get(path)
+            if label is None and name not in FACE_IN_CROP:
+                continue
             image = load(path)  # (3, H, W)
-            H, W = image.shape[1:]
-            side = fs * min(W, H) * rng.uniform(0.9, 1.1, jitter)
-            cx = fx * W + rng.uniform(-0.05, 0.05, jitter) * side
-            cy = fy * H + rng.uniform(-0.05, 0.05, jitter) * side
-            windows = np.stack([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2], 1)
+            windows = _face_windows(image, name, label, rng, jitter)  # (jitter, 4)
+            marks = np.full((jitter, 10), np.nan)
+            if label is not None:
+                marks = landmark_targets(windows, np.tile(np.asarray(label[1], float), (jitter, 1)))
             crops = crop_windows(image, torch.from_numpy(windows).float(), size)
             parts.append(
                 PatchSet(
                     crops.round().clamp(0, 255).to(torch.uint8),
                     torch.full((jitter,), POS_NO_BOX, dtype=torch.int64),
                     torch.zeros(jitter, 4),
+                    torch.from_numpy(marks).float(),
                 )
             )
     return PatchSet.cat(parts) if parts else PatchSet.empty(size)
+
+
+def _face_windows(
+    image: Tensor,
+    name: str,
+    label: tuple[Sequence[float], Sequence[float]] | None,
+    rng: np.random.Generator,
+    jitter: int,
+) -> np.ndarray:
+    """``jitter`` square windows (jitter, 4) around a crop's face: the teacher's box when
+    there is one, else the set's FACE_IN_CROP geometry; side x0.9-1.1, centre +-5%."""
+    H, W = image.shape[1:]
+    if label is not None:
+        x1, y1, x2, y2 = (float(v) for v in label[0])
+        fx, fy, base = (x1 + x2) / 2, (y1 + y2) / 2, max(x2 - x1, y2 - y1)
+    else:
+        rx, ry, fs = FACE_IN_CROP[name]
+        fx, fy, base = rx * W, ry * H, fs * min(W, H)
+    side = base * rng.uniform(0.9, 1.1, jitter)
+    cx = fx + rng.uniform(-0.05, 0.05, jitter) * side
+    cy = fy + rng.uniform(-0.05, 0.05, jitter) * side
+    return np.stack([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2], 1)

@@ -33,6 +33,7 @@ import torch
 from PIL import Image
 
 from facetag.atomic import atomic_write
+from facetag.data.folders import held_out
 from facetag.data.images import decode_photo, is_image_file
 from facetag.errors import DataError
 from facetag.inference.align import DEFAULT_MARGIN, FILL, FaceDetector, crop_face
@@ -86,6 +87,8 @@ def _people(sources: Sequence[Path]) -> dict[str, list[tuple[Path, Path]]]:
         for child in sorted(src.iterdir(), key=lambda p: p.name):
             if not child.is_dir() or child.name.startswith("."):
                 continue  # FILES.csv and the like
+            if held_out(src, child.name):
+                continue  # LFW N-Z: the verification set, never trained on
             photos = sorted((f for f in child.iterdir() if is_image_file(f)), key=lambda f: f.name)
             people.setdefault(person_key(src, child.name), []).extend((src, f) for f in photos)
     return {k: v for k, v in people.items() if v}

@@ -26,10 +26,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,6 @@ from facetag.detector_config import (
 )
 from facetag.device import resolve_device
 from facetag.errors import ConfigError, DataError, TrainingError
-from facetag.layers.loss import binary_cross_entropy_with_logits, smooth_l1_loss
 from facetag.metrics.ap import DetectionScores, score_detector
 from facetag.models.detector import (
     DETECTOR_FORMAT,
@@ -83,7 +83,14 @@ from facetag.training.core import (
     runs_dir,
     save_run_checkpoint,
 )
+from facetag.training.detector_losses import (
+    augment,
+    detector_losses,
+    landmark_error,
+    patch_loss,
+)
 from facetag.training.health import GradientHealth
+from facetag.training.teachers import LANDMARKS_FORMAT
 
 REGISTERED_DETECTOR = "facetag-detector"
 MINE_THRESHOLDS = {"pnet": 0.5, "rnet": 0.5}  # stage probs kept when mining for the next stage
@@ -106,6 +113,8 @@ class EpochRecord:
     lr: float
     patches_per_s: float
     seconds: float
+    landmark_loss: float = math.nan  # ONet only
+    val_landmark_error: float = math.nan  # ONet only: mean error / eye distance, val patches
 
     def metrics(self) -> dict[str, float]:
         """The epoch's MLflow metrics."""
@@ -114,6 +123,12 @@ class EpochRecord:
             "face_loss": self.face_loss,
             "box_loss": self.box_loss,
             "face_accuracy": self.face_accuracy,
+            **({"landmark_loss": self.landmark_loss} if not math.isnan(self.landmark_loss) else {}),
+            **(
+                {"val_landmark_error": self.val_landmark_error}
+                if not math.isnan(self.val_landmark_error)
+                else {}
+            ),
             "val_loss": self.val_loss,
             "val_ap50": self.val_ap50,
             "lr": self.lr,
@@ -134,6 +149,8 @@ class DetectorData:
     nonface: list[Path]
     crop_sets: list[tuple[str, Path]]
     data_hash: str  # box file content + validation photos: "the same validation data"
+    # Teacher labels of person-folder photos (facetag data landmarks): photo -> (box, marks)
+    teacher: dict[Path, tuple[list[float], list[float]]] = field(default_factory=dict)
 
     def path(self, name: str) -> Path:
         return resolve_image(self.image_dir, name)
@@ -174,7 +191,40 @@ def prepare_data(config: DetectorConfig) -> DetectorData:
     crop_sets = [(s, root / s) for s in d.crop_sets if d.crops_per_set and (root / s).is_dir()]
     digest = hashlib.sha256(box_file.read_bytes())
     digest.update("\n".join(val).encode())
-    return DetectorData(root, boxes, image_dir, train, val, nonface, crop_sets, digest.hexdigest())
+    teacher: dict[Path, tuple[list[float], list[float]]] = {}
+    if d.landmarks:
+        boxes, teacher = attach_landmarks(Path(d.landmarks), root, image_dir, boxes)
+    return DetectorData(
+        root, boxes, image_dir, train, val, nonface, crop_sets, digest.hexdigest(), teacher
+    )
+
+
+def attach_landmarks(
+    path: Path, root: Path, image_dir: Path, boxes: BoxFile
+) -> tuple[BoxFile, dict[Path, tuple[list[float], list[float]]]]:
+    """Read a ``facetag data landmarks`` file: the box file's faces with their teacher
+    landmarks attached, and the person-folder photos' (teacher box, landmarks)."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(
+            f"{path}: expected a landmarks file from facetag data landmarks, got "
+            f"{getattr(e, 'strerror', None) or type(e).__name__}; run facetag data landmarks"
+        ) from None
+    if not isinstance(doc, dict) or doc.get("format") != LANDMARKS_FORMAT:
+        raise DataError(f"{path}: expected format {LANDMARKS_FORMAT}; run facetag data landmarks")
+    by_image = {str(resolve_image(image_dir, n).relative_to(root)): n for n in boxes}
+    out = {n: list(f) for n, f in boxes.items()}
+    teacher: dict[Path, tuple[list[float], list[float]]] = {}
+    for key, faces in doc["images"].items():
+        name = by_image.get(key)
+        for face in faces:
+            flat = [float(v) for point in face["landmarks"] for v in point]
+            if name is not None and "index" in face:
+                out[name][face["index"]] = replace(out[name][face["index"]], landmarks=tuple(flat))
+            elif name is None:
+                teacher[root / key] = (face["box"], flat)
+    return out, teacher
 
 
 def load_rgb(path: Path) -> Tensor:
@@ -185,7 +235,17 @@ def load_rgb(path: Path) -> Tensor:
 def _scaled_faces(faces: list[FaceBox], scale: float) -> list[FaceBox]:
     if scale == 1.0:
         return faces
-    return [FaceBox(f.x * scale, f.y * scale, f.w * scale, f.h * scale, f.invalid) for f in faces]
+    return [
+        FaceBox(
+            f.x * scale,
+            f.y * scale,
+            f.w * scale,
+            f.h * scale,
+            f.invalid,
+            None if f.landmarks is None else tuple(v * scale for v in f.landmarks),
+        )
+        for f in faces
+    ]
 
 
 def _photo(data: DetectorData, name: str) -> tuple[Tensor, list[FaceBox]]:
@@ -239,7 +299,15 @@ def build_patches(
             progress(Progress(f"{kind} {phase}", i, len(photos)))
     if extras and data.crop_sets:
         parts.append(
-            crop_positives(data.crop_sets, size, rng, load_rgb, config.data.crops_per_set, jitter=2)
+            crop_positives(
+                data.crop_sets,
+                size,
+                rng,
+                load_rgb,
+                config.data.crops_per_set,
+                jitter=2,
+                teacher=data.teacher,
+            )
         )
     patches = PatchSet.cat(parts)
     limits = {k: int(t.max_patches * share) for k, share in LABEL_SHARE.items()}
@@ -264,68 +332,6 @@ def _mined(
         drop = rng.choice(negatives, len(negatives) - t.hard_negatives_per_image, replace=False)
         windows = np.delete(windows, drop, axis=0)
     return windows
-
-
-def detector_losses(
-    net: StageNet, x: Tensor, labels: Tensor, offsets: Tensor
-) -> tuple[Tensor, Tensor, int, Tensor]:
-    """(face loss (mean BCE over labelled patches), box loss (smooth L1 summed over box
-    patches), number of box patches, face logits (N,)).
-
-    x (N, 3, S, S) normalised, labels (N,), offsets (N, 4). The masks ride in the BCE
-    weights and in a target equal to the prediction (zero loss, zero gradient) for patches
-    without a box, so the graph holds only facetag ops.
-    """
-    N = x.shape[0]
-    logit, box = net(x)  # (N, 1, 1, 1), (N, 4, 1, 1)
-    is_face = (labels == POS) | (labels == POS_NO_BOX)
-    has_label = labels != PART
-    n_face = max(int(has_label.sum()), 1)
-    face_target = is_face.float().view(N, 1, 1, 1)
-    weight = (has_label.float() / n_face).view(N, 1, 1, 1)
-    face_loss = binary_cross_entropy_with_logits(logit, face_target, weight=weight, reduction="sum")
-    has_box = ((labels == POS) | (labels == PART)).view(N, 1, 1, 1)
-    box_target = torch.where(has_box, offsets.view(N, 4, 1, 1), box.detach())
-    box_loss = smooth_l1_loss(box, box_target, beta=1.0, reduction="sum")
-    return face_loss, box_loss, int(has_box.sum()), logit.detach().view(N)
-
-
-def augment(x: Tensor, offsets: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Random horizontal flip (offsets mirrored) and brightness/contrast jitter.
-
-    x (N, 3, S, S) float 0..255, offsets (N, 4) -> the same shapes.
-    """
-    N = x.shape[0]
-    flip = torch.rand(N, generator=g) < 0.5
-    x = torch.where(flip.view(N, 1, 1, 1), x.flip(3), x)
-    # A mirrored window: new x1 offset = -(old x2 offset), new x2 offset = -(old x1 offset).
-    mirrored = torch.stack([-offsets[:, 2], offsets[:, 1], -offsets[:, 0], offsets[:, 3]], 1)
-    offsets = torch.where(flip.view(N, 1), mirrored, offsets)
-    contrast = torch.empty(N, 1, 1, 1).uniform_(0.7, 1.3, generator=g)
-    brightness = torch.empty(N, 1, 1, 1).uniform_(-25, 25, generator=g)
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    x = ((x - mean) * contrast + mean + brightness).clamp(0, 255)
-    grey = torch.rand(N, generator=g) < 0.1
-    x = torch.where(grey.view(N, 1, 1, 1), x.mean(dim=1, keepdim=True).expand_as(x), x)
-    return x, offsets
-
-
-@torch.no_grad()
-def patch_loss(net: StageNet, patches: PatchSet, box_weight: float, device: str) -> float:
-    """Mean loss (face + box_weight * box) of ``net`` on ``patches``, eval mode."""
-    net.eval()
-    face_sum = box_sum = 0.0
-    n_box = n = 0
-    for i in range(0, len(patches), 1024):
-        x = normalize_patches(patches.images[i : i + 1024].to(device))
-        labels = patches.labels[i : i + 1024].to(device)
-        face, box, nb, _ = detector_losses(net, x, labels, patches.offsets[i : i + 1024].to(device))
-        k = int((labels != PART).sum())
-        face_sum += float(face.detach()) * k
-        n += k
-        box_sum += float(box.detach())
-        n_box += nb
-    return face_sum / max(n, 1) + box_weight * box_sum / max(n_box, 1)
 
 
 def make_detector(cascade: Cascade, kinds: list[str], device: str) -> Detector:
@@ -554,7 +560,10 @@ def _train_stage(run: _Run, s_index: int, kind: str) -> None:
     val_subset = run.data.val[: config.data.val_ap_images]
     for epoch in range(max(first, run.start_epoch), last + 1):
         record = _train_epoch(run, ctx, net, train_set, epoch, kind)
-        record.val_loss = patch_loss(net, val_set, config.train.box_weight, run.device)
+        t = config.train
+        record.val_loss = patch_loss(net, val_set, t.box_weight, t.landmark_weight, run.device)
+        if net.landmarks is not None:
+            record.val_landmark_error = landmark_error(net, val_set, run.device)
         scorer = make_detector(run.cascade, run.kinds[: s_index + 1], run.device)
         record.val_ap50 = score_photos(scorer, run.data, val_subset, run.progress, kind).ap50
         run.history.append(record)
@@ -562,6 +571,8 @@ def _train_stage(run: _Run, s_index: int, kind: str) -> None:
             figures = {"loss": record.train_loss, "acc": record.face_accuracy}
             figures["patches/s"] = record.patches_per_s
             summary = f"{kind} epoch {epoch}: val AP50 {record.val_ap50:.4f}"
+            if not math.isnan(record.val_landmark_error):
+                summary += f", landmark error {record.val_landmark_error:.4f}"
             task = _epoch_task(kind, epoch, E * len(run.kinds))
             run.progress(Progress(task, steps, steps, figures, summary, epoch))
         if run.hooks is not None:
@@ -665,30 +676,34 @@ def _train_epoch(
     net.train()
     ctx.health.reset()
     t0 = time.perf_counter()
-    face_sum = box_sum = 0.0
-    n_face = n_box = correct = seen = 0
+    face_sum = box_sum = marks_sum = 0.0
+    n_face = n_box = n_marks = correct = seen = 0
     lr = ctx.opt.param_groups[0]["lr"]
     device = run.device
     for i in range(1, batches + 1):
         idx = order[(i - 1) * B : i * B]
-        x, offsets = augment(patches.images[idx].float(), patches.offsets[idx], g)
+        x, offsets, aug_marks = augment(
+            patches.images[idx].float(), patches.offsets[idx], g, patches.marks[idx]
+        )
         x, offsets = normalize_patches(x).to(device), offsets.to(device)
         labels = patches.labels[idx].to(device)
         ctx.opt.zero_grad(set_to_none=True)
-        face, box, nb, logits = detector_losses(net, x, labels, offsets)
-        check_loss(ctx, i, face, box)
-        # Two roots, each with its weight as the incoming gradient: no sum node needed.
-        torch.autograd.backward(
-            [face, box],
-            [torch.ones((), device=device), torch.tensor(t.box_weight / max(nb, 1), device=device)],
-        )
+        marks = aug_marks.to(device) if aug_marks is not None else None
+        loss = detector_losses(net, x, labels, offsets, marks, ohem=t.ohem)
+        check_loss(ctx, i, loss.face, loss.box, *([loss.marks] if loss.marks is not None else []))
+        # Each root with its weight as the incoming gradient: no sum node needed.
+        torch.autograd.backward(*loss.roots(t.box_weight, t.landmark_weight))
         lr = optimizer_step(ctx, i)
         has_label = labels != PART
         k = int(has_label.sum())
-        face_sum += float(face.detach()) * k
+        face_sum += float(loss.face.detach()) * k
         n_face += k
-        box_sum += float(box.detach())
-        n_box += nb
+        box_sum += float(loss.box.detach())
+        n_box += loss.n_box
+        if loss.marks is not None:
+            marks_sum += float(loss.marks.detach())
+            n_marks += loss.n_marks
+        logits = loss.logits
         is_face = (labels == POS) | (labels == POS_NO_BOX)
         correct += int((((logits > 0) == is_face) & has_label).sum())
         seen += B
@@ -702,12 +717,14 @@ def _train_epoch(
             run.progress(Progress(task, i, batches, figures, epoch=epoch))
     seconds = time.perf_counter() - t0
     face_loss, box_loss = face_sum / max(n_face, 1), box_sum / max(n_box, 1)
+    marks_loss = marks_sum / max(n_marks, 1)
     return EpochRecord(
         epoch=epoch,
         stage=kind,
-        train_loss=face_loss + t.box_weight * box_loss,
+        train_loss=face_loss + t.box_weight * box_loss + t.landmark_weight * marks_loss,
         face_loss=face_loss,
         box_loss=box_loss,
+        landmark_loss=marks_loss if n_marks else math.nan,
         face_accuracy=correct / max(n_face, 1),
         val_loss=math.nan,
         val_ap50=math.nan,

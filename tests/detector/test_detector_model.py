@@ -8,7 +8,7 @@ from facetag import layers
 from facetag.data.patches import NEG, PART, POS, POS_NO_BOX
 from facetag.layers import fused
 from facetag.models.detector import DEFAULT_WIDTHS, STAGE_SIZES, Cascade, StageNet
-from facetag.training.detector_train import detector_losses
+from facetag.training.detector_losses import MIRROR, augment, detector_losses, landmark_error
 
 
 def _graph_nodes(*roots: torch.Tensor) -> set[str]:
@@ -38,9 +38,14 @@ def _batch(kind: str, N: int = 8, seed: int = 0):
 def test_detector_graph_has_only_our_functions(kind):
     torch.manual_seed(0)
     net = StageNet(kind).train()
-    face, box, _, _ = detector_losses(net, *_batch(kind))
+    x, labels, offsets = _batch(kind)
+    marks = torch.rand(8, 10)
+    marks[::3] = float("nan")  # some patches without landmarks
+    loss = detector_losses(net, x, labels, offsets, marks, ohem=0.7)
+    roots = [loss.face, loss.box] + ([loss.marks] if loss.marks is not None else [])
+    assert (loss.marks is not None) == (kind == "onet")
     allowed = {f"{fn.__name__}Backward" for fn in layers.FUNCTIONS} | {"AccumulateGrad"}
-    leaked = _graph_nodes(face, box) - allowed
+    leaked = _graph_nodes(*roots) - allowed
     assert not leaked, f"built-in autograd nodes in the graph: {sorted(leaked)}"
 
 
@@ -50,7 +55,8 @@ def test_detector_losses_match_torch_reference():
     twin = StageNet("rnet").train()
     twin.load_state_dict(net.state_dict())
     x, labels, offsets = _batch("rnet")
-    face, box, n_box, _ = detector_losses(net, x, labels, offsets)
+    loss = detector_losses(net, x, labels, offsets)
+    face, box, n_box = loss.face, loss.box, loss.n_box
     torch.autograd.backward([face, box], [torch.tensor(1.0), torch.tensor(0.5 / n_box)])
     logit, pred = twin(x)
     is_face = ((labels == POS) | (labels == POS_NO_BOX)).float()
@@ -73,11 +79,95 @@ def test_rnet_overfits_one_batch():
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     for _ in range(200):
         opt.zero_grad()
-        face, box, n_box, _ = detector_losses(net, x, labels, offsets)
-        torch.autograd.backward([face, box], [torch.tensor(1.0), torch.tensor(1.0 / n_box)])
+        loss = detector_losses(net, x, labels, offsets)
+        torch.autograd.backward(*loss.roots(box_weight=1.0, landmark_weight=1.0))
         opt.step()
-    assert face.item() < 0.05, face.item()
-    assert box.item() / n_box < 1e-3, box.item()
+    assert loss.face.item() < 0.05, loss.face.item()
+    assert loss.box.item() / loss.n_box < 1e-3, loss.box.item()
+
+
+def test_onet_overfits_landmarks_of_one_batch():
+    torch.manual_seed(0)
+    net = StageNet("onet", (8, 8, 16, 16, 32)).train()
+    x, labels, offsets = _batch("onet")
+    marks = torch.rand(8, 10, generator=torch.Generator().manual_seed(1))
+    marks[labels == NEG] = float("nan")
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(200):
+        opt.zero_grad()
+        loss = detector_losses(net, x, labels, offsets, marks)
+        torch.autograd.backward(*loss.roots(box_weight=1.0, landmark_weight=1.0))
+        opt.step()
+    assert loss.n_marks == int((labels != NEG).sum())
+    assert loss.marks is not None
+    assert loss.marks.item() / loss.n_marks < 1e-3, loss.marks.item()
+
+
+def test_landmark_error_is_in_units_of_the_eye_distance():
+    from facetag.data.patches import PatchSet
+
+    true = torch.tensor([[0.3, 0.4, 0.7, 0.4, 0.5, 0.6, 0.35, 0.8, 0.65, 0.8]])  # eyes 0.4 apart
+
+    class Shifted(torch.nn.Module):  # predicts every point 0.04 to the right
+        landmarks = True
+
+        def outputs(self, x):
+            N = x.shape[0]
+            return (
+                None,
+                None,
+                (true + torch.tensor([0.04, 0.0] * 5)).view(1, 10, 1, 1).expand(N, 10, 1, 1),
+            )
+
+    patches = PatchSet(
+        torch.zeros(2, 3, 48, 48, dtype=torch.uint8),
+        torch.tensor([POS, NEG]),
+        torch.zeros(2, 4),
+        torch.cat([true, torch.full((1, 10), float("nan"))]),
+    )
+    assert landmark_error(Shifted(), patches, "cpu") == pytest.approx(0.1)  # 0.04 / 0.4
+
+
+def test_landmark_loss_matches_torch_reference():
+    torch.manual_seed(0)
+    net = StageNet("onet", (8, 8, 16, 16, 32)).train()
+    x, labels, offsets = _batch("onet")
+    marks = torch.rand(8, 10)
+    marks[[0, 4, 7]] = float("nan")
+    loss = detector_losses(net, x, labels, offsets, marks)
+    _, _, lm = net.outputs(x)
+    keep = ~torch.isnan(marks).any(dim=1)
+    ref = F.smooth_l1_loss(lm.view(8, 10)[keep], marks[keep], reduction="sum")
+    assert loss.n_marks == 5
+    torch.testing.assert_close(loss.marks, ref)
+
+
+def test_ohem_counts_only_the_hardest_share_of_face_losses():
+    torch.manual_seed(0)
+    net = StageNet("rnet", (8, 16, 16, 32)).train()
+    x, labels, offsets = _batch("rnet")
+    all_loss = detector_losses(net, x, labels, offsets, ohem=1.0)
+    hard = detector_losses(net, x, labels, offsets, ohem=0.5)
+    logit = all_loss.logits
+    labelled = labels != PART  # 6 labelled patches: the 3 largest losses count
+    y = ((labels == POS) | (labels == POS_NO_BOX)).float()
+    each = F.binary_cross_entropy_with_logits(logit, y, reduction="none")[labelled]
+    torch.testing.assert_close(hard.face, each.topk(3).values.mean(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(all_loss.face, each.mean(), rtol=1e-4, atol=1e-5)
+
+
+def test_flip_mirrors_landmarks_and_swaps_sides():
+    x = torch.zeros(1, 3, 48, 48)
+    offsets = torch.zeros(1, 4)
+    marks = torch.tensor([[0.3, 0.4, 0.7, 0.4, 0.5, 0.6, 0.35, 0.8, 0.65, 0.8]])
+    for seed in range(20):  # some seed flips it
+        _, _, out = augment(x, offsets, torch.Generator().manual_seed(seed), marks)
+        assert out is not None
+        if not torch.equal(out, marks):
+            break
+    pts = marks.view(5, 2)[list(MIRROR)]
+    want = torch.stack([1 - pts[:, 0], pts[:, 1]], 1).view(1, 10)
+    torch.testing.assert_close(out, want)
 
 
 def test_stage_output_shapes():

@@ -19,7 +19,7 @@ from facetag.data.patches import (
 )
 from facetag.metrics.ap import iou_matrix
 from facetag.models.detector import regress, square
-from facetag.training.detector_train import augment
+from facetag.training.detector_losses import augment
 
 
 def test_crop_windows_native_size_is_exact():
@@ -123,7 +123,7 @@ def test_augment_flip_mirrors_offsets():
     offsets = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.1, 0.2, 0.3, 0.4]])
     flipped_any = False
     for _ in range(10):
-        _, out = augment(x, offsets, g)
+        _, out, _ = augment(x, offsets, g)
         for row in out:
             if torch.allclose(row, torch.tensor([-0.3, 0.2, -0.1, 0.4])):
                 flipped_any = True

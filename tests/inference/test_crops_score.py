@@ -45,7 +45,8 @@ class PadOnlyDetector:
 def _sources(tmp_path: Path) -> tuple[Path, Path]:
     a, b = tmp_path / "lfw", tmp_path / "celeba"
     save(a / "Halle_Berry" / "1.jpg", pattern(1, 40))
-    save(a / "Tom_Hanks" / "1.jpg", pattern(2, 40))
+    save(a / "Keanu_Reeves" / "1.jpg", pattern(2, 40))
+    save(a / "Tom_Hanks" / "1.jpg", pattern(6, 40))  # LFW N-Z: held out, never cut
     save(b / "Halle_Berry" / "x.png", pattern(3, 40))
     save(b / "7201" / "1.jpg", pattern(4, 40))
     (a / "FILES.csv").write_text("not a person\n")
@@ -81,7 +82,7 @@ def test_cut_crops_merges_people_prefixes_ids_and_records_sources(tmp_path: Path
     assert names == [
         "Halle_Berry/celeba__x.png",
         "Halle_Berry/lfw__1.png",
-        "Tom_Hanks/lfw__1.png",
+        "Keanu_Reeves/lfw__1.png",
         "celeba_7201/celeba__1.png",
     ]
     assert report.merged == {"Halle_Berry": ["celeba", "lfw"]}
@@ -89,7 +90,8 @@ def test_cut_crops_merges_people_prefixes_ids_and_records_sources(tmp_path: Path
     assert report.people == 3
     assert report.written == 4
     assert not report.missed
-    assert Image.open(out / "Tom_Hanks" / "lfw__1.png").size == (24, 24)
+    assert Image.open(out / "Keanu_Reeves" / "lfw__1.png").size == (24, 24)
+    assert not (out / "Tom_Hanks").exists()
 
 
 def test_cut_crops_reuses_same_settings_and_prunes_removed_photos(tmp_path: Path):
@@ -103,7 +105,7 @@ def test_cut_crops_reuses_same_settings_and_prunes_removed_photos(tmp_path: Path
     assert not (out / "celeba_7201").exists()  # its only photo went away
     resized = cut_crops([a, b], out, det, size=20)  # other settings: everything again
     assert (resized.kept, resized.written) == (0, 3)
-    assert Image.open(out / "Tom_Hanks" / "lfw__1.png").size == (20, 20)
+    assert Image.open(out / "Keanu_Reeves" / "lfw__1.png").size == (20, 20)
 
 
 def test_cut_crops_pads_tight_crops_and_reports_photos_without_faces(tmp_path: Path):
