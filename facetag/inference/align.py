@@ -22,12 +22,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
 from facetag.data.images import Photo
 from facetag.data.transforms import fit_image, normalize
+from facetag.models.io import LoadedEmbedder
 
 DEFAULT_MARGIN = 0.25  # square side = (1 + margin) * the box's longer side
 FILL = 128  # grey outside the photo
@@ -99,7 +101,9 @@ def crop_faces(
 def embed_crops(net: torch.nn.Module, crops: Tensor, batch_size: int, device: str) -> Tensor:
     """uint8 crops (N, C, H, W) -> L2-normalised float32 embeddings (N, D) on the CPU.
 
-    ``net`` is an EmbeddingNet (anything with ``embed``); batches of at most batch_size.
+    ``net`` is an EmbeddingNet or a DlibResNet (anything with ``embed``); batches of at
+    most batch_size. A net with ``takes_pixels`` (the dlib-resnet) gets the 0..255 pixels
+    and normalises them itself; the others get normalize()'s [-1, 1].
     """
     if crops.ndim != 4 or crops.dtype != torch.uint8:
         raise ValueError(
@@ -110,7 +114,8 @@ def embed_crops(net: torch.nn.Module, crops: Tensor, batch_size: int, device: st
         raise ValueError(f"embed_crops: expected batch_size >= 1, got {batch_size}")
     out = []
     for i in range(0, crops.shape[0], batch_size):
-        x = normalize(crops[i : i + batch_size]).to(device)  # (B, C, H, W) in [-1, 1]
+        batch = crops[i : i + batch_size]  # (B, C, H, W)
+        x = (batch if getattr(net, "takes_pixels", False) else normalize(batch)).to(device)
         out.append(net.embed(x).float().cpu())  # type: ignore[operator]
     if not out:
         return torch.zeros((0, 0))
@@ -172,18 +177,117 @@ def photo_crops(
     detector: FaceDetector,
     photo: Photo,
     faces: Sequence[Sequence[float]],
-    image_size: tuple[int, int],
-    channels: int,
+    embedder: LoadedEmbedder,
     margin: float = DEFAULT_MARGIN,
 ) -> Tensor:
-    """The embedder's uint8 crops (K, C, H, W) of ``faces`` (loaded pixels) in ``photo``."""
+    """The embedder's uint8 crops (K, C, H, W) of ``faces`` (loaded pixels) in ``photo``:
+    aligned chips from the landmarks for an embedder that wants them (the dlib-resnet),
+    else squares around the boxes (module doc)."""
     img = photo.image()
-    if getattr(detector, "whole_photo", False):
-        one = crop_face(img, None, image_size, channels)  # (C, H, W)
+    H, W = embedder.image_size
+    C = embedder.in_channels
+    if getattr(detector, "whole_photo", False):  # the photo is the face (chip) already
+        one = crop_face(img, None, embedder.image_size, C)  # (C, H, W)
         return one.unsqueeze(0).repeat(len(faces), 1, 1, 1)  # (K, C, H, W)
-    return crop_faces(img, faces, image_size, channels, margin)
+    if embedder.aligned:
+        if not faces:
+            return torch.zeros((0, 3, H, W), dtype=torch.uint8)
+        return torch.stack([face_chip(img, face_landmarks(f), H) for f in faces])
+    return crop_faces(img, faces, embedder.image_size, C, margin)
 
 
 def displayed_box(face: Sequence[float], scale: float) -> list[float]:
     """A box in loaded pixels -> [x1, y1, x2, y2] in displayed pixels, 0.1 px precision."""
     return [round(float(v) / scale, 1) for v in face[:4]]
+
+
+# --- aligned chips (the dlib-resnet embedder) ----------------------------------------------
+
+CHIP_SIZE = 150
+# Where the five landmarks (facetag.models.detector.LANDMARKS order) sit in dlib's face
+# chip (150 px, padding 0.25), pixel centres: the mean over 2,368 faces of lfw A-M,
+# johns, glint_celebs and celeba of MTCNN's points mapped into the chip dlib itself cuts
+# (its detector + 5-point predictor + get_face_chip_details), so chips cut from our points
+# look like the chips dlib's network was trained on. Measured 2026-12-03, experiments/LOG.md.
+CHIP_TEMPLATE = (
+    (47.967, 45.867),
+    (102.067, 45.775),
+    (74.720, 78.656),
+    (50.914, 104.426),
+    (98.793, 104.345),
+)
+# Least-squares weights of the points in the fit: dlib aligns on eyes and nose base, so
+# eyes and nose carry it; the mouth corners vary with expression (weights found by
+# minimising the distance of the dlib descriptors of our chips to those of dlib's chips:
+# mean 0.113 against 0.148 with equal weights, on 955 held-out faces).
+CHIP_WEIGHTS = (0.4417, 0.4042, 0.1398, 0.0077, 0.0066)
+# Landmarks of a face whose detector gives none, as fractions of its box (a WIDER-style
+# box, brow to chin): eye centres, nose tip and mouth corners of an average frontal face.
+BOX_LANDMARKS = ((0.31, 0.40), (0.69, 0.40), (0.50, 0.60), (0.35, 0.79), (0.65, 0.79))
+
+
+def similarity(
+    src: np.ndarray, dst: np.ndarray, weights: Sequence[float] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The similarity (rotation, uniform scale, shift) dst ~ A @ src + t that is best in the
+    weighted least-squares sense (Umeyama 1991): src, dst (K, 2) -> A (2, 2), t (2,).
+
+    With means m_s, m_d, centred points s_k, d_k and covariance C = sum w_k d_k s_k^T =
+    U D V^T: R = U S V^T (S flips the last axis when det C < 0, so R is no reflection),
+    c = trace(D S) / sum w_k |s_k|^2, A = c R, t = m_d - A m_s.
+    """
+    w = np.ones(len(src)) if weights is None else np.asarray(weights, np.float64)
+    w = w / w.sum()
+    ms, md = w @ src, w @ dst
+    s0, d0 = src - ms, dst - md
+    C = (w[:, None] * d0).T @ s0  # (2, 2)
+    U, D, Vt = np.linalg.svd(C)
+    S = np.diag([1.0, -1.0 if np.linalg.det(U) * np.linalg.det(Vt) < 0 else 1.0])
+    c = float((D * np.diag(S)).sum() / max((w * (s0**2).sum(axis=1)).sum(), 1e-12))
+    A = c * (U @ S @ Vt)
+    return A, md - A @ ms
+
+
+def face_chip(img: Image.Image, landmarks: np.ndarray, size: int = CHIP_SIZE) -> Tensor:
+    """The aligned chip of one face: uint8 (3, size, size), from its five landmarks (5, 2)
+    in ``img``'s pixels (pixel centres), mapped onto CHIP_TEMPLATE by ``similarity``.
+
+    Sampling is Pillow's: when the chip is smaller than the face, the region it needs is
+    first shrunk with Pillow's antialiased resize to about the chip's scale, then one
+    bilinear affine warp (no sampler of our own). Outside the photo is black, as in dlib.
+    """
+    k = size / CHIP_SIZE
+    template = np.asarray(CHIP_TEMPLATE, np.float64) * k + (k - 1) / 2
+    A, t = similarity(np.asarray(landmarks, np.float64), template, CHIP_WEIGHTS)  # image -> chip
+    Ai = np.linalg.inv(A)
+    ti = -Ai @ t  # chip -> image
+    corners = np.array([[-1.0, -1.0], [size, -1.0], [-1.0, size], [size, size]]) @ Ai.T + ti
+    x0, y0 = np.floor(corners.min(axis=0)).astype(int) - 2
+    x1, y1 = np.ceil(corners.max(axis=0)).astype(int) + 2
+    region = img.convert("RGB").crop((int(x0), int(y0), int(x1), int(y1)))  # black outside
+    scale = float(np.sqrt(abs(np.linalg.det(A))))  # chip px per image px
+    f = 1.0
+    if scale < 1.0:  # shrink first, antialiased, then warp at about 1:1
+        f = scale
+        w, h = max(1, round(region.width * f)), max(1, round(region.height * f))
+        region = region.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=None)
+        f = w / (x1 - x0)
+    # Pillow's AFFINE maps an output pixel's edge coordinates q_e = q + 1/2 to the input's;
+    # the chip's pixel centre q is image point Ai q + ti, region point u = that - (x0, y0),
+    # whose edge coordinate in the shrunk region is f * (u + 1/2).
+    M = f * Ai
+    off = f * (ti - np.array([x0, y0]) + 0.5) - M @ np.array([0.5, 0.5])
+    coeffs = (M[0, 0], M[0, 1], off[0], M[1, 0], M[1, 1], off[1])
+    chip = region.transform((size, size), Image.Transform.AFFINE, coeffs, Image.Resampling.BILINEAR)
+    return torch.from_numpy(np.asarray(chip, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def face_landmarks(face: Sequence[float]) -> np.ndarray:
+    """A detected face's five landmarks (5, 2): the detector's, or BOX_LANDMARKS placed in
+    its box when it has none (a cascade without ONet)."""
+    marks = np.asarray(face[5:15], np.float64)
+    if marks.size == 10 and not np.isnan(marks).any():
+        return marks.reshape(5, 2)
+    x1, y1, x2, y2 = (float(v) for v in face[:4])
+    rel = np.asarray(BOX_LANDMARKS)
+    return np.stack([x1 + rel[:, 0] * (x2 - x1), y1 + rel[:, 1] * (y2 - y1)], axis=1)

@@ -148,7 +148,7 @@ def _enrol_face(
     face = max(faces, key=lambda f: (f[2] - f[0]) * (f[3] - f[1]))
     if len(faces) > 1:
         say(f"{photo.path}: {len(faces)} faces found; enrolling the largest as {person}")
-    crops = photo_crops(det, photo, [face], emb.image_size, emb.in_channels, margin)
+    crops = photo_crops(det, photo, [face], emb, margin)
     box = displayed_box(face, photo.scale)
     entry = GalleryEntry(rel, photo.sha256, box, round(face[4], 4), len(faces), torch.zeros(0))
     return entry, crops

@@ -224,7 +224,7 @@ def tag_photos(
                 meter.step(worked=False)
             else:
                 faces = find_faces(det, item)
-                crops = photo_crops(det, item, faces, emb.image_size, emb.in_channels, opts.margin)
+                crops = photo_crops(det, item, faces, emb, opts.margin)
                 image = item.image() if opts.annotate is not None else None
                 item.pixels = torch.zeros(0, dtype=torch.uint8)  # only the crops are kept
                 finished(batcher.add(_Waiting(item, faces, image), crops))

@@ -69,6 +69,12 @@ class LoadedEmbedder:
     state: dict[str, Any]  # the whole file, for callers that need more
 
     @property
+    def aligned(self) -> bool:
+        """Whether faces reach this net as landmark-aligned chips (the dlib-resnet) rather
+        than squares around their boxes (facetag.inference.align)."""
+        return self.state.get("architecture") == DLIB_RESNET
+
+    @property
     def version(self) -> str:
         """Identifies these weights (galleries and manifests record it)."""
         return str(self.state.get("model_id", self.path.name))

@@ -127,6 +127,8 @@ class DlibResNet(nn.Module):
     image_size = (CHIP_SIZE, CHIP_SIZE)
     embedding_dim = EMBEDDING_DIM
 
+    takes_pixels = True  # embed() takes 0..255 chips and normalises them as dlib does
+
     def __init__(self, channels_last: bool = False) -> None:
         super().__init__()
         # (x - mean) / 256 as x * (1/256) + (-mean/256): both factors are exact in float32
