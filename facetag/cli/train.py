@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from facetag.cli._app import app
-from facetag.cli._common import Device, DeviceOpt, JsonOpt, fail, flag_overrides
+from facetag.cli._common import Device, DeviceOpt, JsonOpt, fail, flag_overrides, model_ref
 from facetag.cli.progress import ProgressBar
 from facetag.errors import FacetagError
 
@@ -161,8 +161,12 @@ class Far(str, Enum):
 @app.command()
 def evaluate(
     model: Annotated[
-        str, typer.Option(help="Model file, runs:/<run>/<path> or models:/<name>@<alias>.")
-    ],
+        str | None,
+        typer.Option(
+            help="Model file, runs:/<run>/<path> or models:/<name>@<alias> [with --pairs: "
+            "the shipped one]."
+        ),
+    ] = None,
     data: Annotated[
         Path | None,
         typer.Option(exists=True, file_okay=False, help="Person folders; default: the model's."),
@@ -179,9 +183,28 @@ def evaluate(
     far: Annotated[
         Far, typer.Option(help="False accept rate the stored threshold is chosen at.")
     ] = Far.strict,
+    pairs: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            file_okay=False,
+            help="Verify through the whole pipeline on the people of this folder instead "
+            "(e.g. ../shared/data/lfw): detector, alignment, embedder.",
+        ),
+    ] = None,
+    people: Annotated[str, typer.Option(help="With --pairs: first letters used.")] = "N-Z",
+    detector: Annotated[
+        str | None, typer.Option(help="With --pairs: the detector [the shipped one].")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Closed-set accuracy and open-set verification (ROC, EER, TAR@FAR, threshold)."""
+    """Closed-set accuracy and open-set verification (ROC, EER, TAR@FAR, threshold);
+    with --pairs, LFW-style 10-fold verification of photos through the whole pipeline."""
+    if pairs is not None:
+        _evaluate_pairs(pairs, model, detector, device, people, seed or 0, as_json)
+        return
+    if model is None:
+        raise typer.BadParameter("give --model (or --pairs FOLDER to verify the whole pipeline)")
     from facetag.device import resolve_device
     from facetag.training.evaluate import evaluate as run_evaluate
     from facetag.training.evaluate import format_result
@@ -202,3 +225,31 @@ def evaluate(
     except FacetagError as e:
         raise fail(e) from None
     typer.echo(json.dumps(result, indent=2) if as_json else format_result(result))
+
+
+def _evaluate_pairs(
+    root: Path,
+    model: str | None,
+    detector: str | None,
+    device: Device,
+    people: str,
+    seed: int,
+    as_json: bool,
+) -> None:
+    from facetag.inference.models import load_models
+    from facetag.inference.verify import evaluate_pairs, format_pairs
+
+    try:
+        models = load_models(model_ref(model), model_ref(detector), device.value)
+        with ProgressBar("warning") as bar:
+            r = evaluate_pairs(
+                root,
+                models,
+                people=people,
+                seed=seed,
+                progress=bar.update,
+                on_message=bar.message,
+            )
+    except FacetagError as e:
+        raise fail(e) from None
+    typer.echo(json.dumps(r, indent=2) if as_json else format_pairs(r))

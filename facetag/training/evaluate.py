@@ -48,7 +48,6 @@ import math
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +59,16 @@ from facetag.data.folders import FaceDataset, Split, scan_folder
 from facetag.data.folders import split as split_folder
 from facetag.device import resolve_device
 from facetag.errors import DataError
+from facetag.metrics.verification import (
+    DEFAULT_FAR,
+    FARS,
+    OperatingPoint,
+    Verification,
+    choose_threshold,
+    impostors_needed,
+    pair_scores,
+    verify,
+)
 from facetag.progress import Progress, ProgressFn
 from facetag.training import figures
 
@@ -67,43 +76,11 @@ if TYPE_CHECKING:
     from facetag.models.embedder import EmbeddingNet
     from facetag.training.tracking import Tracker
 
-FARS = {"1e-2": 1e-2, "1e-3": 1e-3}  # false accept rates reported, by the name results use
-DEFAULT_FAR = "1e-3"  # the stored threshold's FAR when measurable (see the module doc)
 TAG_PREFIX = "facetag."
 METRIC_PREFIX = "eval_"
 ROC_ARTIFACT = "evaluation/roc.png"
 RESULT_ARTIFACT = "evaluation/result.json"
 CALIBRATED_MODEL_ARTIFACT = "calibration/model.pt"
-
-
-@dataclass(frozen=True)
-class OperatingPoint:
-    """One point of the ROC and the distance threshold that gives it."""
-
-    far: float  # share of different-person pairs accepted (FPR)
-    tar: float  # share of same-person pairs accepted (TPR)
-    threshold: float  # cosine distance: accept a pair when 1 - cos < threshold
-
-
-@dataclass(frozen=True)
-class Verification:
-    """Open-set verification over M face pairs: the ROC and what is read off it."""
-
-    fpr: Tensor  # (T + 1,) float64, ROC point i accepts similarity >= similarity[i]
-    tpr: Tensor  # (T + 1,)
-    similarity: Tensor  # (T + 1,) cosine similarity at each point, +inf at point 0
-    distance: Tensor  # (T + 1,) the distance threshold giving each point (see distance_cuts)
-    genuine: int  # same-person pairs
-    impostor: int  # different-person pairs
-    auc: float
-    eer: float  # where FAR == FRR (1 - TAR), linearly interpolated between ROC points
-    at_far: dict[str, OperatingPoint | None]  # by FARS name; None when not measurable
-    best: OperatingPoint  # the point with the highest pair accuracy
-    best_accuracy: float
-
-    @property
-    def pairs(self) -> int:
-        return self.genuine + self.impostor
 
 
 @torch.no_grad()
@@ -165,107 +142,6 @@ def closed_set_accuracy(
     return float((pred == probe_labels).double().mean()), pred
 
 
-def pair_scores(embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Cosine similarity and same-person flag of every pair i < j: (M,) float64, (M,) bool.
-
-    embeddings (N, D) L2-normalised, labels (N,); M = N (N - 1) / 2, pairs in row order
-    (0, 1), (0, 2), ..., (1, 2), ...
-    """
-    N = embeddings.shape[0]
-    if embeddings.ndim != 2 or labels.shape != (N,):
-        raise ValueError(
-            f"pair_scores: expected embeddings (N, D) and labels (N,), got "
-            f"{tuple(embeddings.shape)} and {tuple(labels.shape)}"
-        )
-    e = embeddings.double()
-    # NOTE: the (N, N) matrix, then the upper triangle: gathering row pairs first would
-    # hold (M, D) tensors, D times more memory (~1 GB each for 1,500 test images).
-    sim = e @ e.T  # (N, N)
-    i, j = torch.triu_indices(N, N, offset=1)  # (M,) each
-    return sim[i, j], labels[i] == labels[j]  # (M,), (M,)
-
-
-def distance_cuts(similarity: Tensor) -> Tensor:
-    """The distance threshold of each ROC point: (T + 1,) float64 from roc_curve's thresholds.
-
-    Point i (i >= 1) accepts the pairs with similarity >= similarity[i], i.e. with distance
-    d <= d_i = 1 - similarity[i]. Its cut is halfway between d_i and the next observed
-    distance d_{i+1}, so ``d < cut`` and ``d <= cut`` accept the same pairs. Point 0
-    (accept nothing) cuts below the smallest distance; the last point (accept all) above
-    the largest and at least at 2, the largest distance two unit vectors can have.
-    """
-    d = 1.0 - similarity[1:].double()  # (T,) ascending
-    low = torch.cat([d[:1].clamp(max=0.0) - 1e-6, d])  # (T + 1,) accepted up to here
-    high = torch.cat([d, d[-1:].clamp(min=2.0) + 1e-6])  # (T + 1,) rejected from here
-    return (low + high) / 2
-
-
-def equal_error_rate(fpr: Tensor, tpr: Tensor) -> float:
-    """The rate where FAR (fpr) equals FRR (1 - tpr), interpolated between ROC points.
-
-    fpr, tpr: (T + 1,) from roc_curve, starting at (0, 0) and ending at (1, 1). Between
-    two points both rates move linearly, so the crossing of FAR - FRR with 0 is exact.
-    """
-    diff = fpr - (1.0 - tpr)  # (T + 1,) from -1 (accept nothing) up to +1 (accept all)
-    i = int(torch.nonzero(diff >= 0)[0])  # the first point where FAR >= FRR
-    if i == 0:  # only when the curve does not start at (0, 0)
-        return float(fpr[0])
-    t = float(-diff[i - 1] / (diff[i] - diff[i - 1]))
-    return float(fpr[i - 1] + t * (fpr[i] - fpr[i - 1]))
-
-
-def impostors_needed(far: float) -> int:
-    """Different-person pairs needed to measure FAR ``far``: one false accept is 1/n."""
-    return math.ceil(1.0 / far - 1e-9)
-
-
-def verify(scores: Tensor, same: Tensor) -> Verification:
-    """ROC, AUC, EER, TAR at each FAR of FARS and the best-accuracy threshold.
-
-    scores (M,) cosine similarities, same (M,) bool. TAR at FAR f is the highest TAR of
-    a point with FAR <= f (at the strictest threshold reaching it), or None with fewer
-    than 1/f different-person pairs (the FAR could not be told from 0). Raises DataError
-    without both kinds of pair.
-    """
-    genuine = int(same.sum())
-    impostor = same.numel() - genuine
-    if genuine == 0 or impostor == 0:
-        raise DataError(
-            f"verification: expected same-person and different-person pairs, got {genuine} "
-            f"and {impostor}; use test images of at least 2 people, 2 or more each"
-        )
-    fpr, tpr, similarity = figures.roc_curve(scores, same)  # each (T + 1,)
-    cuts = distance_cuts(similarity)
-
-    def point(i: int) -> OperatingPoint:
-        return OperatingPoint(float(fpr[i]), float(tpr[i]), float(cuts[i]))
-
-    at_far: dict[str, OperatingPoint | None] = {}
-    for name, far in FARS.items():
-        if impostor < impostors_needed(far):
-            at_far[name] = None
-            continue
-        # The highest TAR within the FAR, at its strictest threshold: as long as TAR stays
-        # the same, a looser threshold only adds false accepts. Point 0 (FAR 0) is always in.
-        tar = torch.where(fpr <= far + 1e-12, tpr, -1.0)  # (T + 1,)
-        at_far[name] = point(int(torch.argmax(tar)))  # argmax: the first of equal maxima
-    accuracy = (tpr * genuine + (1.0 - fpr) * impostor) / (genuine + impostor)  # (T + 1,)
-    best = int(torch.argmax(accuracy))  # the first maximum: the strictest threshold
-    return Verification(
-        fpr=fpr,
-        tpr=tpr,
-        similarity=similarity,
-        distance=cuts,
-        genuine=genuine,
-        impostor=impostor,
-        auc=figures.roc_auc(fpr, tpr),
-        eer=equal_error_rate(fpr, tpr),
-        at_far=at_far,
-        best=point(best),
-        best_accuracy=float(accuracy[best]),
-    )
-
-
 def thin_roc(fpr: Tensor, tpr: Tensor, resolution: int = 2000) -> Tensor:
     """Indices (K,) of the ROC points worth drawing: the curve as a figure shows it.
 
@@ -287,17 +163,6 @@ def thin_roc(fpr: Tensor, tpr: Tensor, resolution: int = 2000) -> Tensor:
     keep[1:] = (cells[1:] != cells[:-1]).any(dim=1)
     keep[-1] = True
     return torch.nonzero(keep).flatten()  # (K,)
-
-
-def choose_threshold(v: Verification, far: str = DEFAULT_FAR) -> tuple[str, OperatingPoint]:
-    """(rule, point) tagging should use: the FAR ``far`` (a FARS name) when measurable,
-    else best accuracy."""
-    if far not in FARS:
-        raise ValueError(f"choose_threshold: expected far in {sorted(FARS)}, got {far!r}")
-    at = v.at_far.get(far)
-    if at is not None:
-        return f"far{far}", at
-    return "best_accuracy", v.best
 
 
 def evaluate(

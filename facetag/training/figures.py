@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from facetag.metrics.verification import roc_auc
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -205,45 +207,6 @@ def per_person_accuracy_csv(true: Tensor, pred: Tensor, names: Sequence[str]) ->
     for accuracy, name, n, ok, confused in rows:
         writer.writerow([name, n, ok, "" if math.isnan(accuracy) else f"{accuracy:.4f}", confused])
     return out.getvalue()
-
-
-def roc_curve(scores: Tensor, same: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """ROC of a verification score: (fpr, tpr, thresholds), each (T + 1,), float64.
-
-    scores: (M,) similarity of M face pairs, higher = more alike; same: (M,) bool, True
-    for pairs of the same person. Point i accepts pairs with score >= thresholds[i];
-    point 0 is (0, 0) at threshold +inf. Tied scores form one point (as sklearn's
-    roc_curve with drop_intermediate=False).
-    """
-    if scores.ndim != 1 or same.shape != scores.shape:
-        raise ValueError(
-            f"roc_curve: expected scores and same of one shape (M,), got "
-            f"{tuple(scores.shape)} and {tuple(same.shape)}"
-        )
-    positives = int(same.sum())
-    negatives = same.numel() - positives
-    if positives == 0 or negatives == 0:
-        raise ValueError(
-            f"roc_curve: expected both same-person and different-person pairs, got "
-            f"{positives} and {negatives}"
-        )
-    order = torch.argsort(scores, descending=True, stable=True)
-    s = scores[order].double()  # (M,) high to low
-    y = same[order].double()  # (M,)
-    tp = torch.cumsum(y, 0)  # (M,) accepted same-person pairs at each cut
-    fp = torch.cumsum(1 - y, 0)
-    # A threshold accepts all pairs with a tied score at once: keep the last of each run.
-    last = torch.cat([torch.nonzero(s[1:] != s[:-1]).flatten(), torch.tensor([s.numel() - 1])])
-    zero = torch.zeros(1, dtype=torch.float64)
-    fpr = torch.cat([zero, fp[last] / negatives])  # (T + 1,)
-    tpr = torch.cat([zero, tp[last] / positives])
-    thresholds = torch.cat([torch.full((1,), math.inf, dtype=torch.float64), s[last]])
-    return fpr, tpr, thresholds
-
-
-def roc_auc(fpr: Tensor, tpr: Tensor) -> float:
-    """Area under the ROC curve (trapezoids)."""
-    return float(torch.trapezoid(tpr, fpr))
 
 
 def roc_figure(

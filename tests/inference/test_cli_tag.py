@@ -189,3 +189,32 @@ def test_bench_tag_reports_photos_per_second(setup: dict[str, str]):
     out = json.loads(r.stdout)
     assert out["photos"] == 3
     assert out["photos_per_s"] > 0
+
+
+def test_evaluate_pairs_runs_the_pipeline_on_people_n_to_z(tmp_path: Path):
+    model = write_model(tmp_path / "model.pt", threshold=0.5)
+    root = tmp_path / "lfw"
+    for k, name in enumerate(["Anna_A", "Nina_N", "Oscar_O", "Paul_P"]):
+        for shot in range(3):
+            save(root / name / f"{shot}.png", pattern(10 * k + (shot > 0)))
+    r = invoke(
+        "evaluate",
+        "--pairs",
+        str(root),
+        "--model",
+        str(model),
+        "--detector",
+        "none",
+        "--device",
+        "cpu",
+        "--json",
+    )
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert (doc["people"], doc["photos"], doc["no_face"]) == (3, 9, 0)  # Anna is A-M
+    assert (doc["same_pairs"], doc["pairs"]) == (9, 18)
+    assert 0.0 <= doc["accuracy_10fold"] <= 1.0
+    bad = invoke("evaluate", "--pairs", str(root), "--people", "Q-R", "--model", str(model))
+    assert bad.exit_code == 1
+    assert "expected photos of at least 2 people Q-R, got 0" in bad.stderr
+    assert invoke("evaluate").exit_code == 2  # neither --model nor --pairs

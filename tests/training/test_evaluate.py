@@ -13,21 +13,18 @@ import pytest
 import torch
 
 from facetag.errors import DataError, ModelError
-from facetag.training.evaluate import (
+from facetag.metrics.verification import (
     FARS,
     OperatingPoint,
     choose_threshold,
-    closed_set_accuracy,
     distance_cuts,
     equal_error_rate,
-    evaluate,
-    format_result,
     impostors_needed,
     pair_scores,
-    thin_roc,
+    roc_auc,
     verify,
 )
-from facetag.training.figures import roc_auc
+from facetag.training.evaluate import closed_set_accuracy, evaluate, format_result, thin_roc
 from facetag.training.tracking import calibrated_threshold
 from tests.helpers import write_faces
 

@@ -8,14 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from facetag.metrics.verification import roc_auc, roc_curve
 from facetag.training.figures import (
     confusion_matrix,
     confusion_matrix_figure,
     curves_figure,
     misclassified_grid,
     per_person_accuracy_csv,
-    roc_auc,
-    roc_curve,
     roc_figure,
 )
 

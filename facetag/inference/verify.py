@@ -1,0 +1,164 @@
+"""``facetag evaluate --pairs``: face verification through the whole pipeline, on people no
+training saw (LFW N-Z).
+
+    ROOT/<person>/*.jpg, people whose folder names start with a letter in ``people``
+      -> detect (the largest face of each photo) -> align / crop -> embed
+      -> every same-person pair and as many different-person pairs (fixed seed)
+      -> 10-fold accuracy (threshold from nine folds, measured on the tenth), ROC AUC,
+         TAR at FAR 1e-3 and 1e-2, and the best single threshold
+
+A photo in which no face is found cannot be compared: its pairs count as "different"
+(a same-person pair with it is an error), and the count is reported.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from facetag.data.images import is_image_file
+from facetag.errors import DataError
+from facetag.inference.align import find_faces, photo_crops
+from facetag.inference.models import Models
+from facetag.inference.pipeline import FaceBatcher, Failed, Skipped, iter_photos
+from facetag.metrics.verification import protocol_pairs, ten_fold_accuracy, verify
+from facetag.progress import Meter, ProgressFn
+
+MessageFn = Callable[[str], None]
+
+
+def people_range(spec: str) -> tuple[str, str]:
+    """'N-Z' -> ('N', 'Z'): the first letters of the person folders used."""
+    a, sep, b = spec.upper().partition("-")
+    if not (sep and len(a) == 1 and len(b) == 1 and a.isalpha() and b.isalpha() and a <= b):
+        raise DataError(f"--people {spec}: expected a letter range such as N-Z")
+    return a, b
+
+
+def _photos(root: Path, people: str) -> tuple[list[Path], list[int], list[str]]:
+    if not root.is_dir():
+        raise DataError(f"{root}: expected a folder of person folders, got no such folder")
+    a, b = people_range(people)
+    names = sorted(p.name for p in root.iterdir() if p.is_dir() and a <= p.name[:1].upper() <= b)
+    paths, labels = [], []
+    for k, name in enumerate(names):
+        for f in sorted((root / name).iterdir()):
+            if is_image_file(f):
+                paths.append(f)
+                labels.append(k)
+    if len(set(labels)) < 2:
+        raise DataError(
+            f"{root}: expected photos of at least 2 people {people}, got {len(set(labels))}"
+        )
+    return paths, labels, names
+
+
+@dataclass
+class _Face:
+    index: int
+
+
+def embed_largest_faces(
+    paths: list[Path],
+    models: Models,
+    *,
+    batch_size: int = 64,
+    workers: int = 0,
+    progress: ProgressFn | None = None,
+    on_message: MessageFn | None = None,
+) -> Tensor:
+    """The embedding (N, D) of the largest face of each photo; NaN rows where none is found."""
+    emb, det = models.embedder, models.detector
+    D = emb.net.embedding_dim
+    out = torch.full((len(paths), D), math.nan)
+    index = {p: k for k, p in enumerate(paths)}
+    meter = Meter("photos", len(paths), progress, "photos/s")
+    batcher: FaceBatcher[_Face] = FaceBatcher(emb.net, D, models.device, batch_size, batch_size)
+    say = on_message or (lambda _: None)
+
+    def finished(done: list[tuple[_Face, Tensor]]) -> None:
+        for face, vectors in done:
+            out[face.index] = vectors[0]
+
+    for item in iter_photos(paths, det.settings.max_side, workers, {}):
+        meter.step()
+        if isinstance(item, (Failed, Skipped)):
+            say(item.error if isinstance(item, Failed) else f"{item.path}: skipped")
+            continue
+        faces = find_faces(det, item)
+        if not faces:
+            say(f"{item.path}: no face found; its pairs count as different people")
+            continue
+        face = max(faces, key=lambda f: (f[2] - f[0]) * (f[3] - f[1]))
+        crops = photo_crops(det, item, [face], emb)
+        finished(batcher.add(_Face(index[item.path]), crops))
+    finished(batcher.flush())
+    return out
+
+
+def evaluate_pairs(
+    root: Path,
+    models: Models,
+    *,
+    people: str = "N-Z",
+    seed: int = 0,
+    batch_size: int = 64,
+    workers: int = 0,
+    progress: ProgressFn | None = None,
+    on_message: MessageFn | None = None,
+) -> dict[str, Any]:
+    """The verification protocol of the module doc; the dict ``--json`` prints."""
+    paths, labels, names = _photos(root, people)
+    vectors = embed_largest_faces(
+        paths,
+        models,
+        batch_size=batch_size,
+        workers=workers,
+        progress=progress,
+        on_message=on_message,
+    )
+    i, j, same = protocol_pairs(torch.tensor(labels), seed)
+    missing = torch.isnan(vectors).any(dim=1)
+    e = torch.nan_to_num(vectors)
+    scores = (e[i] * e[j]).sum(dim=1).double()  # (M,) cosine similarity
+    scores[missing[i] | missing[j]] = -math.inf  # cannot be compared: "different"
+    folds = ten_fold_accuracy(scores, same, seed=seed)
+    v = verify(scores.clamp(min=-1.0), same)  # -inf: the least alike a pair can be
+    return {
+        "root": str(root),
+        "people": len(names),
+        "people_range": people,
+        "photos": len(paths),
+        "no_face": int(missing.sum()),
+        "pairs": int(same.numel()),
+        "same_pairs": int(same.sum()),
+        "seed": seed,
+        "accuracy_10fold": folds.mean,
+        "accuracy_10fold_std": folds.std,
+        "auc": v.auc,
+        "tar_at_far": {k: None if p is None else p.tar for k, p in v.at_far.items()},
+        "threshold_at_far": {k: None if p is None else p.threshold for k, p in v.at_far.items()},
+        "best_threshold": v.best.threshold,
+        "best_accuracy": v.best_accuracy,
+        "model": models.info(),
+        "device": models.device,
+    }
+
+
+def format_pairs(r: dict[str, Any]) -> str:
+    """The human-readable report of ``evaluate_pairs``."""
+    far3 = r["tar_at_far"].get("1e-3")
+    return (
+        f"{r['root']} people {r['people_range']}: {r['people']} people, {r['photos']} photos "
+        f"({r['no_face']} without a face found), {r['pairs']} pairs ({r['same_pairs']} same)\n"
+        f"  10-fold accuracy {100 * r['accuracy_10fold']:.2f}% "
+        f"(+- {100 * r['accuracy_10fold_std']:.2f}), AUC {r['auc']:.4f}, TAR at FAR 1e-3 "
+        + ("n/a" if far3 is None else f"{100 * far3:.2f}%")
+        + f", best threshold {r['best_threshold']:.4f} (accuracy {100 * r['best_accuracy']:.2f}%)"
+    )
