@@ -124,15 +124,30 @@ def evaluate_detector_cmd(
     model: ModelOpt = None,
     min_face: MinFaceOpt = None,
     device: DeviceOpt = Device.auto,
+    landmarks: Annotated[
+        list[Path] | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="dlib XML with 68-point faces (repeatable): also score the five landmarks.",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Score the detector: AP at IoU 0.5 (all faces, faces >= 32 px), recall at 1 FP/image."""
+    """Score the detector: AP at IoU 0.5 (all faces, faces >= 32 px), recall at 1 FP/image,
+    and with --landmarks the five-landmark error over the outer-eye distance."""
     from facetag.training.evaluate_detector import evaluate_boxes
 
     try:
         ref = model_ref(model)
         r = evaluate_boxes(
-            boxes, images, device=device.value, model=ref, min_face=min_face, on_error=report_error
+            boxes,
+            images,
+            device=device.value,
+            model=ref,
+            min_face=min_face,
+            on_error=report_error,
+            landmark_files=landmarks or (),
         )
     except FacetagError as e:
         raise fail(e) from None
@@ -143,6 +158,12 @@ def evaluate_detector_cmd(
             f"AP50 {r['ap50']:.4f}  AP50 (faces >= 32 px) {r['ap50_32']:.4f}  recall at 1 FP/image "
             f"{r['recall_at_1fp']:.4f}\n{r['faces']} faces in {r['images']} photos, "
             f"model {r['model']['detector']} on {r['device']}"
+            + (
+                f"\nlandmark error {r['landmark_error']:.4f} of the outer-eye distance over "
+                f"{r['landmark_faces']} faces ({r['landmark_missed']} not found)"
+                if "landmark_error" in r
+                else ""
+            )
         )
     )
     if r["failed_images"]:

@@ -214,3 +214,35 @@ def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     union = area_a[:, None] + area_b[None, :] - inter
     return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+
+
+def read_landmarks_xml(path: Path | str) -> dict[str, list[tuple[FaceBox, np.ndarray]]]:
+    """dlib's imglab XML with 68-point parts (dlib_faces/*_with_face_landmarks.xml) ->
+    {image file: [(box, points (68, 2))]}; DataError (one line) when it is not one."""
+    import xml.etree.ElementTree as ET
+
+    p = Path(path)
+    try:
+        root = ET.parse(p).getroot()
+    except (OSError, ET.ParseError) as e:
+        raise DataError(
+            f"{p}: expected dlib's XML of faces with 68 landmarks, got "
+            f"{getattr(e, 'strerror', None) or type(e).__name__}; check the path"
+        ) from None
+    out: dict[str, list[tuple[FaceBox, np.ndarray]]] = {}
+    for image in root.iter("image"):
+        faces = []
+        for box in image.iter("box"):
+            parts = {int(part.get("name", "-1")): part for part in box.iter("part")}
+            if len(parts) != 68:
+                continue
+            pts = np.array(
+                [[float(parts[k].get("x", 0)), float(parts[k].get("y", 0))] for k in range(68)]
+            )
+            x, y, w, h = (float(box.get(k, 0)) for k in ("left", "top", "width", "height"))
+            fb = FaceBox(x, y, w, h)
+            faces.append((fb, pts))
+        out[str(image.get("file"))] = faces
+    if not any(out.values()):
+        raise DataError(f"{p}: expected faces with 68 landmark parts, got none")
+    return out

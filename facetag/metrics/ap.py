@@ -137,3 +137,61 @@ def score_detector(
         images=len(truth),
         detections=count,
     )
+
+
+def five_from_68(points: np.ndarray) -> np.ndarray:
+    """The five target points (5, 2) of a 68-point annotation (iBUG 300-W indices): eye
+    centres as the means of 36-41 and 42-47, nose tip 30, mouth corners 48 and 54."""
+    return np.stack(
+        [
+            points[36:42].mean(axis=0),
+            points[42:48].mean(axis=0),
+            points[30],
+            points[48],
+            points[54],
+        ]
+    )
+
+
+def landmark_errors(
+    found: Mapping[str, Sequence[Sequence[float]]],
+    truth: Mapping[str, Sequence[tuple[FaceBox, np.ndarray]]],
+    min_iou: float = 0.3,
+) -> dict[str, float | int | list[float]]:
+    """Five-point landmark error of a detector against 68-point annotations.
+
+    found: {image: detections [x1, y1, x2, y2, score, x0, y0, ..., x4, y4]} (landmarks NaN
+    when the detector has none); truth: read_landmarks_xml's. Each annotated face takes the
+    detection overlapping its box most (IoU >= min_iou); its error is the mean distance of
+    the five points to the targets (five_from_68) over the outer-eye-corner distance
+    (points 36 and 45). Returns the mean over matched faces, per point, and the counts.
+    """
+    errors, per_point, missed = [], [], 0
+    for name, faces in truth.items():
+        dets = (
+            np.asarray(found.get(name, []), np.float64).reshape(-1, 15)
+            if found.get(name)
+            else np.zeros((0, 15))
+        )
+        for box, pts in faces:
+            if dets.shape[0] == 0:
+                missed += 1
+                continue
+            overlap = iou_matrix(np.array([box.xyxy]), dets[:, :4])[0]
+            k = int(overlap.argmax())
+            if overlap[k] < min_iou or np.isnan(dets[k, 5:]).any():
+                missed += 1
+                continue
+            pred = dets[k, 5:].reshape(5, 2)
+            norm = float(np.linalg.norm(pts[45] - pts[36]))
+            d = np.linalg.norm(pred - five_from_68(pts), axis=1) / norm  # (5,)
+            errors.append(float(d.mean()))
+            per_point.append(d)
+    mean = float(np.mean(errors)) if errors else float("nan")
+    points = np.mean(per_point, axis=0).tolist() if per_point else []
+    return {
+        "landmark_error": mean,
+        "landmark_error_per_point": points,
+        "landmark_faces": len(errors),
+        "landmark_missed": missed,
+    }

@@ -70,3 +70,49 @@ def test_low_iou_detection_is_a_false_positive():
     s = score_detector({"a": [(20, 20, 60, 60, 0.9)]}, truth)
     assert s.ap50 == 0.0
     assert s.recall_at_1fp == 0.0
+
+
+def _xml(tmp_path, pts):
+    parts = "".join(f"<part name='{k:02d}' x='{x}' y='{y}'/>" for k, (x, y) in enumerate(pts))
+    text = (
+        "<?xml version='1.0'?><dataset><images><image file='a.jpg'>"
+        f"<box top='10' left='20' width='40' height='40'>{parts}</box>"
+        "</image></images></dataset>"
+    )
+    path = tmp_path / "faces.xml"
+    path.write_text(text)
+    return path
+
+
+def test_landmark_error_against_68_point_annotations(tmp_path):
+    import numpy as np
+
+    from facetag.data.boxes import read_landmarks_xml
+    from facetag.metrics.ap import five_from_68, landmark_errors
+
+    pts = np.zeros((68, 2))
+    pts[36:42] = [25.0, 25.0]  # left eye centre (25, 25), outer corner 36 at (25, 25)
+    pts[42:48] = [45.0, 25.0]
+    pts[45] = [45.0, 25.0]  # outer corners 20 px apart
+    pts[30], pts[48], pts[54] = [35.0, 35.0], [28.0, 45.0], [42.0, 45.0]
+    truth = read_landmarks_xml(_xml(tmp_path, pts.tolist()))
+    target = five_from_68(truth["a.jpg"][0][1])
+    np.testing.assert_allclose(target[[0, 2]], [[25, 25], [35, 35]])
+    shifted = (target + np.array([2.0, 0.0])).reshape(-1).tolist()  # every point 2 px off
+    found = {"a.jpg": [[20, 10, 60, 50, 0.9, *shifted], [0, 0, 5, 5, 0.99, *[0.0] * 10]]}
+    r = landmark_errors(found, truth)
+    assert r["landmark_faces"] == 1
+    assert r["landmark_missed"] == 0
+    assert r["landmark_error"] == pytest.approx(0.1)
+    none = landmark_errors({"a.jpg": [[20, 10, 60, 50, 0.9, *[float("nan")] * 10]]}, truth)
+    assert (none["landmark_faces"], none["landmark_missed"]) == (0, 1)
+
+
+def test_landmarks_xml_without_parts_is_one_line(tmp_path):
+    from facetag.data.boxes import read_landmarks_xml
+    from facetag.errors import DataError
+
+    bad = tmp_path / "x.xml"
+    bad.write_text("<dataset><images><image file='a.jpg'><box/></image></images></dataset>")
+    with pytest.raises(DataError, match="expected faces with 68 landmark parts, got none"):
+        read_landmarks_xml(bad)
