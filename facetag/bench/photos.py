@@ -17,6 +17,7 @@ import torch
 from facetag.bench.memory import peak_rss_mb
 from facetag.data.images import find_images, image_size
 from facetag.device import resolve_device
+from facetag.errors import ModelError
 from facetag.inference.detect import detect_photo
 from facetag.inference.gallery import Gallery, GalleryEntry, save_gallery
 from facetag.inference.models import Models
@@ -41,8 +42,14 @@ def bench_detect(
     repeats: int = 3,
     min_face: float | None = None,
     threads: int | None = None,
+    against: str | None = None,
 ) -> dict[str, Any]:
     """``facetag bench detect``: photos/s over the photos of ``folder`` (decoding included).
+
+    ``against="mtcnn"`` also times facenet-pytorch's MTCNN (its own weights, the same
+    minimum face and pyramid step) on the same photos in the same run, after ours, and
+    reports both rates and their ratio (ModelError with the pip command when it is not
+    installed).
 
     One warm-up photo, then ``repeats`` passes, on ``threads`` CPU threads (None: torch's
     default, one per core). Peak memory is the process's peak resident
@@ -70,6 +77,9 @@ def bench_detect(
             peak_first = peak_rss_mb()
     seconds = time.perf_counter() - t0
     sizes = sorted({image_size(p) for p in paths})
+    peer = _time_mtcnn(paths, repeats, min_face or 20.0) if against == "mtcnn" else {}
+    if peer:
+        peer["ratio"] = round(n / seconds / peer["photos_per_s"], 3)
     return {
         "device": dev,
         "device_name": _device_name(dev),
@@ -83,6 +93,40 @@ def bench_detect(
         "faces_per_photo": round(faces / max(n, 1), 2),
         "peak_rss_mb_first_pass": round(peak_first, 1),
         "peak_rss_mb": round(peak_rss_mb(), 1),
+        **({"mtcnn": peer} if peer else {}),
+    }
+
+
+def _time_mtcnn(paths: list[Path], repeats: int, min_face: float) -> dict[str, Any]:
+    """facenet-pytorch's MTCNN over ``paths``: photos/s (decoding with Pillow included)."""
+    import importlib.util
+
+    for module in ("facenet_pytorch", "tqdm"):
+        if importlib.util.find_spec(module) is None:
+            raise ModelError(
+                f"--against mtcnn: expected {module} installed, got none; "
+                "pip install --no-deps facenet-pytorch==2.6.0 tqdm"
+            )
+    from facenet_pytorch import MTCNN
+    from PIL import Image
+
+    mtcnn = MTCNN(keep_all=True, min_face_size=int(min_face), device="cpu")
+
+    def one(p: Path) -> int:
+        boxes, _ = mtcnn.detect(Image.open(p).convert("RGB"))
+        return 0 if boxes is None else len(boxes)
+
+    one(paths[0])
+    t0 = time.perf_counter()
+    faces = sum(one(p) for _ in range(repeats) for p in paths)
+    seconds = time.perf_counter() - t0
+    n = repeats * len(paths)
+    return {
+        "model": "facenet-pytorch 2.6.0 MTCNN",
+        "photos": n,
+        "seconds": round(seconds, 3),
+        "photos_per_s": round(n / seconds, 3),
+        "faces_per_photo": round(faces / max(n, 1), 2),
     }
 
 

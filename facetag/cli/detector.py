@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -30,6 +31,12 @@ ModelOpt = Annotated[
         "champion (default: the shipped weights)."
     ),
 ]
+
+
+class Peer(str, Enum):
+    mtcnn = "mtcnn"  # facenet-pytorch's MTCNN (pip install --no-deps facenet-pytorch)
+
+
 MinFaceOpt = Annotated[
     float | None, typer.Option(callback=positive, help="Smallest face to find, px high [20].")
 ]
@@ -180,6 +187,9 @@ def bench_detect_cmd(
     threads: Annotated[
         int | None, typer.Option(min=1, help="CPU threads (default: torch's, one per core).")
     ] = None,
+    against: Annotated[
+        Peer | None, typer.Option(help="Also time this peer on the same photos, same run.")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Photos/s and peak memory of the detector over FOLDER (decoding included)."""
@@ -193,6 +203,7 @@ def bench_detect_cmd(
             repeats=repeats,
             min_face=min_face,
             threads=threads,
+            against=against.value if against else None,
         )
     except FacetagError as e:
         raise fail(e) from None
@@ -204,5 +215,12 @@ def bench_detect_cmd(
             f"photos/s over {r['photos']} photos ({r['distinct_photos']} distinct), "
             f"{r['faces_per_photo']} faces/photo\npeak memory {r['peak_rss_mb']:.0f} MiB "
             f"(after the first pass {r['peak_rss_mb_first_pass']:.0f} MiB)"
+            + (
+                f"\nMTCNN (facenet-pytorch) {r['mtcnn']['photos_per_s']:.2f} photos/s, "
+                f"{r['mtcnn']['faces_per_photo']} faces/photo; ours/MTCNN "
+                f"{r['mtcnn']['ratio']:.2f}x"
+                if "mtcnn" in r
+                else ""
+            )
         )
     )

@@ -221,3 +221,36 @@ def test_train_detector_records_run_registers_and_resumes(tmp_path, tracked):
     bad = _cli(["train-detector", "--resume", out["run_id"], "--lr", "0.1"])
     assert bad.exit_code == 1
     assert "cannot change a run that has started" in bad.stderr
+
+
+def test_bench_detect_against_mtcnn_times_both_or_says_how_to_install(tiny_model, tmp_path):
+    import importlib.util
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    photo(folder / "0.jpg", size=(160, 120))
+    args = [
+        "bench",
+        "detect",
+        str(folder),
+        "--model",
+        str(tiny_model),
+        "--device",
+        "cpu",
+        "--repeats",
+        "1",
+        "--against",
+        "mtcnn",
+        "--json",
+    ]
+    r = _cli(args)
+    if importlib.util.find_spec("facenet_pytorch") is None:
+        assert r.exit_code == 1
+        assert "pip install --no-deps facenet-pytorch" in r.stderr
+        return
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["mtcnn"]["photos"] == 1
+    assert out["mtcnn"]["ratio"] == pytest.approx(
+        out["photos_per_s"] / out["mtcnn"]["photos_per_s"], rel=1e-2
+    )
