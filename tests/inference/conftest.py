@@ -52,11 +52,18 @@ class FakeDetector:
     boxes: list[tuple[float, float, float, float]]
     name: str = "fake-detector"
     settings: FakeSettings = field(default_factory=FakeSettings)
+    landmarks: bool = False  # also give each face five landmarks (an ONet's output)
 
     def detect(self, image: Tensor) -> Tensor:
         _, H, W = image.shape
-        rows = [[x1 * W, y1 * H, x2 * W, y2 * H, 0.9] for x1, y1, x2, y2 in self.boxes]
-        return torch.tensor(rows, dtype=torch.float32).reshape(-1, 5)
+        rows = []
+        for x1, y1, x2, y2 in self.boxes:
+            row = [x1 * W, y1 * H, x2 * W, y2 * H, 0.9]
+            if self.landmarks:  # eyes, nose, mouth corners at fixed places in the box
+                for fx, fy in ((0.3, 0.4), (0.7, 0.4), (0.5, 0.6), (0.35, 0.8), (0.65, 0.8)):
+                    row += [(x1 + fx * (x2 - x1)) * W, (y1 + fy * (y2 - y1)) * H]
+            rows.append(row)
+        return torch.tensor(rows, dtype=torch.float32).reshape(-1, 15 if self.landmarks else 5)
 
 
 def pattern(seed: int, size: int = 32) -> np.ndarray:

@@ -70,7 +70,7 @@ def test_tag_json_matches_the_golden_file(tmp_path: Path, model_file: Path):
     for name, seeds in {"a.png": (1, 2), "b.png": (2, 9), "c.png": (9, 1)}.items():
         save(lib / name, side_by_side(*(pattern(s) for s in seeds)))
     (lib / "broken.jpg").write_bytes(b"not a jpeg")
-    models = make_models(model_file, FakeDetector(HALVES), threshold=0.05)
+    models = make_models(model_file, FakeDetector(HALVES, landmarks=True), threshold=0.05)
     run = tag_photos([lib], gallery, models, TagOptions(margin=0.0, resume=False))
     doc = json.loads(to_json(run.doc))
     csv = tmp_path / "expected.csv"
