@@ -37,6 +37,7 @@ Pool = Literal["gap", "flatten"]
 Optimizer = Literal["adamw", "sgd"]
 Schedule = Literal["onecycle", "cosine", "constant"]
 Device = Literal["auto", "cpu", "cuda"]
+Architecture = Literal["embedding-net", "dlib-resnet"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,10 @@ class DataConfig:
 class ModelConfig:
     """The embedding CNN (facetag.models.embedder) and its training head."""
 
+    # embedding-net: the small CNN below, trained from scratch; dlib-resnet: dlib's face
+    # metric ResNet (facetag.models.resnet, 150x150 aligned chips), fine-tuned from
+    # [train] init. widths, activation, dropout and pool apply to embedding-net only.
+    architecture: Architecture = "embedding-net"
     widths: tuple[int, ...] = (16, 32, 64, 128)  # F per conv stage; each stage halves H and W
     embedding_dim: int = 128  # D, the length of a face embedding
     activation: Activation = "prelu"  # after each BatchNorm
@@ -92,6 +97,11 @@ class TrainConfig:
     device: Device = "auto"  # auto = cuda when available; the device used is logged
     num_workers: int = 0  # DataLoader workers; 0 = main process (images are in memory)
     grad_clip: float = 0.0  # max global gradient norm; 0 = off
+    init: str = ""  # start from this model file's embedder weights (dlib-resnet: required)
+    # Knowledge distillation: + distill_weight * smooth L1 between the embedding and the
+    # frozen init network's on the same augmented image, so a fine-tuned metric (and its
+    # threshold) stays near the one it started from. 0 = off.
+    distill_weight: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -113,6 +123,7 @@ FLAG_KEYS = {
     "batch_size": "train.batch_size",
     "seed": "train.seed",
     "device": "train.device",
+    "init": "train.init",
 }
 
 
@@ -160,6 +171,7 @@ LIMITS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.seed": (_ge0, "an integer >= 0"),
     "train.num_workers": (_ge0, "an integer >= 0"),
     "train.grad_clip": (_ge0, "a norm >= 0 (0 = off)"),
+    "train.distill_weight": (_ge0, "a weight >= 0 (0 = off)"),
 }
 
 _SPLIT_COUNTS = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
@@ -348,7 +360,19 @@ def _check_values(config: Config, origin: dict[str, str]) -> None:
         )
     H, W = config.data.image_size
     S = len(config.model.widths)
-    if min(H, W) < 2**S:
+    if config.model.architecture == "dlib-resnet":
+        if (H, W) != (150, 150) or config.data.channels not in (0, 3):
+            where = origin.get("data.image_size", "data.image_size")
+            raise ConfigError(
+                f"{where}: expected image_size [150, 150] and colour for the dlib-resnet, got "
+                f"({H}, {W}); its chips are 150 px RGB"
+            )
+        if not config.train.init:
+            raise ConfigError(
+                "[train] init: expected the model file to fine-tune for the dlib-resnet, got "
+                "none; pass --init MODEL (facetag import dlib writes one)"
+            )
+    elif min(H, W) < 2**S:
         where = origin.get("model.widths", origin.get("data.image_size", "model.widths"))
         raise ConfigError(
             f"{where}: expected image_size >= {2**S} for {S} stages (each halves H and W), "

@@ -84,7 +84,7 @@ SECTIONS: dict[str, type[Any]] = {
     "model": DetectorModelConfig,
     "train": DetectorTrainConfig,
 }
-FLAG_KEYS = EMBEDDER_FLAGS  # the same six flags set the same keys
+FLAG_KEYS = {k: v for k, v in EMBEDDER_FLAGS.items() if k != "init"}  # as facetag train
 _STAGES = ("pnet", "rnet", "onet")
 LIMITS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "data.val_fraction": (lambda v: 0 < v < 1, "a fraction in (0, 1)"),

@@ -63,6 +63,9 @@ def data_crops(
     sources: Annotated[list[Path], typer.Argument(help="Folders of person folders.")],
     out: Annotated[Path, typer.Option(file_okay=False, help="Where the crops go.")],
     size: Annotated[int, typer.Option(min=16, help="Side of the saved crops, px.")] = 112,
+    aligned: Annotated[
+        bool, typer.Option(help="Landmark-aligned chips, as for the dlib-resnet (use --size 150).")
+    ] = False,
     detector: Annotated[
         str | None, typer.Option(help="Detector (default: the shipped one).")
     ] = None,
@@ -79,7 +82,13 @@ def data_crops(
         det = open_detector(model_ref(detector), "cpu")
         with ProgressBar("warning") as bar:
             report = cut_crops(
-                sources, out, det, size=size, on_message=bar.message, progress=bar.update
+                sources,
+                out,
+                det,
+                size=size,
+                aligned=aligned,
+                on_message=bar.message,
+                progress=bar.update,
             )
     except FacetagError as e:
         raise fail(e) from None

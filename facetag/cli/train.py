@@ -35,13 +35,23 @@ def train(
     out: Annotated[
         Path | None, typer.Option(dir_okay=False, help="Also copy the model file here.")
     ] = None,
+    init: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help="Start from this model file (fine-tune)."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train the face-embedding network; metrics and model go to MLflow."""
     from facetag.training.runner import run_training
 
     overrides = flag_overrides(
-        data=data, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device
+        data=data,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        init=init.resolve() if init else None,
     )
     try:
         with ProgressBar() as bar:

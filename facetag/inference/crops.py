@@ -36,7 +36,14 @@ from facetag.atomic import atomic_write
 from facetag.data.folders import held_out
 from facetag.data.images import decode_photo, is_image_file
 from facetag.errors import DataError
-from facetag.inference.align import DEFAULT_MARGIN, FILL, FaceDetector, crop_face
+from facetag.inference.align import (
+    DEFAULT_MARGIN,
+    FILL,
+    FaceDetector,
+    crop_face,
+    face_chip,
+    face_landmarks,
+)
 from facetag.progress import Meter, ProgressFn
 
 MessageFn = Callable[[str], None]
@@ -95,11 +102,12 @@ def _people(sources: Sequence[Path]) -> dict[str, list[tuple[Path, Path]]]:
 
 
 def largest(found: torch.Tensor) -> list[float] | None:
-    """The largest box (x1, y1, x2, y2) of a (K, 5) detection, None when K = 0."""
+    """The largest face of a (K, 5 or 15) detection: its row (box, score, landmarks), None
+    when K = 0."""
     if found.shape[0] == 0:
         return None
     area = (found[:, 2] - found[:, 0]) * (found[:, 3] - found[:, 1])  # (K,)
-    return [float(v) for v in found[int(area.argmax())][:4]]
+    return [float(v) for v in found[int(area.argmax())]]
 
 
 def _pixels(img: Image.Image) -> torch.Tensor:
@@ -110,7 +118,8 @@ def _pixels(img: Image.Image) -> torch.Tensor:
 def find_face(
     detector: FaceDetector, img: Image.Image, pad: float
 ) -> tuple[list[float] | None, bool]:
-    """(box of the largest face in img's pixels or None, whether padding was needed)."""
+    """(the largest face's row, box and landmarks in img's pixels, or None; whether
+    padding was needed)."""
     box = largest(detector.detect(_pixels(img)))
     if box is not None or pad <= 0:
         return box, False
@@ -118,10 +127,11 @@ def find_face(
     W, H = img.size
     grown = Image.new("RGB", (W + 2 * b, H + 2 * b), (FILL, FILL, FILL))
     grown.paste(img, (b, b))
-    box = largest(detector.detect(_pixels(grown)))
-    if box is None:
+    row = largest(detector.detect(_pixels(grown)))
+    if row is None:
         return None, True
-    return [box[0] - b, box[1] - b, box[2] - b, box[3] - b], True
+    shifted = [v - b for v in row[:4]] + row[4:5] + [v - b for v in row[5:]]
+    return shifted, True
 
 
 def square_crop(img: Image.Image, box: Sequence[float], size: int, margin: float) -> Image.Image:
@@ -139,6 +149,7 @@ def _cut_one(
     pad: float,
     report: CropReport,
     say: MessageFn,
+    aligned: bool = False,
 ) -> bool:
     """Detect, crop and write one photo's face; False (reported) when there is none."""
     try:
@@ -155,7 +166,11 @@ def _cut_one(
     report.padded += int(padded)
     target.parent.mkdir(parents=True, exist_ok=True)
     buf = BytesIO()
-    square_crop(img, box, size, margin).save(buf, format="PNG")
+    if aligned:  # as tagging cuts faces for the dlib-resnet
+        chip = face_chip(img, face_landmarks(box), size).permute(1, 2, 0).numpy()
+        Image.fromarray(chip).save(buf, format="PNG")
+    else:
+        square_crop(img, box[:4], size, margin).save(buf, format="PNG")
     atomic_write(target, buf.getvalue())
     return True
 
@@ -168,10 +183,13 @@ def cut_crops(
     size: int = 112,
     margin: float = DEFAULT_MARGIN,
     pad: float = 0.25,
+    aligned: bool = False,
     on_message: MessageFn | None = None,
     progress: ProgressFn | None = None,
 ) -> CropReport:
-    """Detect and crop every photo of ``sources`` into OUT/<person>/ (see the module doc).
+    """Detect and crop every photo of ``sources`` into OUT/<person>/ (see the module doc);
+    ``aligned``: landmark-aligned chips (align.face_chip, for the dlib-resnet) instead of
+    squares around the box.
 
     Re-running with the same settings keeps crops already written (OUT/.crops.json
     records the settings; other settings rewrite everything). Each PNG is written
@@ -185,6 +203,8 @@ def cut_crops(
             "check the paths"
         )
     settings = {"detector": detector.name, "size": size, "margin": margin, "pad": pad}
+    if aligned:
+        settings["aligned"] = True
     stamp = out / ".crops.json"
     same = stamp.is_file() and json.loads(stamp.read_text()).get("settings") == settings
     out.mkdir(parents=True, exist_ok=True)
@@ -201,7 +221,7 @@ def cut_crops(
             if same and target.is_file():
                 report.kept += 1
                 report.per_source[src.name] = report.per_source.get(src.name, 0) + 1
-            elif _cut_one(detector, photo, target, size, margin, pad, report, say):
+            elif _cut_one(detector, photo, target, size, margin, pad, report, say, aligned):
                 report.written += 1
                 report.per_source[src.name] = report.per_source.get(src.name, 0) + 1
             meter.step()

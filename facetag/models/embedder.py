@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -143,7 +144,7 @@ class FaceClassifier(nn.Module):
 
     def __init__(
         self,
-        embedder: EmbeddingNet,
+        embedder: nn.Module,  # an EmbeddingNet or a DlibResNet: .embedding_dim, .embed
         num_classes: int,
         head: str = "softmax",
         arcface_scale: float = 30.0,
@@ -153,16 +154,23 @@ class FaceClassifier(nn.Module):
         super().__init__()
         self.embedder = embedder
         self.head_kind = head
+        D = int(getattr(embedder, "embedding_dim"))  # noqa: B009 (EmbeddingNet or DlibResNet)
         if head == "softmax":
-            self.head: nn.Module = ops.Linear(embedder.embedding_dim, num_classes)
+            self.head: nn.Module = ops.Linear(D, num_classes)
         elif head == "arcface":
             self.head = layers.ArcMarginHead(
-                embedder.embedding_dim, num_classes, scale=arcface_scale, margin=arcface_margin
+                D, num_classes, scale=arcface_scale, margin=arcface_margin
             )
         else:
             raise ValueError(f"FaceClassifier: expected head 'softmax' or 'arcface', got {head!r}")
 
-    def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, labels: Tensor | None = None, with_embedding: bool = False) -> Any:
+        """x (N, C, H, W) in [-1, 1] (a dataset batch) -> logits (N, P); with
+        ``with_embedding`` also the L2-normalised embedding (N, D) (for distillation)."""
+        if getattr(self.embedder, "takes_pixels", False):
+            x = (x + 1.0) * 127.5  # a dlib-resnet takes 0..255 chips; data, not in the graph
         z = self.embedder(x)  # (N, D)
         logits: Tensor = self.head(z, labels) if self.head_kind == "arcface" else self.head(z)
+        if with_embedding:
+            return logits, layers.l2_normalize(z, dim=1)
         return logits  # (N, P)

@@ -102,6 +102,8 @@ def embed_dataset(
     out = []
     for start in range(0, N, batch_size):
         x, _ = data.get_batch(range(start, min(start + batch_size, N)))  # (B, C, H, W)
+        if getattr(net, "takes_pixels", False):
+            x = (x + 1.0) * 127.5  # the dlib-resnet takes 0..255 chips
         out.append(net.embed(x.to(device)).float().cpu())  # (B, D)
         if on_batch is not None:
             on_batch(min(start + batch_size, N), N)

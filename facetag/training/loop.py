@@ -28,10 +28,12 @@ from facetag.config import Config, config_to_dict, flatten
 from facetag.data.folders import FaceDataset, FaceFolder, Split, content_hash, scan_folder, split
 from facetag.data.transforms import AugmentConfig
 from facetag.device import resolve_device
-from facetag.errors import DataError, TrainingError
+from facetag.errors import ConfigError, DataError, TrainingError
 from facetag.models.embedder import EmbeddingNet, FaceClassifier
 from facetag.models.io import EMBEDDER_FORMAT as MODEL_FORMAT
-from facetag.models.io import weights_id
+from facetag.models.io import load_embedder, read_embedder_state, weights_id
+from facetag.models.resnet import ARCHITECTURE as DLIB_RESNET
+from facetag.models.resnet import DlibResNet
 from facetag.progress import Progress, ProgressFn
 from facetag.training.core import (
     StepContext,
@@ -83,6 +85,14 @@ class TrainResult:
 
 def build_classifier(config: Config, num_classes: int, in_channels: int) -> FaceClassifier:
     m = config.model
+    if m.architecture == "dlib-resnet":
+        return FaceClassifier(
+            init_network(config.train.init),
+            num_classes,
+            m.head,
+            arcface_scale=m.arcface_scale,
+            arcface_margin=m.arcface_margin,
+        )
     embedder = EmbeddingNet(
         in_channels,
         m.widths,
@@ -93,6 +103,8 @@ def build_classifier(config: Config, num_classes: int, in_channels: int) -> Face
         image_size=config.data.image_size,
         flip_average=m.flip_average,
     )
+    if config.train.init:  # continue from a model file of the same shape
+        embedder.load_state_dict(read_embedder_state(config.train.init)["embedder"])
     return FaceClassifier(
         embedder,
         num_classes,
@@ -100,6 +112,19 @@ def build_classifier(config: Config, num_classes: int, in_channels: int) -> Face
         arcface_scale=m.arcface_scale,
         arcface_margin=m.arcface_margin,
     )
+
+
+def init_network(path: str) -> DlibResNet:
+    """The trainable (unfolded) dlib-resnet of model file ``path`` ([train] init)."""
+    state = read_embedder_state(path)
+    if state.get("architecture") != DLIB_RESNET:
+        raise ConfigError(
+            f"{path}: expected a dlib-resnet model file to fine-tune, got "
+            f"{state.get('architecture', 'an embedding-net')}; facetag import dlib writes one"
+        )
+    net = DlibResNet()
+    net.load_state_dict({k: v.float() for k, v in state["embedder"].items()})
+    return net
 
 
 def augment_config(config: Config) -> AugmentConfig:
@@ -201,9 +226,18 @@ def model_file_state(
     record it, so embeddings of two different models are never compared.
     """
     weights = model.embedder.state_dict()
+    arch: dict[str, Any] = {}
+    if config.model.architecture == "dlib-resnet":
+        init = read_embedder_state(config.train.init)
+        arch = {
+            "architecture": DLIB_RESNET,
+            "embedding_dim": model.embedder.embedding_dim,
+            "provenance": {**init.get("provenance", {}), "fine_tuned_from": init["model_id"]},
+        }
     return {
         "model_id": weights_id(weights),
         "format": MODEL_FORMAT,
+        **arch,
         "facetag_version": __version__,
         "config": config_to_dict(config),
         "people": list(people),
@@ -242,6 +276,17 @@ class _Epochs:
     device: str
     dist: Any  # facetag.training.distributed.DistContext
     progress: ProgressFn | None
+    teacher: nn.Module | None = None  # frozen init network, with [train] distill_weight
+
+
+def _teacher(config: Config, device: str) -> nn.Module | None:
+    """The frozen network distillation pulls towards: [train] init as it was, eval mode."""
+    if config.train.distill_weight <= 0 or not config.train.init:
+        return None
+    net = load_embedder(config.train.init, device).net
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
 
 
 @dataclass
@@ -330,7 +375,16 @@ def train(
     run_dir = runs_dir() / (run_id or "local")
     health = ctx.health
     epochs = _Epochs(
-        dist.wrap(model), model, train_set, test_set, ctx, config, device, dist, progress
+        dist.wrap(model),
+        model,
+        train_set,
+        test_set,
+        ctx,
+        config,
+        device,
+        dist,
+        progress,
+        _teacher(config, device),
     )
     try:
         for epoch in range(start_epoch, config.train.epochs + 1):
@@ -417,10 +471,19 @@ def _train_epoch(e: _Epochs, epoch: int) -> EpochStats:
     for i, (x, y) in enumerate(loader, start=1):
         x, y = x.to(e.device, non_blocking=True), y.to(e.device, non_blocking=True)
         ctx.opt.zero_grad(set_to_none=True)
-        logits = e.net(x, y)  # (N, P)
-        loss = layers.cross_entropy(logits, y, label_smoothing=config.train.label_smoothing)
-        check_loss(ctx, i, loss)
-        loss.backward()
+        if e.teacher is None:
+            logits = e.net(x, y)  # (N, P)
+            loss = layers.cross_entropy(logits, y, label_smoothing=config.train.label_smoothing)
+            check_loss(ctx, i, loss)
+            loss.backward()
+        else:
+            logits, z = e.net(x, y, with_embedding=True)  # (N, P), (N, D)
+            loss = layers.cross_entropy(logits, y, label_smoothing=config.train.label_smoothing)
+            distill = _distillation(e.teacher, x, z)
+            check_loss(ctx, i, loss, distill)
+            # Each root with its weight as its incoming gradient: no sum node in the graph.
+            w = config.train.distill_weight / x.shape[0]
+            torch.autograd.backward([loss, distill], [torch.ones_like(loss), loss.new_tensor(w)])
         lr = optimizer_step(ctx, i)
         n = y.shape[0]
         seen += n
@@ -448,6 +511,16 @@ def _train_epoch(e: _Epochs, epoch: int) -> EpochStats:
         summary = f"val loss {stats.val_loss:.4f} acc {stats.val_accuracy:.4f}"
         e.progress(Progress(_epoch_task(epoch, config), batches, batches, figures, summary, epoch))
     return stats
+
+
+def _distillation(teacher: nn.Module, x: Tensor, z: Tensor) -> Tensor:
+    """Sum over the batch of smooth L1 (beta 1: half the squared error, the embeddings
+    being unit vectors) between the student's embeddings z (N, D) and the frozen
+    teacher's on the same images x (N, C, H, W) in [-1, 1]."""
+    with torch.no_grad():
+        chips = (x + 1.0) * 127.5 if getattr(teacher, "takes_pixels", False) else x
+        target: Tensor = teacher.embed(chips)  # type: ignore[operator]  # (N, D)
+    return layers.smooth_l1_loss(z, target, beta=1.0, reduction="sum")
 
 
 def _epoch_task(epoch: int, config: Config) -> str:
