@@ -55,7 +55,7 @@ def _sources(tmp_path: Path) -> tuple[Path, Path]:
 
 def test_largest_picks_the_biggest_box_and_none_for_no_box():
     found = torch.tensor([[0, 0, 10, 10, 0.99], [5, 5, 40, 30, 0.8], [0, 0, 20, 20, 0.9]])
-    assert largest(found) == [5.0, 5.0, 40.0, 30.0, 0.8]  # its whole row
+    assert largest(found) == pytest.approx([5.0, 5.0, 40.0, 30.0, 0.8])  # its whole row
     assert largest(torch.zeros((0, 5))) is None
 
 
