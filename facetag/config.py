@@ -362,10 +362,10 @@ def _check_values(config: Config, origin: dict[str, str]) -> None:
     S = len(config.model.widths)
     if config.model.architecture == "dlib-resnet":
         if (H, W) != (150, 150) or config.data.channels not in (0, 3):
-            where = origin.get("data.image_size", "data.image_size")
+            where = origin.get("data.image_size", origin.get("data.channels", "[data]"))
             raise ConfigError(
-                f"{where}: expected image_size [150, 150] and colour for the dlib-resnet, got "
-                f"({H}, {W}); its chips are 150 px RGB"
+                f"{where}: expected image_size = [150, 150] and channels = 3 for the "
+                f"dlib-resnet, got ({H}, {W}) and {config.data.channels}; its chips are 150 px RGB"
             )
         if not config.train.init:
             raise ConfigError(
