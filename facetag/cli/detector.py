@@ -63,6 +63,12 @@ def train_detector_cmd(
     device: Annotated[Device | None, typer.Option(help="auto: CUDA when available.")] = None,
     resume: Annotated[str | None, typer.Option(help="Continue this MLflow run id.")] = None,
     out: Annotated[Path | None, typer.Option(help="Also write the model file here.")] = None,
+    landmarks: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True, dir_okay=False, help="Teacher landmarks (facetag data landmarks)."
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train the face detector cascade; metrics and model go to MLflow."""
@@ -71,6 +77,8 @@ def train_detector_cmd(
     overrides = flag_overrides(
         data=data, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device
     )
+    if landmarks is not None:
+        overrides["data.landmarks"] = str(landmarks)
     try:
         with ProgressBar() as bar:
             r = train_detector(config, overrides, resume=resume, progress=bar.update, out=out)

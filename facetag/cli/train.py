@@ -203,6 +203,14 @@ def evaluate(
         ),
     ] = None,
     people: Annotated[str, typer.Option(help="With --pairs: first letters used.")] = "N-Z",
+    pairs_store: Annotated[
+        bool,
+        typer.Option(
+            "--calibrate",
+            help="With --pairs: store the threshold at --far in the model file (calibrate on "
+            "people no training saw, never on the ones you report).",
+        ),
+    ] = False,
     detector: Annotated[
         str | None, typer.Option(help="With --pairs: the detector [the shipped one].")
     ] = None,
@@ -211,7 +219,8 @@ def evaluate(
     """Closed-set accuracy and open-set verification (ROC, EER, TAR@FAR, threshold);
     with --pairs, LFW-style 10-fold verification of photos through the whole pipeline."""
     if pairs is not None:
-        _evaluate_pairs(pairs, model, detector, device, people, seed or 0, as_json)
+        store = far.value if store_threshold and pairs_store else None
+        _evaluate_pairs(pairs, model, detector, device, people, seed or 0, store, as_json)
         return
     if model is None:
         raise typer.BadParameter("give --model (or --pairs FOLDER to verify the whole pipeline)")
@@ -244,10 +253,11 @@ def _evaluate_pairs(
     device: Device,
     people: str,
     seed: int,
+    store_far: str | None,
     as_json: bool,
 ) -> None:
     from facetag.inference.models import load_models
-    from facetag.inference.verify import evaluate_pairs, format_pairs
+    from facetag.inference.verify import evaluate_pairs, format_pairs, store_pair_threshold
 
     try:
         models = load_models(model_ref(model), model_ref(detector), device.value)
@@ -260,6 +270,11 @@ def _evaluate_pairs(
                 progress=bar.update,
                 on_message=bar.message,
             )
+        if store_far is not None:
+            r["stored"] = store_pair_threshold(models.embedder.path, r, store_far)
     except FacetagError as e:
         raise fail(e) from None
-    typer.echo(json.dumps(r, indent=2) if as_json else format_pairs(r))
+    text = format_pairs(r)
+    if "stored" in r:
+        text += f"\n  stored threshold {r['stored']['threshold']:.4f} in {r['stored']['path']}"
+    typer.echo(json.dumps(r, indent=2) if as_json else text)

@@ -162,3 +162,27 @@ def format_pairs(r: dict[str, Any]) -> str:
         + ("n/a" if far3 is None else f"{100 * far3:.2f}%")
         + f", best threshold {r['best_threshold']:.4f} (accuracy {100 * r['best_accuracy']:.2f}%)"
     )
+
+
+def store_pair_threshold(model: Path, result: dict[str, Any], far: str) -> dict[str, Any]:
+    """Write the threshold at false accept rate ``far`` of an evaluate_pairs result into the
+    model file (atomically), with how it was found; returns what was stored."""
+    from facetag.models.io import write_threshold
+
+    t = result["threshold_at_far"].get(far)
+    if t is None:
+        raise DataError(
+            f"{result['root']}: expected enough different-person pairs to measure FAR {far}, "
+            f"got {result['pairs'] - result['same_pairs']}; use more people or --far 1e-2"
+        )
+    record = {
+        "rule": f"far{far}",
+        "data": result["root"],
+        "people": result["people_range"],
+        "pairs": result["pairs"],
+        "tar": result["tar_at_far"][far],
+        "protocol": "facetag evaluate --pairs (whole pipeline)",
+        "detector": result["model"]["detector"],
+    }
+    write_threshold(model, float(t), record)
+    return {"path": str(model), "threshold": float(t), **record}

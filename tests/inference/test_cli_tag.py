@@ -218,3 +218,47 @@ def test_evaluate_pairs_runs_the_pipeline_on_people_n_to_z(tmp_path: Path):
     assert bad.exit_code == 1
     assert "expected photos of at least 2 people Q-R, got 0" in bad.stderr
     assert invoke("evaluate").exit_code == 2  # neither --model nor --pairs
+    cal = invoke(
+        "evaluate",
+        "--pairs",
+        str(root),
+        "--people",
+        "A-O",
+        "--model",
+        str(model),
+        "--detector",
+        "none",
+        "--calibrate",
+        "--far",
+        "1e-2",
+        "--json",
+    )
+    assert cal.exit_code == 1  # 10 different pairs cannot measure a FAR of 1e-2
+    assert "expected enough different-person pairs to measure FAR 1e-2" in cal.stderr
+
+
+def test_evaluate_pairs_calibrate_stores_the_threshold_in_the_model(tmp_path: Path):
+    from facetag.models.io import load_embedder
+
+    model = write_model(tmp_path / "model.pt")
+    root = tmp_path / "people"
+    for k in range(11):  # 11 people x 5 photos: 110 same pairs, 110 different ones
+        for shot in range(5):
+            save(root / f"N{k:02d}" / f"{shot}.png", pattern(100 + 7 * k + (shot % 2)))
+    r = invoke(
+        "evaluate",
+        "--pairs",
+        str(root),
+        "--model",
+        str(model),
+        "--detector",
+        "none",
+        "--calibrate",
+        "--far",
+        "1e-2",
+        "--json",
+    )
+    assert r.exit_code == 0, r.output
+    stored = json.loads(r.stdout)["stored"]
+    assert load_embedder(model).threshold == pytest.approx(stored["threshold"])
+    assert load_embedder(model).state["calibration"]["rule"] == "far1e-2"
