@@ -135,6 +135,46 @@ def tag(
         raise typer.Exit(code=1)
 
 
+@app.command()
+def embed(
+    photos: Annotated[list[Path], typer.Argument(help="Photos or folders of photos.")],
+    recursive: Annotated[bool, typer.Option(help="Look in sub-folders too.")] = False,
+    as_json: JsonOpt = False,
+    device: DeviceOpt = Device.auto,
+    batch_size: TagBatchOpt = 64,
+    workers: WorkersOpt = 0,
+    model: EmbedderOpt = None,
+    detector: FaceDetectorOpt = None,
+) -> None:
+    """Each face's box, landmarks and L2-normalised embedding, with the model id."""
+    from facetag.inference.embed import embed_photos
+
+    try:
+        models = _load(model, detector, device, None)
+        with ProgressBar() as bar:
+            doc, failed = embed_photos(
+                photos,
+                models,
+                recursive=recursive,
+                batch_size=batch_size,
+                workers=workers,
+                on_message=bar.message,
+                progress=bar.update,
+            )
+    except FacetagError as e:
+        raise fail(e) from None
+    if as_json:
+        typer.echo(json.dumps(doc))
+    else:
+        for im in doc["images"]:
+            typer.echo(
+                f"{im['path']}: {len(im['faces'])} faces, {doc['embedding_dim']}-d "
+                f"embeddings of {doc['model']['embedder']} (--json prints them)"
+            )
+    if failed:
+        raise typer.Exit(code=1)
+
+
 def format_bench_tag(r: dict[str, Any]) -> str:
     return (
         f"tag on {r['device']} ({r['torch_threads']} threads, {r['workers']} workers): "

@@ -164,6 +164,16 @@ def find_faces(detector: FaceDetector, photo: Photo) -> list[list[float]]:
     return [[float(v) for v in row] for row in found.tolist()]
 
 
+def face_json(face: Sequence[float], scale: float) -> dict[str, Any]:
+    """What every output says of a detected face: its box and score and, when the detector
+    gave them, its landmarks, in displayed pixels (0.1 px)."""
+    out: dict[str, Any] = {"box": displayed_box(face, scale), "score": round(float(face[4]), 4)}
+    marks = displayed_landmarks(face, scale)
+    if marks is not None:
+        out["landmarks"] = marks
+    return out
+
+
 def displayed_landmarks(face: Sequence[float], scale: float) -> list[list[float]] | None:
     """A face's five landmarks in displayed pixels [[x, y], ...] (0.1 px), None if it has
     none (a detector without ONet, or --detector none)."""

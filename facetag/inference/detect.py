@@ -19,7 +19,7 @@ from typing import Any
 from facetag.data.images import decode_photo, find_images
 from facetag.device import resolve_device
 from facetag.errors import DataError
-from facetag.inference.align import displayed_landmarks
+from facetag.inference.align import face_json
 from facetag.models.detector import Detector, load_detector
 from facetag.models.io import ModelRef
 
@@ -37,16 +37,7 @@ def detect_photo(
     """
     photo = decode_photo(path, detector.settings.max_side)
     found = detector.detect(photo.chw(), min_face=min_face, threshold=threshold)  # (K, 15)
-    faces = []
-    for row in found.tolist():
-        face: dict[str, Any] = {
-            "box": [round(v / photo.scale, 1) for v in row[:4]],
-            "score": round(float(row[4]), 4),
-        }
-        marks = displayed_landmarks(row, photo.scale)
-        if marks is not None:
-            face["landmarks"] = marks
-        faces.append(face)
+    faces = [face_json(row, photo.scale) for row in found.tolist()]
     return {"path": str(path), "width": photo.width, "height": photo.height, "faces": faces}
 
 

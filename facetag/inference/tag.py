@@ -29,8 +29,7 @@ from facetag.data.images import Photo, find_images
 from facetag.errors import DataError
 from facetag.inference.align import (
     DEFAULT_MARGIN,
-    displayed_box,
-    displayed_landmarks,
+    face_json,
     find_faces,
     photo_crops,
 )
@@ -164,10 +163,7 @@ def _named(job: _Job, w: _Waiting, vectors: Tensor, threshold: float) -> dict[st
         matches = assign(distances, threshold)
     faces = []
     for f, m in zip(w.faces, matches, strict=True):
-        face: dict[str, Any] = {"box": displayed_box(f, photo.scale), "score": round(f[4], 4)}
-        marks = displayed_landmarks(f, photo.scale)
-        if marks is not None:
-            face["landmarks"] = marks
+        face = face_json(f, photo.scale)
         face["name"] = job.names[m.person] if m.person is not None else None
         face["distance"] = round(m.distance, 4)
         face["confidence"] = round(m.confidence, 4)

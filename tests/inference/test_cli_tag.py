@@ -262,3 +262,16 @@ def test_evaluate_pairs_calibrate_stores_the_threshold_in_the_model(tmp_path: Pa
     stored = json.loads(r.stdout)["stored"]
     assert load_embedder(model).threshold == pytest.approx(stored["threshold"])
     assert load_embedder(model).state["calibration"]["rule"] == "far1e-2"
+
+
+def test_embed_json_gives_each_face_an_embedding(setup: dict[str, str]):
+    s = setup
+    r = invoke("embed", s["photos"], "--model", s["model"], "--detector", "none", "--json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["embedding_dim"] == 8
+    assert len(doc["images"]) == 3
+    face = doc["images"][0]["faces"][0]
+    assert len(face["embedding"]) == 8
+    assert sum(v * v for v in face["embedding"]) == pytest.approx(1.0, abs=1e-4)  # unit length
+    assert doc["model"]["embedder"].startswith("embedder-")
