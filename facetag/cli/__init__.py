@@ -10,6 +10,7 @@ its options, making one library call and printing a ``format_*`` of the result.
     detector.py   train-detector, detect, evaluate-detector, bench detect
     tag.py        enroll, tag, bench tag
     models.py     import dlib, bench embed
+    learn.py      learn, cluster, name (the tagger learns from its user)
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Annotated
 import typer
 
 from facetag import __version__
-from facetag.cli import data, detector, layers, models, tag, train
+from facetag.cli import data, detector, layers, learn, models, tag, train
 from facetag.cli._app import app
 
 
@@ -38,4 +39,4 @@ def main(
     """Find the faces in your photos and name the people you know."""
 
 
-__all__ = ["app", "data", "detector", "layers", "models", "tag", "train"]
+__all__ = ["app", "data", "detector", "layers", "learn", "models", "tag", "train"]

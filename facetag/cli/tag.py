@@ -41,6 +41,25 @@ def _load(model: str | None, detector: str | None, device: Device, threshold: fl
     return models
 
 
+def load_for_gallery(
+    gallery: Path,
+    model: str | None,
+    detector: str | None,
+    device: Device,
+    threshold: float | None = None,
+    must_exist: bool = True,
+) -> Any:
+    """The models for a run on ``gallery``: without --model, the embedder facetag tune
+    made for it (the gallery's model_file) when there is one, else the shipped one."""
+    from facetag.inference.gallery import load_gallery
+
+    if model is None and (must_exist or gallery.exists()):
+        tuned = load_gallery(gallery).model_file
+        if tuned:
+            model = tuned
+    return _load(model, detector, device, threshold)
+
+
 @app.command()
 def enroll(
     people_dir: Annotated[Path, typer.Argument(help="PEOPLE_DIR/<person>/*.jpg, whole photos.")],
@@ -118,7 +137,7 @@ def tag(
         expected=expected,
     )
     try:
-        models = _load(model, detector, device, threshold)
+        models = load_for_gallery(gallery, model, detector, device, threshold)
         with ProgressBar() as bar:
             run = tag_photos(
                 photos, gallery, models, options, on_message=bar.message, progress=bar.update

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from facetag.data.images import Photo, find_images
-from facetag.inference.align import face_json, find_faces, photo_crops
+from facetag.inference.align import DEFAULT_MARGIN, face_json, find_faces, photo_crops
 from facetag.inference.models import Models
 from facetag.inference.pipeline import FaceBatcher, Failed, iter_photos
 from facetag.progress import Meter, ProgressFn
@@ -36,6 +36,7 @@ def embed_photos(
     recursive: bool = False,
     batch_size: int = 64,
     workers: int = 0,
+    margin: float = DEFAULT_MARGIN,
     on_message: MessageFn | None = None,
     progress: ProgressFn | None = None,
 ) -> tuple[dict[str, Any], int]:
@@ -64,6 +65,7 @@ def embed_photos(
             images.append(
                 {
                     "path": str(w.photo.path),
+                    "sha256": w.photo.sha256,
                     "width": w.photo.width,
                     "height": w.photo.height,
                     "faces": faces,
@@ -78,7 +80,7 @@ def embed_photos(
             continue
         assert isinstance(item, Photo)
         faces = find_faces(det, item)
-        crops = photo_crops(det, item, faces, emb)
+        crops = photo_crops(det, item, faces, emb, margin)
         item.pixels = torch.zeros(0, dtype=torch.uint8)  # only the crops are kept
         finished(batcher.add(_Waiting(item, faces), crops))
     finished(batcher.flush())

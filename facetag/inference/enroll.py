@@ -19,10 +19,22 @@ from torch import Tensor
 
 from facetag.data.images import Photo, is_image_file
 from facetag.errors import DataError
-from facetag.inference.align import DEFAULT_MARGIN, displayed_box, find_faces, photo_crops
+from facetag.inference.align import (
+    DEFAULT_MARGIN,
+    displayed_box,
+    displayed_landmarks,
+    find_faces,
+    photo_crops,
+)
 from facetag.inference.gallery import Gallery, GalleryEntry, load_gallery, save_gallery
 from facetag.inference.models import Models
-from facetag.inference.pipeline import FaceBatcher, Failed, Skipped, iter_photos
+from facetag.inference.pipeline import (
+    FaceBatcher,
+    Failed,
+    Skipped,
+    embed_stored_faces,
+    iter_photos,
+)
 from facetag.progress import Meter, ProgressFn
 
 MessageFn = Callable[[str], None]
@@ -111,10 +123,12 @@ def _plan(
             f"{old.margin}; re-embedding every photo with {emb.version}"
         )
     reuse = old if old is not None and not rebuilt else Gallery(model=emb.version)
-    old_entries = {e.path: e for es in reuse.people.values() for e in es}
+    old_entries = {e.path: e for es in reuse.people.values() for e in es if e.source == "enroll"}
     new = Gallery(
         model=emb.version, detector=det.name, margin=margin, root=str(people_dir.resolve())
     )
+    if old is not None:
+        _carry_over(old, new, models, rebuilt)
     rel_of: dict[Path, tuple[str, str]] = {}
     done: dict[str, str] = {}
     for person, photos in people.items():
@@ -126,6 +140,33 @@ def _plan(
             elif rel in reuse.skipped:
                 done[str(p.resolve())] = reuse.skipped[rel]["sha256"]
     return _Plan(people, new, reuse, old_entries, rel_of, done, rebuilt)
+
+
+def _carry_over(old: Gallery, new: Gallery, models: Models, rebuilt: bool) -> None:
+    """What users taught the gallery survives enrolling again: faces learnt from their
+    corrections, rejections, clusters, history (re-embedded when the model changed)."""
+    learnt = [(p, e) for p, es in old.people.items() for e in es if e.source != "enroll"]
+    new.history, new.model_file = list(old.history), old.model_file
+    if not rebuilt:
+        for person, e in learnt:
+            new.people.setdefault(person, []).append(e)
+        new.rejections, new.clusters = list(old.rejections), dict(old.clusters)
+        return
+    faces: list[tuple[Path, list[float], list[list[float]] | None]] = [
+        (Path(e.path), e.box, e.landmarks) for _, e in learnt
+    ]
+    faces += [(Path(r.path), r.box, None) for r in old.rejections]
+    vectors = embed_stored_faces(faces, models)
+    for k, (person, e) in enumerate(learnt):
+        if not torch.isnan(vectors[k]).any():
+            e.embedding = vectors[k].clone()
+            new.people.setdefault(person, []).append(e)
+    for k, r in enumerate(old.rejections, start=len(learnt)):
+        if not torch.isnan(vectors[k]).any():
+            r.embedding = vectors[k].clone()
+            new.rejections.append(r)
+    # Clusters are re-made by the next facetag cluster run (old ids are kept by face).
+    new.clusters = {}
 
 
 def _enrol_face(
@@ -150,7 +191,15 @@ def _enrol_face(
         say(f"{photo.path}: {len(faces)} faces found; enrolling the largest as {person}")
     crops = photo_crops(det, photo, [face], emb, margin)
     box = displayed_box(face, photo.scale)
-    entry = GalleryEntry(rel, photo.sha256, box, round(face[4], 4), len(faces), torch.zeros(0))
+    entry = GalleryEntry(
+        rel,
+        photo.sha256,
+        box,
+        round(face[4], 4),
+        len(faces),
+        torch.zeros(0),
+        landmarks=displayed_landmarks(face, photo.scale),
+    )
     return entry, crops
 
 

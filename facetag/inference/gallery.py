@@ -17,8 +17,15 @@ One JSON document (readable, and loading it never runs code), written atomically
            "embedding": "<base64 of D little-endian float32>"}   # L2-normalised
         ]
       },
-      "skipped": {"Bob/3.jpg": {"sha256": "...", "reason": "no face found"}}
+      "skipped": {"Bob/3.jpg": {"sha256": "...", "reason": "no face found"}},
+      "rejections": [...],   # faces a user said are NOT a person (facetag learn)
+      "clusters": {"c1": [...]},  # unknown faces grouped (facetag cluster), stable ids
+      "history": [{"when", "who", "action", "person", "photo", "from"}],
+      "model_file": ""       # a tuned embedder (facetag tune) tagging uses by default
     }
+
+Entries learnt from corrections (``"source": "learn"`` or ``"cluster"``) keep the photo's
+absolute path and who confirmed them from which file; re-enrolling keeps them.
 
 Embeddings of two different models are never compared: a gallery made with another
 model version is refused (tagging) or rebuilt (enrolling).
@@ -53,6 +60,39 @@ class GalleryEntry:
     score: float  # the detector's score for it
     faces: int  # faces the detector found in the photo (the largest is used)
     embedding: Tensor  # (D,) float32, L2-normalised
+    source: str = "enroll"  # enroll (PEOPLE_DIR), learn (a user's correction), cluster
+    landmarks: list[list[float]] | None = None  # five points, displayed pixels (re-cutting)
+    confirmed: dict[str, str] | None = None  # learn/cluster: who, from (file), when
+
+    def key(self) -> tuple[str, tuple[float, ...]]:
+        """The face this entry is: its photo and box (1 px)."""
+        return self.path, tuple(round(v) for v in self.box)
+
+
+@dataclass
+class Rejection:
+    """A face a user said is not ``person`` (a deleted or renamed region): tagging never
+    gives that person to a face this close to it again."""
+
+    person: str
+    embedding: Tensor  # (D,)
+    path: str
+    box: list[float]
+    confirmed: dict[str, str]
+
+
+@dataclass
+class ClusterFace:
+    """An unknown face in a cluster (facetag cluster)."""
+
+    path: str  # absolute
+    sha256: str
+    box: list[float]
+    embedding: Tensor
+    landmarks: list[list[float]] | None = None
+
+    def key(self) -> tuple[str, tuple[float, ...]]:
+        return self.sha256, tuple(round(v) for v in self.box)
 
 
 @dataclass
@@ -63,6 +103,10 @@ class Gallery:
     root: str = ""
     people: dict[str, list[GalleryEntry]] = field(default_factory=dict)
     skipped: dict[str, dict[str, str]] = field(default_factory=dict)
+    rejections: list[Rejection] = field(default_factory=list)
+    clusters: dict[str, list[ClusterFace]] = field(default_factory=dict)
+    history: list[dict[str, str]] = field(default_factory=list)
+    model_file: str = ""  # the tuned embedder's file (facetag tune); "" = the given --model
 
     def names(self) -> list[str]:
         """People with at least one photo, sorted: index p of matrix()'s labels."""
@@ -91,6 +135,8 @@ class Gallery:
             for e in sorted(self.people[name], key=lambda e: e.path):
                 h.update(f"\0{name}\0{e.path}\0{e.sha256}\0".encode())
                 h.update(e.embedding.numpy().astype("<f4").tobytes())
+        for r in self.rejections:
+            h.update(f"\0not\0{r.person}\0{r.path}\0".encode())
         return h.hexdigest()[:16]
 
     def to_json(self) -> dict[str, Any]:
@@ -105,34 +151,103 @@ class Gallery:
                 for name, entries in sorted(self.people.items())
             },
             "skipped": dict(sorted(self.skipped.items())),
+            "rejections": [_rejection_to_json(r) for r in self.rejections],
+            "clusters": {
+                cid: [_cluster_face_to_json(f) for f in faces]
+                for cid, faces in sorted(self.clusters.items(), key=lambda kv: _cluster_no(kv[0]))
+            },
+            "history": self.history,
+            "model_file": self.model_file,
         }
+
+    def rejection_matrix(self) -> tuple[Tensor, Tensor]:
+        """(embeddings (R, D), labels (R,) index into names(); -1 for people not enrolled)."""
+        names = {n: p for p, n in enumerate(self.names())}
+        if not self.rejections:
+            return torch.zeros((0, 0)), torch.zeros(0, dtype=torch.int64)
+        E = torch.stack([r.embedding for r in self.rejections])
+        labels = torch.tensor([names.get(r.person, -1) for r in self.rejections])
+        return E, labels
+
+
+def _cluster_no(cid: str) -> int:
+    return int(cid[1:]) if cid[1:].isdigit() else 0
+
+
+def _vector_to_json(t: Tensor) -> str:
+    return base64.b64encode(t.detach().cpu().numpy().astype("<f4").tobytes()).decode("ascii")
+
+
+def _vector_from_json(text: str) -> Tensor:
+    raw = base64.b64decode(text, validate=True)
+    if not raw or len(raw) % 4:
+        raise ValueError("embedding is not a float32 vector")
+    return torch.from_numpy(np.frombuffer(raw, dtype="<f4").astype(np.float32))
+
+
+def _rejection_to_json(r: Rejection) -> dict[str, Any]:
+    return {
+        "person": r.person,
+        "path": r.path,
+        "box": [round(float(v), 1) for v in r.box],
+        "confirmed": r.confirmed,
+        "embedding": _vector_to_json(r.embedding),
+    }
+
+
+def _cluster_face_to_json(f: ClusterFace) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "path": f.path,
+        "sha256": f.sha256,
+        "box": [round(float(v), 1) for v in f.box],
+        "embedding": _vector_to_json(f.embedding),
+    }
+    if f.landmarks is not None:
+        out["landmarks"] = f.landmarks
+    return out
 
 
 def _entry_to_json(e: GalleryEntry) -> dict[str, Any]:
-    raw = e.embedding.detach().cpu().numpy().astype("<f4").tobytes()
-    return {
+    out: dict[str, Any] = {
         "path": e.path,
         "sha256": e.sha256,
         "box": [round(float(v), 1) for v in e.box],
         "score": round(float(e.score), 4),
         "faces": int(e.faces),
-        "embedding": base64.b64encode(raw).decode("ascii"),
+        "embedding": _vector_to_json(e.embedding),
     }
+    if e.source != "enroll":
+        out["source"] = e.source
+    if e.landmarks is not None:
+        out["landmarks"] = e.landmarks
+    if e.confirmed is not None:
+        out["confirmed"] = e.confirmed
+    return out
 
 
 def _entry_from_json(d: dict[str, Any]) -> GalleryEntry:
-    raw = base64.b64decode(d["embedding"], validate=True)
-    if not raw or len(raw) % 4:
-        raise ValueError("embedding is not a float32 vector")
-    emb = torch.from_numpy(np.frombuffer(raw, dtype="<f4").astype(np.float32))
     return GalleryEntry(
         path=str(d["path"]),
         sha256=str(d["sha256"]),
         box=[float(v) for v in d["box"]],
         score=float(d["score"]),
         faces=int(d["faces"]),
-        embedding=emb,
+        embedding=_vector_from_json(d["embedding"]),
+        source=str(d.get("source", "enroll")),
+        landmarks=_points(d.get("landmarks")),
+        confirmed={str(k): str(v) for k, v in d["confirmed"].items()}
+        if d.get("confirmed")
+        else None,
     )
+
+
+def _points(v: Any) -> list[list[float]] | None:
+    if v is None:
+        return None
+    pts = [[float(x), float(y)] for x, y in v]
+    if len(pts) != 5:
+        raise ValueError("landmarks are not five points")
+    return pts
 
 
 def _how_to_make(path: Path) -> str:
@@ -186,6 +301,31 @@ def load_gallery(path: Path | str, expect_model: str | None = None) -> Gallery:
                 str(k): {"sha256": str(v["sha256"]), "reason": str(v["reason"])}
                 for k, v in doc.get("skipped", {}).items()
             },
+            rejections=[
+                Rejection(
+                    str(r["person"]),
+                    _vector_from_json(r["embedding"]),
+                    str(r["path"]),
+                    [float(v) for v in r["box"]],
+                    {str(k): str(v) for k, v in r["confirmed"].items()},
+                )
+                for r in doc.get("rejections", [])
+            ],
+            clusters={
+                str(cid): [
+                    ClusterFace(
+                        str(f["path"]),
+                        str(f["sha256"]),
+                        [float(v) for v in f["box"]],
+                        _vector_from_json(f["embedding"]),
+                        _points(f.get("landmarks")),
+                    )
+                    for f in faces
+                ]
+                for cid, faces in doc.get("clusters", {}).items()
+            },
+            history=[{str(k): str(v) for k, v in h.items()} for h in doc.get("history", [])],
+            model_file=str(doc.get("model_file", "")),
         )
     except (KeyError, TypeError, ValueError, AttributeError):
         raise DataError(corrupt.format(what="a damaged gallery")) from None

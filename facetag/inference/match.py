@@ -69,3 +69,20 @@ def assign(distances: Tensor, threshold: float) -> list[Match]:
             conf = 0.0 if near < threshold else min(1.0, (near - threshold) / threshold)
             out.append(Match(None, near, conf))
     return out
+
+
+def exclude_rejected(
+    distances: Tensor, embeddings: Tensor, rejected: Tensor, persons: Tensor, radius: float
+) -> Tensor:
+    """Distances (K, P) with person p ruled out (inf) for every face within ``radius``
+    (cosine distance) of a face a user said is not p: faces (K, D), rejected (R, D) with
+    their persons (R,) (-1: not enrolled any more). The same mistake is not made twice."""
+    if rejected.numel() == 0 or distances.numel() == 0:
+        return distances
+    near = (1.0 - embeddings @ rejected.T) < radius  # (K, R)
+    out = distances.clone()
+    for r in range(rejected.shape[0]):
+        p = int(persons[r])
+        if p >= 0:
+            out[near[:, r], p] = float("inf")
+    return out

@@ -8,7 +8,9 @@ mistyped path fails in a second, not after an hour of tagging.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Any
 
 from PIL import Image
 
+from facetag.atomic import atomic_write
 from facetag.errors import DataError
 from facetag.inference.manifest import DEFAULT_NAME, Manifest
 from facetag.inference.writers import (
@@ -60,6 +63,34 @@ def manifest_path(
         return annotate_dir / DEFAULT_NAME
     key = f"{root.resolve()}\n{gallery.resolve()}".encode("utf-8", "surrogateescape")
     return cache_dir() / "manifests" / f"{hashlib.sha256(key).hexdigest()[:24]}.jsonl"
+
+
+def _index(gallery: Path) -> Path:
+    key = str(gallery.resolve()).encode("utf-8", "surrogateescape")
+    return cache_dir() / "galleries" / f"{hashlib.sha256(key).hexdigest()[:24]}.json"
+
+
+def register_manifest(gallery: Path, manifest: Path) -> None:
+    """Remember that a tag run on ``gallery`` kept its manifest at ``manifest``, so
+    facetag learn finds what facetag said wherever the run's outputs went."""
+    index = _index(gallery)
+    try:
+        known = json.loads(index.read_text()) if index.is_file() else []
+    except (OSError, ValueError):
+        known = []
+    path = str(manifest.resolve())
+    if path not in known:
+        with contextlib.suppress(OSError):  # a convenience for learn; --manifest still works
+            atomic_write(index, json.dumps([*known, path][-50:]).encode())
+
+
+def manifests_of(gallery: Path) -> list[Path]:
+    """The manifests of the tag runs on ``gallery`` (register_manifest), newest first."""
+    index = _index(gallery)
+    try:
+        return [Path(p) for p in reversed(json.loads(index.read_text()))] if index.is_file() else []
+    except (OSError, ValueError):
+        return []
 
 
 class TagOutputs:

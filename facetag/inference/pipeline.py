@@ -11,6 +11,7 @@ waiting photo keeps only its crops (and what the caller attached to it).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,3 +136,44 @@ class FaceBatcher(Generic[T]):
             start += k
         self.items, self.crops, self.waiting = [], [], 0
         return out
+
+
+def face_row(
+    box: Sequence[float], landmarks: Sequence[Sequence[float]] | None, scale: float
+) -> list[float]:
+    """A stored face (box and landmarks in displayed pixels) as a detector row in the
+    loaded pixels of a photo decoded at ``scale``: what photo_crops cuts."""
+    row = [float(v) * scale for v in box[:4]] + [1.0]
+    if landmarks is None:
+        return row + [math.nan] * 10
+    return row + [float(v) * scale for point in landmarks for v in point]
+
+
+def embed_stored_faces(
+    faces: Sequence[tuple[Path, Sequence[float], Sequence[Sequence[float]] | None]],
+    models: Any,
+    batch_size: int = 64,
+) -> Tensor:
+    """Re-embed faces already known (photo, box, landmarks in displayed pixels) with
+    ``models`` (a new or tuned embedder): (N, D), NaN rows for photos that cannot be read.
+    The faces are cut again from the photos, not detected again."""
+    from facetag.inference.align import photo_crops
+
+    emb = models.embedder
+    D = emb.net.embedding_dim
+    out = torch.full((len(faces), D), math.nan)
+    batcher: FaceBatcher[int] = FaceBatcher(emb.net, D, models.device, batch_size, batch_size)
+
+    def finished(done: list[tuple[int, Tensor]]) -> None:
+        for k, v in done:
+            out[k] = v[0]
+
+    for k, (path, box, marks) in enumerate(faces):
+        try:
+            photo = decode_photo(Path(path), models.detector.settings.max_side)
+        except DataError:
+            continue
+        crops = photo_crops(models.detector, photo, [face_row(box, marks, photo.scale)], emb)
+        finished(batcher.add(k, crops))
+    finished(batcher.flush())
+    return out

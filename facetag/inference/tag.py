@@ -35,9 +35,14 @@ from facetag.inference.align import (
 )
 from facetag.inference.gallery import load_gallery
 from facetag.inference.manifest import Manifest
-from facetag.inference.match import assign, person_distances
+from facetag.inference.match import assign, exclude_rejected, person_distances
 from facetag.inference.models import Models
-from facetag.inference.outputs import TagOutputs, check_writable, manifest_path
+from facetag.inference.outputs import (
+    TagOutputs,
+    check_writable,
+    manifest_path,
+    register_manifest,
+)
 from facetag.inference.pipeline import FaceBatcher, Failed, Skipped, iter_photos
 from facetag.metrics.names import Score, read_expected, score_tags
 from facetag.progress import Meter, ProgressFn
@@ -82,6 +87,7 @@ class _Job:
     names: list[str]
     G: Tensor  # (M, D) gallery embeddings
     labels: Tensor  # (M,) person of each row
+    rejected: tuple[Tensor, Tensor]  # (R, D) faces users said are not person (R,); -1: gone
     manifest: Manifest | None
     outputs: TagOutputs
     gallery_photos: int
@@ -132,6 +138,7 @@ def _plan(
         where = manifest_path(opts.manifest, opts.csv, opts.annotate, root, gallery_path)
         check_writable(where.parent, "the manifest")
         manifest = Manifest.open(where)
+        register_manifest(gallery_path, where)
     abs_of = {p: str(p.resolve()) for p in photos}
     wanted = {"xmp": opts.xmp, "annotated": opts.annotate is not None}
     done = {}
@@ -150,7 +157,18 @@ def _plan(
     )
     G, labels = gallery.matrix()  # (M, D), (M,)
     return _Job(
-        photos, abs_of, done, key, names, G, labels, manifest, outputs, gallery.photos(), errors
+        photos,
+        abs_of,
+        done,
+        key,
+        names,
+        G,
+        labels,
+        gallery.rejection_matrix(),
+        manifest,
+        outputs,
+        gallery.photos(),
+        errors,
     )
 
 
@@ -160,6 +178,7 @@ def _named(job: _Job, w: _Waiting, vectors: Tensor, threshold: float) -> dict[st
     matches = []
     if w.faces:
         distances = person_distances(vectors, job.G, job.labels, len(job.names))  # (K, P)
+        distances = exclude_rejected(distances, vectors, *job.rejected, threshold / 2)
         matches = assign(distances, threshold)
     faces = []
     for f, m in zip(w.faces, matches, strict=True):

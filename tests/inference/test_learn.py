@@ -1,0 +1,124 @@
+"""facetag learn / cluster / name on generated photos: corrections flow back, nothing else moves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from facetag.inference.align import WholePhotoDetector
+from facetag.inference.cluster import cluster_photos, name_cluster
+from facetag.inference.enroll import enroll
+from facetag.inference.gallery import load_gallery
+from facetag.inference.learn import learn
+from facetag.inference.tag import TagOptions, tag_photos
+from facetag.inference.writers import sidecar_path
+from tests.inference.conftest import FakeDetector, make_models, pattern, save, side_by_side
+
+HALVES = [(0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)]
+
+
+def names_of(run) -> dict[str, list[str | None]]:
+    return {Path(im["path"]).name: [f["name"] for f in im["faces"]] for im in run.doc["images"]}
+
+
+@pytest.fixture
+def library(tmp_path: Path, model_file: Path, people: Path):
+    # The tiny embedder only matches identical crops: each face below is a different
+    # enrolled photo, so a correction to one cannot spill onto another.
+    save(people / "Bob" / "2.png", pattern(4))
+    gallery = tmp_path / "g.json"
+    enroll(people, gallery, make_models(model_file, WholePhotoDetector()))
+    lib = tmp_path / "lib"
+    save(lib / "a.png", side_by_side(pattern(1), pattern(4)))  # Alice, Bob (his 2nd photo)
+    save(lib / "b.png", side_by_side(pattern(2), pattern(5)))  # Bob, a stranger
+    models = make_models(model_file, FakeDetector(HALVES), threshold=1e-3)
+    opts = TagOptions(margin=0.0, xmp=True, csv=tmp_path / "tags.csv")
+    first = tag_photos([lib], gallery, models, opts)
+    assert names_of(first) == {"a.png": ["Alice", "Bob"], "b.png": ["Bob", None]}
+    return {"gallery": gallery, "lib": lib, "models": models, "opts": opts, "tmp": tmp_path}
+
+
+def test_rename_in_a_sidecar_moves_the_face_and_tagging_follows(library):
+    lib, gallery, models, opts = (
+        library["lib"],
+        library["gallery"],
+        library["models"],
+        library["opts"],
+    )
+    sidecar = sidecar_path(lib / "b.png")
+    sidecar.write_text(sidecar.read_text().replace(">Bob<", ">Carol<"))  # the user renames
+    report = learn([lib], gallery, models, from_xmp=True, margin=0.0)
+    assert report.new_people == ["Carol"]
+    assert report.rejected == 1  # the face facetag called Bob is not Bob
+    g = load_gallery(gallery)
+    assert [e.source for e in g.people["Carol"]] == ["learn"]
+    assert g.people["Carol"][0].confirmed is not None
+    assert g.rejections[0].person == "Bob"
+    assert [h["action"] for h in g.history] == ["confirm", "confirm", "confirm", "reject"]
+    again = tag_photos([lib], gallery, models, opts)
+    assert names_of(again) == {"a.png": ["Alice", "Bob"], "b.png": ["Carol", None]}
+
+
+def test_csv_corrections_add_a_name_and_remove_a_wrong_one(library):
+    lib, gallery, models = library["lib"], library["gallery"], library["models"]
+    csv = library["tmp"] / "tags.csv"
+    rows = csv.read_text().splitlines()
+    edited = [rows[0]]
+    for row in rows[1:]:
+        cells = row.split(",")
+        if cells[0].endswith("b.png") and cells[6] == "":
+            cells[6] = "Dave"  # the stranger gets a name
+        elif cells[0].endswith("a.png") and cells[6] == "Bob":
+            cells[6] = ""  # "that is not Bob"
+        edited.append(",".join(cells))
+    csv.write_text("\n".join(edited) + "\n")
+    report = learn([lib], gallery, models, from_csv=csv, margin=0.0)
+    assert "Dave" in report.new_people
+    assert report.rejected == 1
+    tagged = names_of(tag_photos([lib], gallery, models, library["opts"]))
+    assert tagged["b.png"] == ["Bob", "Dave"]
+    assert tagged["a.png"] == ["Alice", None]  # not Bob again
+
+
+def test_bad_corrections_are_one_line_each_and_the_rest_applies(library):
+    lib, gallery, models = library["lib"], library["gallery"], library["models"]
+    sidecar = sidecar_path(lib / "b.png")
+    sidecar.write_text(sidecar.read_text().replace(">Bob<", ">../etc<"))
+    lines: list[str] = []
+    before = (library["gallery"]).read_bytes()
+    report = learn([lib], gallery, models, from_xmp=True, margin=0.0, on_message=lines.append)
+    assert any("unsafe in a file name" in line for line in lines)
+    assert all("\n" not in line for line in lines)
+    assert report.problems == len(lines)
+    assert load_gallery(gallery).photos() >= 2  # the gallery is whole and still has everyone
+    assert before != gallery.read_bytes()  # a.png's confirmations were applied
+
+
+def test_clusters_keep_their_ids_as_the_library_grows_and_name_enrols_them(
+    tmp_path: Path, model_file: Path
+):
+    lib = tmp_path / "lib"
+    for k in range(3):
+        save(lib / f"x{k}.png", side_by_side(pattern(7), pattern(8)))
+    models = make_models(model_file, FakeDetector(HALVES), threshold=1e-3)
+    gallery = tmp_path / "new.json"  # no gallery yet: everyone is unknown
+    first = cluster_photos([lib], gallery, models, distance=1e-3, margin=0.0)
+    ids = {f["cluster"] for im in first.doc["images"] for f in im["faces"]}
+    assert len(ids) == 2  # pattern 7's faces, pattern 8's faces
+    save(lib / "y.png", side_by_side(pattern(8), pattern(9)))
+    second = cluster_photos([lib], gallery, models, distance=1e-3, margin=0.0)
+    again = {
+        Path(im["path"]).name: [f["cluster"] for f in im["faces"]] for im in second.doc["images"]
+    }
+    assert {again["x0.png"][0], again["x0.png"][1]} == ids  # old ids kept
+    assert again["y.png"][0] == again["x0.png"][1]  # pattern 8 joins its cluster
+    assert again["y.png"][1] not in ids  # pattern 9 is new
+    r = name_cluster(gallery, again["x0.png"][0], "Erin")
+    assert r["faces"] == 3
+    tagged = tag_photos([lib], gallery, models, TagOptions(margin=0.0, resume=False))
+    assert all(
+        im["faces"][0]["name"] == "Erin"
+        for im in tagged.doc["images"]
+        if Path(im["path"]).name.startswith("x")
+    )
