@@ -346,8 +346,8 @@ def _check_values(config: Config, origin: dict[str, str]) -> None:
     check_limits(config, origin, LIMITS)
     split = config.data.split
     m = _SPLIT_COUNTS.match(split)
-    ok = bool(m and int(m[1]) >= 1 and int(m[2]) >= 1)
-    if not m:
+    ok = bool(m and int(m[1]) >= 1 and int(m[2]) >= 1) or split == "all"
+    if not m and split != "all":
         try:
             ok = 0 < float(split) < 1
         except ValueError:
@@ -355,8 +355,8 @@ def _check_values(config: Config, origin: dict[str, str]) -> None:
     if not ok:
         where = origin.get("data.split", "data.split")
         raise ConfigError(
-            f'{where}: expected "a/b" (a train and b test images per person, e.g. "5/5") '
-            f'or a train ratio in (0, 1) such as "0.8", got "{split}"'
+            f'{where}: expected "a/b" (a train and b test images per person, e.g. "5/5"), '
+            f'a train ratio in (0, 1) such as "0.8", or "all", got "{split}"'
         )
     H, W = config.data.image_size
     S = len(config.model.widths)

@@ -159,3 +159,38 @@ def name(
             f"({r['photos']} photos)"
         )
     )
+
+
+@app.command()
+def tune(
+    gallery: GalleryOpt,
+    epochs: Annotated[int, typer.Option(min=1, help="Passes over the confirmed faces.")] = 8,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (a trained net: small).")] = 5e-5,
+    distill_weight: Annotated[
+        float, typer.Option(min=0.0, help="Pull towards the starting network (0: off).")
+    ] = 10.0,
+    device: DeviceOpt = Device.auto,
+    model: EmbedderOpt = None,
+    detector: FaceDetectorOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fine-tune the embedder on the gallery's confirmed faces (MLflow), re-embed the
+    gallery with it; tag, learn and cluster then use the tuned model."""
+    from facetag.tune import TuneSettings
+    from facetag.tune import tune as run_tune
+
+    try:
+        models = load_for_gallery(gallery, model, detector, device)
+        settings = TuneSettings(epochs=epochs, lr=lr, distill_weight=distill_weight)
+        with ProgressBar("warning") as bar:
+            r = run_tune(gallery, models, settings, on_message=bar.message, progress=bar.update)
+    except FacetagError as e:
+        raise fail(e) from None
+    typer.echo(
+        json.dumps(r, indent=2)
+        if as_json
+        else (
+            f"{r['gallery']}: tuned {r['started_from']} on {r['faces']} faces of {r['people']} "
+            f"people -> {r['model']} ({r['model_file']}, MLflow run {r['run_id']})"
+        )
+    )

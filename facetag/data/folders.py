@@ -133,13 +133,17 @@ def scan_folder(root: Path | str) -> FaceFolder:
     return FaceFolder(root, tuple(people), tuple(images), tuple(empty))
 
 
-def parse_split(spec: str | float) -> tuple[int, int] | float:
-    """'5/5' -> (5, 5) train/test images per person; '0.8' or 0.8 -> a train ratio.
+def parse_split(spec: str | float) -> tuple[int, int] | float | str:
+    """'5/5' -> (5, 5) train/test images per person; '0.8' or 0.8 -> a train ratio;
+    'all' -> 'all': every image trains and the check runs on the same images (tuning on a
+    user's few confirmed faces, where nothing can be held out).
 
     Raises ConfigError for anything else (counts: train >= 1, test >= 0; ratio in (0, 1)).
     """
     fix = "use TRAIN/TEST counts per person such as 5/5, or a train ratio such as 0.8"
     text = str(spec).strip()
+    if text == "all":
+        return "all"
     if "/" in text:
         a, _, b = text.partition("/")
         try:
@@ -178,6 +182,11 @@ def split(folder: FaceFolder, spec: str | float, seed: int) -> Split:
     seed, and adding a person does not change anyone else's split.
     """
     rule = parse_split(spec)
+    if rule == "all":
+        every = [
+            Sample(p, label) for label, imgs in enumerate(folder.images) for p in _sorted(imgs)
+        ]
+        return Split(folder.people, tuple(every), tuple(every), str(spec), seed)
     need = rule[0] + rule[1] if isinstance(rule, tuple) else 2
     short = [
         (name, len(imgs))
@@ -199,6 +208,7 @@ def split(folder: FaceFolder, spec: str | float, seed: int) -> Split:
         if isinstance(rule, tuple):
             n_train, n_test = rule
         else:
+            assert isinstance(rule, float)
             n_train = min(max(round(rule * len(order)), 1), len(order) - 1)
             n_test = len(order) - n_train
         # Sorted within each set so file order, not shuffle order, is what a reader sees.

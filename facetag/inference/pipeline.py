@@ -149,6 +149,28 @@ def face_row(
     return row + [float(v) * scale for point in landmarks for v in point]
 
 
+def stored_face_crops(
+    faces: Sequence[tuple[Path, Sequence[float], Sequence[Sequence[float]] | None]],
+    models: Any,
+) -> Iterator[tuple[int, Tensor]]:
+    """(index, crop (1, C, H, W)) of each stored face (photo, box, landmarks in displayed
+    pixels) cut again from its photo as models.embedder wants it; unreadable photos are
+    left out. One photo decoded at a time."""
+    from facetag.inference.align import photo_crops
+
+    for k, (path, box, marks) in enumerate(faces):
+        try:
+            photo = decode_photo(Path(path), models.detector.settings.max_side)
+        except DataError:
+            continue
+        yield (
+            k,
+            photo_crops(
+                models.detector, photo, [face_row(box, marks, photo.scale)], models.embedder
+            ),
+        )
+
+
 def embed_stored_faces(
     faces: Sequence[tuple[Path, Sequence[float], Sequence[Sequence[float]] | None]],
     models: Any,
@@ -157,8 +179,6 @@ def embed_stored_faces(
     """Re-embed faces already known (photo, box, landmarks in displayed pixels) with
     ``models`` (a new or tuned embedder): (N, D), NaN rows for photos that cannot be read.
     The faces are cut again from the photos, not detected again."""
-    from facetag.inference.align import photo_crops
-
     emb = models.embedder
     D = emb.net.embedding_dim
     out = torch.full((len(faces), D), math.nan)
@@ -168,12 +188,7 @@ def embed_stored_faces(
         for k, v in done:
             out[k] = v[0]
 
-    for k, (path, box, marks) in enumerate(faces):
-        try:
-            photo = decode_photo(Path(path), models.detector.settings.max_side)
-        except DataError:
-            continue
-        crops = photo_crops(models.detector, photo, [face_row(box, marks, photo.scale)], emb)
+    for k, crops in stored_face_crops(faces, models):
         finished(batcher.add(k, crops))
     finished(batcher.flush())
     return out

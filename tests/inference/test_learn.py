@@ -122,3 +122,43 @@ def test_clusters_keep_their_ids_as_the_library_grows_and_name_enrols_them(
         for im in tagged.doc["images"]
         if Path(im["path"]).name.startswith("x")
     )
+
+
+def test_tune_fine_tunes_on_confirmed_faces_and_tagging_uses_the_tuned_model(
+    tmp_path: Path, model_file: Path, people: Path, monkeypatch
+):
+    import dataclasses
+
+    import torch
+
+    from facetag.checkpoint import save_checkpoint
+    from facetag.config import Config, DataConfig, ModelConfig
+    from facetag.models.embedder import EmbeddingNet, FaceClassifier
+    from facetag.training.loop import model_file_state
+    from facetag.tune import TuneSettings, tune
+
+    monkeypatch.setenv("FACETAG_RUNS_DIR", str(tmp_path / "runs"))
+    torch.manual_seed(0)  # a tiny embedder whose config passes train's checks
+    config = Config(
+        data=dataclasses.replace(DataConfig(), image_size=(16, 16), channels=3),
+        model=dataclasses.replace(ModelConfig(), widths=(4, 4, 8, 8), embedding_dim=8),
+    )
+    net = FaceClassifier(EmbeddingNet(3, (4, 4, 8, 8), 8, "prelu"), 2)
+    start = save_checkpoint(
+        tmp_path / "start.pt",
+        model_file_state(net, config, ("a", "b"), 3, extra={"threshold": 1e-3}),
+    )
+    gallery = tmp_path / "g.json"
+    models = make_models(start, WholePhotoDetector())
+    enroll(people, gallery, models)
+    before = load_gallery(gallery)
+    r = tune(gallery, models, TuneSettings(epochs=1, batch_size=2), track=False)
+    after = load_gallery(gallery)
+    assert after.model == r["model"] != before.model
+    assert Path(after.model_file).is_file()
+    assert after.history[-1]["action"] == "tune"
+    assert after.photos() == before.photos()
+    tuned = make_models(Path(after.model_file), WholePhotoDetector())
+    run = tag_photos([people], gallery, tuned, TagOptions(recursive=True, resume=False))
+    named = {Path(im["path"]).parent.name: im["faces"][0]["name"] for im in run.doc["images"]}
+    assert named == {"Alice": "Alice", "Bob": "Bob"}  # its own photos, at distance 0
