@@ -128,19 +128,27 @@ knn: $(STAMP)
 	$(BIN)/facetag tag $(KNN)/test --gallery out/knn/gallery.json \
 		--expected $(KNN)/expected.csv --csv out/knn/tags.csv
 
-# The main job on a new machine: prove the gradients, train a detector and an embedder
-# with the fast configs (MLflow records both), enrol the people of knn_examples/train
-# with them, tag knn_examples/test and print who was found where; then the same with the
-# shipped models, which were trained longer. About 10 minutes on 2 cores. The data: FACETAG_DATA_DIR (default ../shared/data), see data/README.md.
+# The main job on a new machine: prove the gradients; train a detector with landmarks
+# (fast config, teacher labels on two small sets unless make landmarks made them all);
+# import dlib's public-domain ResNet; cut aligned chips with the new detector and fine-tune
+# the ResNet on them with our backprop (MLflow records both trainings); enrol
+# knn_examples/train and tag knn_examples/test with them; then the same with the shipped
+# models. The data: FACETAG_DATA_DIR (default ../shared/data), see data/README.md.
 DEMO := out/demo
+DEMO_SETS := johns glint_celebs
 demo: $(STAMP)
 	@test -d $(KNN) || { echo "error: $(KNN): expected the face data, got no such folder; set FACETAG_DATA_DIR to a local copy (see data/README.md)"; exit 1; }
 	$(BIN)/facetag gradcheck
+	test -f $(LANDMARKS) || test -f $(DEMO)/landmarks.json || $(BIN)/facetag data landmarks \
+		$(FACETAG_DATA_DIR) $(addprefix --set ,$(DEMO_SETS)) --out $(DEMO)/landmarks.json
 	$(BIN)/facetag train-detector --config experiments/configs/detector-fast.toml \
-		--data $(FACETAG_DATA_DIR) --out $(DEMO)/detector.pt
-	$(BIN)/facetag data crops $(addprefix $(FACETAG_DATA_DIR)/,$(COLOUR_SETS)) --out $(CROPS)
-	$(BIN)/facetag train --config experiments/configs/embedder-fast.toml --data $(CROPS) \
-		--out $(DEMO)/embedder.pt
+		--data $(FACETAG_DATA_DIR) --out $(DEMO)/detector.pt \
+		--landmarks $$(test -f $(LANDMARKS) && echo $(LANDMARKS) || echo $(DEMO)/landmarks.json)
+	$(BIN)/facetag import dlib --out $(DEMO)/dlib-resnet.pt
+	$(BIN)/facetag data crops --aligned --size 150 --detector $(DEMO)/detector.pt \
+		$(addprefix $(FACETAG_DATA_DIR)/,$(DEMO_SETS)) --out $(DEMO)/chips
+	$(BIN)/facetag train --config experiments/configs/resnet-fast.toml --data $(DEMO)/chips \
+		--init $(DEMO)/dlib-resnet.pt --out $(DEMO)/embedder.pt
 	$(BIN)/facetag evaluate --model $(DEMO)/embedder.pt --far 1e-2
 	$(BIN)/facetag enroll $(KNN)/train --gallery $(DEMO)/gallery.json \
 		--model $(DEMO)/embedder.pt --detector $(DEMO)/detector.pt
@@ -148,7 +156,7 @@ demo: $(STAMP)
 		--detector $(DEMO)/detector.pt --expected $(KNN)/expected.csv \
 		--csv $(DEMO)/tags.csv --annotate $(DEMO)/annotated
 	@echo "Tags: $(DEMO)/tags.csv, annotated photos: $(DEMO)/annotated/"
-	@echo "The same photos with the shipped models (make weights: full configs):"
+	@echo "The same photos with the shipped models (make weights):"
 	$(BIN)/facetag enroll $(KNN)/train --gallery $(DEMO)/shipped/gallery.json
 	$(BIN)/facetag tag $(KNN)/test --gallery $(DEMO)/shipped/gallery.json \
 		--expected $(KNN)/expected.csv --csv $(DEMO)/shipped/tags.csv

@@ -205,3 +205,200 @@ def _reembed(gallery: Any, tuned: Models, say: MessageFn | None) -> None:
     gallery.clusters = clusters
     gallery.model = tuned.embedder.version
     gallery.model_file = str(tuned.embedder.path.resolve())
+
+
+def _open_set_f1(
+    gallery_vectors: Any,
+    gallery_labels: Any,
+    probes: Any,
+    probe_labels: list[int],
+    threshold: float,
+) -> dict[str, float]:
+    """Open-set naming of probes (N, D) (NaN rows: no face found) by the nearest enrolled
+    person under ``threshold``; probe label -1 is a stranger. Precision = correct names /
+    names given, recall = correct names / probes of enrolled people, F1 of the two."""
+    import torch
+
+    sims = probes.nan_to_num() @ gallery_vectors.T  # (N, M)
+    P = int(gallery_labels.max()) + 1
+    d = torch.full((probes.shape[0], P), float("inf"))
+    d = d.scatter_reduce(1, gallery_labels.expand(probes.shape[0], -1), 1.0 - sims, "amin")
+    best, who = d.min(dim=1)
+    named = (best < threshold) & ~probes.isnan().any(dim=1)
+    truth = torch.tensor(probe_labels)
+    correct = int((named & (who == truth)).sum())
+    given = int(named.sum())
+    known = int((truth >= 0).sum())
+    precision = correct / given if given else 1.0
+    recall = correct / known if known else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "named": given}
+
+
+@dataclass
+class _Shots:
+    """One point of the learning curve: who is enrolled with which photos, and the probes."""
+
+    enrolled: dict[int, list[int]]  # person label -> rows of the enrolled photos
+    probes: list[int]  # rows
+    probe_labels: list[int]  # person label, or -1 for a stranger (people S-Z)
+
+    @classmethod
+    def choose(cls, labels: list[int], known: set[int], k: int) -> _Shots:
+        per_person: dict[int, list[int]] = {}
+        for idx, lab in enumerate(labels):
+            if lab in known:
+                per_person.setdefault(lab, []).append(idx)
+        enrolled = {lab: idx[:k] for lab, idx in per_person.items() if len(idx) > k}
+        taken = {i for rows in enrolled.values() for i in rows}
+        probes = [
+            i
+            for i, lab in enumerate(labels)
+            if i not in taken and (lab in enrolled or lab not in known)
+        ]
+        return cls(enrolled, probes, [labels[i] if labels[i] in enrolled else -1 for i in probes])
+
+    def f1(self, E: Any, threshold: float) -> dict[str, float]:
+        import torch
+
+        remap = {lab: n for n, lab in enumerate(sorted(self.enrolled))}
+        rows = [i for lab in sorted(self.enrolled) for i in self.enrolled[lab]]
+        gl = torch.tensor([remap[lab] for lab in sorted(self.enrolled) for _ in self.enrolled[lab]])
+        pl = [remap.get(v, -1) for v in self.probe_labels]
+        return _open_set_f1(torch.nan_to_num(E[rows]), gl, E[self.probes], pl, threshold)
+
+
+def _strangers_accuracy(E: Any, labels: list[int], known: set[int]) -> float:
+    """10-fold verification accuracy on the pairs of the strangers' photos (people S-Z)."""
+    import torch
+
+    from facetag.metrics.verification import protocol_pairs, ten_fold_accuracy
+
+    rows = [k for k, lab in enumerate(labels) if lab not in known]
+    i, j, same = protocol_pairs(torch.tensor([labels[k] for k in rows]), 0)
+    V = torch.nan_to_num(E[rows])
+    return ten_fold_accuracy((V[i] * V[j]).sum(dim=1).double(), same).mean
+
+
+def _tuned_on(
+    shots: _Shots,
+    paths: list[Path],
+    names: list[str],
+    models: Models,
+    settings: TuneSettings | None,
+    say: MessageFn | None,
+    progress: ProgressFn | None,
+) -> tuple[Models, dict[str, Any], Path]:
+    """Enrol the shots' photos in a throwaway gallery and tune on it: (the tuned models,
+    tune's result, the folder holding the tuned model, to remove)."""
+    import os
+
+    from facetag.inference.enroll import enroll
+
+    tmp = Path(tempfile.mkdtemp(prefix="facetag-curve-"))
+    people_dir = tmp / "people"
+    for lab, rows in shots.enrolled.items():
+        (people_dir / names[lab]).mkdir(parents=True)
+        for i in rows:
+            os.symlink(paths[i].resolve(), people_dir / names[lab] / paths[i].name)
+    gallery = tmp / "gallery.json"
+    enroll(people_dir, gallery, models, on_message=say)
+    r = tune(gallery, models, settings, on_message=say, progress=progress)
+    tuned = load_models(ModelRef(Path(r["model_file"]), r["model_file"]), None, models.device)
+    tuned.detector, tuned.threshold = models.detector, models.threshold
+    return tuned, r, tmp
+
+
+def learning_curve(
+    root: Path,
+    models: Models,
+    *,
+    shots: tuple[int, ...] = (1, 2, 5),
+    settings: TuneSettings | None = None,
+    on_message: MessageFn | None = None,
+    progress: ProgressFn | None = None,
+) -> dict[str, Any]:
+    """``facetag evaluate --learning-curve``: LFW people N-R enrolled with 1, 2 and 5
+    confirmed photos each in throwaway galleries, their other photos and every photo of
+    people S-Z (strangers) as probes; open-set name F1 before and after facetag tune, and
+    the verification accuracy on S-Z pairs before and after (it must not drop by more
+    than 0.2 points). Only N-R trains (the tuning); S-Z only measures."""
+    import shutil
+
+    from facetag.inference.verify import _photos, embed_largest_faces
+
+    paths, labels, names = _photos(root, "N-Z")
+    known = {k for k, n in enumerate(names) if n[:1].upper() <= "R"}
+    t = models.threshold
+
+    def embed_all(m: Models) -> Any:
+        return embed_largest_faces(paths, m, progress=progress, on_message=on_message)
+
+    E0 = embed_all(models)
+    table = []
+    for k in shots:
+        point = _Shots.choose(labels, known, k)
+        tuned, r, tmp = _tuned_on(point, paths, names, models, settings, on_message, progress)
+        try:
+            Ek = embed_all(tuned)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        before, after = point.f1(E0, t), point.f1(Ek, t)
+        table.append(
+            {
+                "shots": k,
+                "people": len(point.enrolled),
+                "probes": len(point.probes),
+                **{f"{key}_before": v for key, v in before.items()},
+                **{f"{key}_after": v for key, v in after.items()},
+                "strangers_pairs_accuracy_after": _strangers_accuracy(Ek, labels, known),
+                "tuned_model": r["model"],
+                "run_id": r["run_id"],
+            }
+        )
+    return {
+        "root": str(root),
+        "threshold": t,
+        "strangers_pairs_accuracy_before": _strangers_accuracy(E0, labels, known),
+        "curve": table,
+        "model": models.info(),
+    }
+
+
+def log_curve(result: dict[str, Any]) -> str:
+    """The learning curve as one MLflow run: F1 before/after per number of photos (as
+    steps) and a figure; returns the run id."""
+    from matplotlib.figure import Figure
+
+    from facetag.training.tracking import Tracker
+
+    curve = result["curve"]
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot(1, 1, 1)
+    x = [row["shots"] for row in curve]
+    ax.plot(x, [row["f1_before"] for row in curve], "o--", label="before facetag tune")
+    ax.plot(x, [row["f1_after"] for row in curve], "o-", label="after facetag tune")
+    ax.set_xlabel("confirmed photos per person (LFW N-R)")
+    ax.set_ylabel("open-set name F1 (strangers: LFW S-Z)")
+    ax.set_xticks(x)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    with Tracker.start(
+        "facetag-learning",
+        run_name="learning-curve",
+        tags={"command": "facetag evaluate --learning-curve"},
+    ) as tracker:
+        for row in curve:
+            tracker.log_metrics(
+                {
+                    "f1_before": row["f1_before"],
+                    "f1_after": row["f1_after"],
+                    "strangers_pairs_accuracy_after": row["strangers_pairs_accuracy_after"],
+                },
+                step=row["shots"],
+            )
+        tracker.log_metrics(
+            {"strangers_pairs_accuracy_before": result["strangers_pairs_accuracy_before"]}, step=0
+        )
+        tracker.log_figure(fig, "learning_curve.png")
+        return str(tracker.run_id)

@@ -49,3 +49,25 @@ def test_a_pair_that_cannot_be_scored_counts_as_different():
 def test_ten_fold_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match=r"ten_fold_accuracy: expected scores and same"):
         ten_fold_accuracy(torch.zeros(5), torch.zeros(4, dtype=torch.bool))
+
+
+def test_bcubed_of_a_perfect_a_merged_and_a_split_clustering():
+    from facetag.metrics.verification import bcubed
+
+    truth = [0, 0, 1, 1]
+    assert bcubed(truth, ["a", "a", "b", "b"]) == (1.0, 1.0, 1.0)
+    p, r, _ = bcubed(truth, ["a", "a", "a", "a"])  # everyone merged
+    assert (p, r) == (0.5, 1.0)
+    p, r, _ = bcubed(truth, ["a", "b", "c", "d"])  # everyone alone
+    assert (p, r) == (1.0, 0.5)
+
+
+def test_open_set_f1_counts_strangers_named_as_errors():
+    from facetag.tune import _open_set_f1
+
+    G = torch.eye(2)  # person 0 along x, person 1 along y
+    probes = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.99, 0.141], [float("nan"), 0.0]])
+    r = _open_set_f1(G, torch.tensor([0, 1]), probes, [0, 1, -1, 0], threshold=0.05)
+    assert r["named"] == 3  # the stranger (row 2) is named person 0 wrongly
+    assert r["precision"] == pytest.approx(2 / 3)
+    assert r["recall"] == pytest.approx(2 / 3)  # row 3: no face found

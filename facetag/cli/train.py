@@ -214,10 +214,29 @@ def evaluate(
     detector: Annotated[
         str | None, typer.Option(help="With --pairs: the detector [the shipped one].")
     ] = None,
+    clusters: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            file_okay=False,
+            help="Score facetag cluster on the people of this folder (BCubed).",
+        ),
+    ] = None,
+    learning_curve: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            file_okay=False,
+            help="LFW folder: name F1 before and after facetag tune (N-R, S-Z).",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Closed-set accuracy and open-set verification (ROC, EER, TAR@FAR, threshold);
     with --pairs, LFW-style 10-fold verification of photos through the whole pipeline."""
+    if clusters is not None or learning_curve is not None:
+        _evaluate_learning(clusters, learning_curve, model, detector, device, people, as_json)
+        return
     if pairs is not None:
         store = far.value if store_threshold and pairs_store else None
         _evaluate_pairs(pairs, model, detector, device, people, seed or 0, store, as_json)
@@ -278,3 +297,58 @@ def _evaluate_pairs(
     if "stored" in r:
         text += f"\n  stored threshold {r['stored']['threshold']:.4f} in {r['stored']['path']}"
     typer.echo(json.dumps(r, indent=2) if as_json else text)
+
+
+def _evaluate_learning(
+    clusters: Path | None,
+    curve: Path | None,
+    model: str | None,
+    detector: str | None,
+    device: Device,
+    people: str,
+    as_json: bool,
+) -> None:
+    from facetag.inference.models import load_models
+
+    try:
+        models = load_models(model_ref(model, calibrated=True), model_ref(detector), device.value)
+        with ProgressBar("warning") as bar:
+            if clusters is not None:
+                from facetag.inference.verify import evaluate_clusters
+
+                r = evaluate_clusters(
+                    clusters, models, people=people, progress=bar.update, on_message=bar.message
+                )
+            else:
+                from facetag.tune import learning_curve, log_curve
+
+                assert curve is not None
+                r = learning_curve(curve, models, progress=bar.update, on_message=bar.message)
+                r["mlflow_run"] = log_curve(r)
+    except FacetagError as e:
+        raise fail(e) from None
+    if as_json:
+        typer.echo(json.dumps(r, indent=2))
+    elif clusters is not None:
+        typer.echo(
+            f"{r['root']} people {r['people_range']}: {r['photos']} photos in {r['clusters']} "
+            f"clusters at distance {r['distance']:.4f}: BCubed precision "
+            f"{r['bcubed_precision']:.4f} recall {r['bcubed_recall']:.4f} F "
+            f"{r['bcubed_f']:.4f}; {r['mixed_clusters']} clusters mix people; "
+            f"{r['ids_kept']} of {r['ids_before']} earlier ids kept"
+        )
+    else:
+        rows = [
+            f"{c['shots']} photos: F1 {c['f1_before']:.4f} -> {c['f1_after']:.4f}, "
+            f"S-Z pairs {100 * c['strangers_pairs_accuracy_after']:.2f}%"
+            for c in r["curve"]
+        ]
+        typer.echo(
+            "\n".join(
+                [
+                    f"S-Z pairs before {100 * r['strangers_pairs_accuracy_before']:.2f}%",
+                    *rows,
+                    f"MLflow run {r['mlflow_run']}",
+                ]
+            )
+        )

@@ -186,3 +186,73 @@ def store_pair_threshold(model: Path, result: dict[str, Any], far: str) -> dict[
     }
     write_threshold(model, float(t), record)
     return {"path": str(model), "threshold": float(t), **record}
+
+
+def evaluate_clusters(
+    root: Path,
+    models: Models,
+    *,
+    people: str = "N-Z",
+    distance: float | None = None,
+    progress: ProgressFn | None = None,
+    on_message: MessageFn | None = None,
+) -> dict[str, Any]:
+    """``facetag evaluate --clusters``: facetag cluster on the photos of ``people`` with an
+    empty, throwaway gallery; BCubed of the clusters of each photo's largest face (the
+    person the folder is named after) against the true people, the clusters that mix
+    two people, and a second run on the same photos keeping every cluster id."""
+    import tempfile
+
+    from facetag.inference.cluster import cluster_photos
+    from facetag.metrics.verification import bcubed
+
+    paths, labels, names = _photos(root, people)
+    with tempfile.TemporaryDirectory(prefix="facetag-clusters-") as tmp:
+        gallery = Path(tmp) / "gallery.json"
+        half = len(paths) // 2  # the library grows: first half, then all of it
+        first = cluster_photos(
+            paths[:half],
+            gallery,
+            models,
+            distance=distance,
+            progress=progress,
+            on_message=on_message,
+        )
+        run = cluster_photos(
+            paths, gallery, models, distance=distance, progress=progress, on_message=on_message
+        )
+
+    def subject(im: dict[str, Any]) -> str | None:
+        faces = im["faces"]
+        if not faces:
+            return None
+        f = max(faces, key=lambda f: (f["box"][2] - f["box"][0]) * (f["box"][3] - f["box"][1]))
+        return None if f["cluster"] is None else str(f["cluster"])
+
+    early = {im["path"]: subject(im) for im in first.doc["images"]}
+    later = {im["path"]: subject(im) for im in run.doc["images"]}
+    kept = sum(1 for p, c in early.items() if c is not None and later.get(p) == c)
+    got = [(later.get(str(p)), lab) for p, lab in zip(paths, labels, strict=True)]
+    missing = sum(1 for c, _ in got if c is None)
+    clusters = [c if c is not None else f"none{k}" for k, (c, _) in enumerate(got)]
+    P, R, F = bcubed([lab for _, lab in got], clusters)
+    members: dict[str, set[int]] = {}
+    for c, lab in zip(clusters, (lab for _, lab in got), strict=True):
+        members.setdefault(c, set()).add(lab)
+    mixed = sorted(c for c, labs in members.items() if len(labs) > 1)
+    return {
+        "root": str(root),
+        "people_range": people,
+        "people": len(names),
+        "photos": len(paths),
+        "no_face": missing,
+        "distance": models.threshold if distance is None else distance,
+        "clusters": run.clusters,
+        "bcubed_precision": P,
+        "bcubed_recall": R,
+        "bcubed_f": F,
+        "mixed_clusters": len(mixed),
+        "ids_kept": kept,
+        "ids_before": sum(1 for c in early.values() if c is not None),
+        "model": models.info(),
+    }

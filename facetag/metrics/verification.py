@@ -264,3 +264,21 @@ def _best_threshold(s: Tensor, y: Tensor) -> float:
     # Between the k-th score and the next: accepts exactly the top k (ties stay together
     # only when they are equal, where the k-th and next coincide and both are accepted).
     return float(ss[k - 1]) if k == ss.numel() else float((ss[k - 1] + ss[k]) / 2)
+
+
+def bcubed(truth: list[int], clusters: list[str]) -> tuple[float, float, float]:
+    """BCubed precision, recall and F of a clustering: for each item, the share of its
+    cluster that has its label (precision) and the share of its label in its cluster
+    (recall), averaged over items; F = 2PR / (P + R) (Amigo et al. 2009)."""
+    if len(truth) != len(clusters) or not truth:
+        raise ValueError(
+            f"bcubed: expected equal, non-empty lists, got {len(truth)}, {len(clusters)}"
+        )
+    from collections import Counter
+
+    pair = Counter(zip(clusters, truth, strict=True))
+    size = Counter(clusters)
+    label = Counter(truth)
+    P = sum(pair[(c, t)] / size[c] for c, t in zip(clusters, truth, strict=True)) / len(truth)
+    R = sum(pair[(c, t)] / label[t] for c, t in zip(clusters, truth, strict=True)) / len(truth)
+    return P, R, (2 * P * R / (P + R) if P + R else 0.0)

@@ -655,10 +655,16 @@ def _cached_patches(path: Path, build: Callable[[], PatchSet]) -> PatchSet:
     """Patches from ``path`` when an earlier attempt of this run saved them, else built."""
     if path.is_file():
         s = load_checkpoint(path)
-        return PatchSet(s["images"], s["labels"], s["offsets"])
+        return PatchSet(s["images"], s["labels"], s["offsets"], s.get("landmarks"))
     patches = build()
     save_checkpoint(
-        path, {"images": patches.images, "labels": patches.labels, "offsets": patches.offsets}
+        path,
+        {
+            "images": patches.images,
+            "labels": patches.labels,
+            "offsets": patches.offsets,
+            "landmarks": patches.marks,
+        },
     )
     return patches
 
