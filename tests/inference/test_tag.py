@@ -19,7 +19,7 @@ from facetag.inference.enroll import enroll
 from facetag.inference.gallery import load_gallery
 from facetag.inference.manifest import Manifest
 from facetag.inference.tag import TagOptions, tag_photos
-from facetag.inference.writers import read_regions
+from facetag.inference.xmp import read_regions
 from tests.inference.conftest import (
     FakeDetector,
     make_models,
@@ -85,8 +85,9 @@ def test_outputs_csv_xmp_annotated(tmp_path: Path, model_file: Path, gallery: Pa
     assert run.failed == 0
     rows = list(csv.DictReader((tmp_path / "out" / "tags.csv").open()))
     assert [r["name"] for r in rows] == ["Alice", "Bob", "Bob", ""]
-    assert sorted(r["name"] for r in read_regions(tmp_path / "lib" / "00.xmp")) == ["Alice", "Bob"]
-    assert [r["name"] for r in read_regions(tmp_path / "lib" / "01.xmp")] == ["Bob"]
+    regions = read_regions(tmp_path / "lib" / "00.png.xmp", (64, 32))
+    assert sorted(str(r.name) for r in regions) == ["Alice", "Bob"]
+    assert [r.name for r in read_regions(tmp_path / "lib" / "01.png.xmp", (64, 32))] == ["Bob"]
     assert (tmp_path / "annotated" / "00.png.jpg").is_file()
     assert (tmp_path / "out" / "facetag-manifest.jsonl").is_file()
 
@@ -188,12 +189,12 @@ def test_kill_9_then_rerun_gives_complete_output(tmp_path: Path, model_file: Pat
     )
     assert len(rows) == 24
     for k in range(12):
-        sidecar = tmp_path / "lib" / f"{k:02d}.xmp"
+        sidecar = tmp_path / "lib" / f"{k:02d}.png.xmp"
         if k % 4 == 3:
             assert not sidecar.exists()  # nobody known in it
         else:
-            regions = read_regions(sidecar)  # parses: never half written
-            assert len(regions) == len({r["name"] for r in regions})
+            regions = read_regions(sidecar, (64, 32))  # parses: never half written
+            assert len(regions) == len({r.name for r in regions})
 
 
 def test_bad_photos_give_one_line_each_and_the_run_goes_on(
@@ -205,7 +206,7 @@ def test_bad_photos_give_one_line_each_and_the_run_goes_on(
     (lib / "truncated.png").write_bytes(good[: len(good) // 2])
     (lib / "text.jpg").write_text("not an image")
     (lib / "empty.jpg").write_bytes(b"")
-    (lib / "01.xmp").mkdir()  # a sidecar that cannot be read
+    (lib / "01.png.xmp").mkdir()  # a sidecar that cannot be read
     save(lib / "01.png", side_by_side(pattern(1), pattern(2)))
     lines: list[str] = []
     run = tag_photos(
@@ -218,7 +219,7 @@ def test_bad_photos_give_one_line_each_and_the_run_goes_on(
     assert run.failed == 4
     assert len(lines) == 4
     assert all("\n" not in line for line in lines)
-    assert sum("01.xmp: expected a readable XMP sidecar" in line for line in lines) == 1
+    assert sum("01.png.xmp: expected a readable XMP sidecar" in line for line in lines) == 1
     assert sum("truncated" in line for line in lines) == 1
     assert sum("not one" in line for line in lines) == 1
     assert sum("empty file" in line for line in lines) == 1
