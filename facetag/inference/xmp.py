@@ -747,6 +747,11 @@ def write_xmp(
                 existing += read_regions(twin, size, orientation)
             except DataError as e:
                 notes.append(f"{NOTE}{e} (its regions were not compared)")
+                continue
+            try:
+                _clear(twin, stored)
+            except DataError as e:
+                notes.append(f"{NOTE}{e}")
     faces, agreed, kept = _keep_existing(photo, _faces(image, unknown), existing)
     notes += kept
     names = list(dict.fromkeys([f.name for f in faces if f.name is not None] + agreed))
@@ -769,6 +774,33 @@ def write_xmp(
             f"{e.strerror or type(e).__name__}; check the folder's permissions"
         ) from None
     return SidecarWrite(path, notes)
+
+
+def _clear(twin: Path, stored: tuple[int, int]) -> None:
+    """Take our regions and keywords out of the sidecar of the other name (written by an
+    earlier run or with the other naming), so no manager shows a stale copy; a file that
+    only we ever wrote goes when nothing is left in it."""
+    doc = _load(twin)
+    if doc is None:
+        return
+    before = _serialise(doc.root, doc.declaration)
+    _merge_mwg(doc, [], stored)
+    _merge_mp(doc, [], stored)
+    _merge_keywords(doc, [])
+    text = _serialise(doc.root, doc.declaration)
+    if text == before:
+        return
+    empty = not _elements(doc.rdf)  # emptied rdf:Descriptions are gone already
+    try:
+        if empty and doc.root.get(_q("x", "xmptk")) == "facetag":
+            twin.unlink()
+        else:
+            atomic_write(twin, text)
+    except OSError as e:
+        raise DataError(
+            f"{twin}: expected a writable sidecar to take facetag's old regions out, got "
+            f"{e.strerror or type(e).__name__}; check its permissions"
+        ) from None
 
 
 def _ours(li: Any, name_field: str) -> bool:

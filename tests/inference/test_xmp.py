@@ -549,6 +549,23 @@ def test_sidecar_with_entities_is_refused_not_expanded(tmp_path: Path):
     assert sidecar.read_bytes() == lol
 
 
+def test_our_regions_leave_the_sidecar_of_the_other_name(tmp_path: Path):
+    photo = tmp_path / "a.jpg"
+    mixed = tmp_path / "a.xmp"  # an earlier run's photo.xmp, with a region of Lightroom's
+    mixed.write_text(LAYOUTS["parse-type-resource-bag"], encoding="utf-8")
+    write_xmp(photo, IMAGE, naming=SidecarName.stem)
+    assert names(mixed) == ["Alice", "Grandma"]
+    only_ours = write_xmp(tmp_path / "b.jpg", IMAGE, naming=SidecarName.stem).path
+    done = write_xmp(photo, IMAGE)  # now as photo.jpg.xmp
+    assert names(tmp_path / "a.jpg.xmp") == ["Alice"]
+    assert names(mixed) == ["Grandma"]  # theirs stays, our stale copy went
+    assert "holiday" in mixed.read_text(encoding="utf-8")
+    assert done.notes == []
+    write_xmp(tmp_path / "b.jpg", IMAGE)
+    assert only_ours is not None
+    assert not only_ours.exists()  # nothing but ours was in it
+
+
 def test_unreadable_twin_sidecar_is_a_note_and_ours_is_written(tmp_path: Path):
     (tmp_path / "a.xmp").write_bytes(b"<broken")
     done = write_xmp(tmp_path / "a.jpg", IMAGE)
