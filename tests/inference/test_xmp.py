@@ -98,8 +98,10 @@ def test_rotated_photo_region_lands_on_the_face(tmp_path: Path, orientation: int
     shown = decode_photo(photo)  # what the detector sees: the photo as displayed
     box = bright_box(shown.image())
     image = {"width": shown.width, "height": shown.height, "faces": [face(list(box), "Alice")]}
+    original = photo.read_bytes()
     done = write_xmp(photo, image, orientation=photo_orientation(photo))
     assert done.path == tmp_path / "p.jpg.xmp"
+    assert photo.read_bytes() == original  # the photo is only ever read
     info = exiftool(done.path, "-XMP:all")
     region = info["RegionInfo"]
     assert region["AppliedToDimensions"] == {"W": 120, "H": 200, "Unit": "pixel"}
