@@ -342,9 +342,8 @@ def _float(text: str | None) -> float | None:
 
 @dataclass
 class _Found:
-    """A region as stored in one sidecar: the node, its box in stored pixels, who wrote it."""
+    """A region as stored in one sidecar: its box in stored pixels, who wrote it."""
 
-    li: Any
     name: str | None
     box: Box  # stored pixels
     source: RegionSource
@@ -382,7 +381,7 @@ def _mwg_found(rdf: Any, stored: tuple[int, int]) -> Iterator[_Found]:
         name = _text(_get(li, _q("mwg-rs", "Name"))) or None
         box = ((x - w / 2) * sx, (y - h / 2) * sy, (x + w / 2) * sx, (y + h / 2) * sy)
         kind = _text(_get(li, _q("mwg-rs", "Type")))
-        yield _Found(li, name, box, _who(li, name, RegionSource.mwg), kind)
+        yield _Found(name, box, _who(li, name, RegionSource.mwg), kind)
 
 
 def _mp_found(rdf: Any, stored: tuple[int, int]) -> Iterator[_Found]:
@@ -400,22 +399,26 @@ def _mp_found(rdf: Any, stored: tuple[int, int]) -> Iterator[_Found]:
         name = _text(_get(li, _q("MPReg", "PersonDisplayName"))) or None
         sx, sy = float(stored[0]), float(stored[1])
         box = (x * sx, y * sy, (x + w) * sx, (y + h) * sy)
-        yield _Found(li, name, box, _who(li, name, RegionSource.mp), "Face")
+        yield _Found(name, box, _who(li, name, RegionSource.mp), "Face")
 
 
 def _found(rdf: Any, stored: tuple[int, int]) -> list[_Found]:
-    """Every region of a sidecar; a Microsoft region that repeats an MWG region of the same
-    name on the same face (digiKam and facetag write both) is left out."""
+    """Every region of a sidecar. A Microsoft region on the same face as an MWG region is
+    left out when it repeats its name (digiKam and facetag write both kinds) or is our
+    copy of a region someone renamed since in a tool that knows only MWG."""
     mwg = list(_mwg_found(rdf, stored))
     mp = list(_mp_found(rdf, stored))
-    if mwg and mp:
-        iou = iou_matrix(np.array([m.box for m in mp]), np.array([g.box for g in mwg]))
-        mp = [
-            m
-            for i, m in enumerate(mp)
-            if not any(iou[i, j] >= SAME_FACE_IOU and g.name == m.name for j, g in enumerate(mwg))
-        ]
-    return mwg + mp
+    if not mwg or not mp:
+        return mwg + mp
+    iou = iou_matrix(np.array([m.box for m in mp]), np.array([g.box for g in mwg]))  # (P, G)
+
+    def repeats(i: int, m: _Found) -> bool:
+        return any(
+            iou[i, j] >= SAME_FACE_IOU and (g.name == m.name or m.source is RegionSource.facetag)
+            for j, g in enumerate(mwg)
+        )
+
+    return mwg + [m for i, m in enumerate(mp) if not repeats(i, m)]
 
 
 def read_regions(sidecar: Path, size: tuple[int, int], orientation: int = 1) -> list[Region]:
@@ -778,8 +781,8 @@ def write_xmp(
 
 def _clear(twin: Path, stored: tuple[int, int]) -> None:
     """Take our regions and keywords out of the sidecar of the other name (written by an
-    earlier run or with the other naming), so no manager shows a stale copy; a file that
-    only we ever wrote goes when nothing is left in it."""
+    earlier run or with the other naming), so no manager shows a stale copy; the file goes
+    when nothing is left in it (no property, no comment)."""
     doc = _load(twin)
     if doc is None:
         return
@@ -790,9 +793,8 @@ def _clear(twin: Path, stored: tuple[int, int]) -> None:
     text = _serialise(doc.root, doc.declaration)
     if text == before:
         return
-    empty = not _elements(doc.rdf)  # emptied rdf:Descriptions are gone already
     try:
-        if empty and doc.root.get(_q("x", "xmptk")) == "facetag":
+        if _holds_nothing(doc.root):
             twin.unlink()
         else:
             atomic_write(twin, text)
@@ -801,6 +803,17 @@ def _clear(twin: Path, stored: tuple[int, int]) -> None:
             f"{twin}: expected a writable sidecar to take facetag's old regions out, got "
             f"{e.strerror or type(e).__name__}; check its permissions"
         ) from None
+
+
+def _holds_nothing(root: Any) -> bool:
+    """True for a packet with no property and no comment left (emptied rdf:Descriptions
+    are gone already); the xpacket instructions do not count."""
+    nodes = [*root.itersiblings(preceding=True), *root.iter(), *root.itersiblings()]
+    if any(n.tag is etree.Comment for n in nodes):
+        return False
+    if any(n.tag is etree.PI and n.target != "xpacket" for n in nodes):
+        return False
+    return not _elements(_rdf(root))
 
 
 def _ours(li: Any, name_field: str) -> bool:
