@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,6 +14,7 @@ from facetag.cli._app import app, bench_app
 from facetag.cli._common import Device, DeviceOpt, JsonOpt, distance, fail, model_ref
 from facetag.cli.progress import ProgressBar
 from facetag.errors import FacetagError
+from facetag.inference.xmp import NOTE, SidecarName
 
 EmbedderOpt = Annotated[
     str | None,
@@ -60,6 +62,18 @@ def load_for_gallery(
     return _load(model, detector, device, threshold)
 
 
+def _say(bar: ProgressBar) -> Callable[[str], None]:
+    """Lines of a tag run: problems through the bar (red, counted), notes in yellow."""
+
+    def say(line: str) -> None:
+        if line.startswith(NOTE):
+            bar.console.print(line, style="yellow", markup=False)
+        else:
+            bar.message(line)
+
+    return say
+
+
 @app.command()
 def enroll(
     people_dir: Annotated[Path, typer.Argument(help="PEOPLE_DIR/<person>/*.jpg, whole photos.")],
@@ -101,7 +115,15 @@ def tag(
     recursive: Annotated[bool, typer.Option(help="Look in sub-folders too.")] = False,
     as_json: JsonOpt = False,
     csv: Annotated[Path | None, typer.Option(dir_okay=False, help="Write a CSV here.")] = None,
-    xmp: Annotated[bool, typer.Option(help="Write face regions to XMP sidecars.")] = False,
+    xmp: Annotated[
+        bool, typer.Option(help="Write face regions and people keywords to XMP sidecars.")
+    ] = False,
+    xmp_unknown: Annotated[
+        bool, typer.Option(help="Also write unknown faces, as regions without a name (--xmp).")
+    ] = False,
+    sidecar_name: Annotated[
+        SidecarName, typer.Option(help="Sidecar name: digiKam's and Immich's, or Lightroom's.")
+    ] = SidecarName.ext,
     annotate: Annotated[
         Path | None, typer.Option(file_okay=False, help="Write annotated copies here.")
     ] = None,
@@ -131,7 +153,9 @@ def tag(
         batch_size=batch_size,
         workers=workers,
         csv=csv,
-        xmp=xmp,
+        xmp=xmp or xmp_unknown,
+        xmp_unknown=xmp_unknown,
+        sidecar_name=sidecar_name,
         annotate=annotate,
         manifest=manifest,
         expected=expected,
@@ -140,7 +164,7 @@ def tag(
         models = load_for_gallery(gallery, model, detector, device, threshold)
         with ProgressBar() as bar:
             run = tag_photos(
-                photos, gallery, models, options, on_message=bar.message, progress=bar.update
+                photos, gallery, models, options, on_message=_say(bar), progress=bar.update
             )
     except FacetagError as e:
         raise fail(e) from None

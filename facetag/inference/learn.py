@@ -45,7 +45,7 @@ from facetag.inference.gallery import Gallery, GalleryEntry, Rejection, load_gal
 from facetag.inference.manifest import Manifest
 from facetag.inference.models import Models
 from facetag.inference.outputs import manifest_path, manifests_of
-from facetag.inference.writers import read_regions, sidecar_path
+from facetag.inference.xmp import photo_regions, sidecar_candidates
 from facetag.progress import Meter, ProgressFn
 
 MessageFn = Callable[[str], None]
@@ -74,18 +74,17 @@ class LearnReport:
 
 
 def xmp_regions(photo: Path) -> tuple[list[Region], Path] | None:
-    """(The face regions of a photo's sidecar, photo.jpg.xmp or photo.xmp, boxes in the
-    displayed image; the sidecar), or None when it has no sidecar."""
-    for sidecar in (photo.with_name(photo.name + ".xmp"), sidecar_path(photo)):
-        if sidecar.is_file():
-            W, H = image_size(photo)
-            out = []
-            for r in read_regions(sidecar):
-                x, y, w, h = (r[k] for k in "xywh")
-                box = ((x - w / 2) * W, (y - h / 2) * H, (x + w / 2) * W, (y + h / 2) * H)
-                out.append(Region(r["name"] or None, box))
-            return out, sidecar
-    return None
+    """(The face regions of a photo's sidecars, photo.jpg.xmp and photo.xmp, ours and other
+    tools', boxes in the displayed image; the first sidecar), or None without one."""
+    found = [s for s in sidecar_candidates(photo) if s.is_file()]
+    if not found:
+        return None
+    regions = [
+        Region(r.name, r.box)
+        for r in photo_regions(photo, image_size(photo))
+        if r.kind in (None, "Face")
+    ]
+    return regions, found[0]
 
 
 def csv_regions(path: Path, say: MessageFn) -> dict[str, list[Region]]:

@@ -13,6 +13,8 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +23,8 @@ from PIL import Image
 from facetag.atomic import atomic_write
 from facetag.errors import DataError
 from facetag.inference.manifest import DEFAULT_NAME, Manifest
-from facetag.inference.writers import (
-    annotate,
-    annotated_path,
-    write_annotated,
-    write_csv,
-    write_xmp,
-)
+from facetag.inference.writers import annotate, annotated_path, write_annotated, write_csv
+from facetag.inference.xmp import SidecarName, photo_orientation, write_xmp
 
 
 def check_writable(folder: Path, what: str) -> None:
@@ -93,21 +90,35 @@ def manifests_of(gallery: Path) -> list[Path]:
         return []
 
 
+@dataclass(frozen=True)
+class XmpOptions:
+    """How sidecars are written (see facetag.inference.xmp); kept in each manifest record,
+    so that a run with other options writes the sidecars again."""
+
+    unknown: bool = False  # faces nobody was matched to become regions without a name
+    naming: SidecarName = SidecarName.ext  # photo.jpg.xmp or photo.xmp
+
+    def to_json(self) -> dict[str, Any]:
+        return {"unknown": self.unknown, "naming": self.naming.value}
+
+
 class TagOutputs:
-    """The files a tag run writes; ``problem`` gets each output that fails (one line)."""
+    """The files a tag run writes; ``problem`` gets each output that fails (one line),
+    ``message`` each note that is not a failure (a name kept in a sidecar)."""
 
     def __init__(
         self,
         *,
         root: Path,
         csv: Path | None,
-        xmp: bool,
+        xmp: XmpOptions | None,
         annotate_dir: Path | None,
         manifest: Manifest | None,
-        problem: Any,
+        problem: Callable[[Path, str], None],
+        message: Callable[[str], None] = lambda _: None,
     ) -> None:
         self.root, self.csv, self.xmp, self.annotate_dir = root, csv, xmp, annotate_dir
-        self.manifest, self.problem = manifest, problem
+        self.manifest, self.problem, self.message = manifest, problem, message
 
     @classmethod
     def check(cls, csv: Path | None, annotate_dir: Path | None, root: Path) -> None:
@@ -128,10 +139,19 @@ class TagOutputs:
         """One photo's sidecar and annotated copy, then its manifest record."""
         result = record["result"]
         path = Path(result["path"])
-        if self.xmp:
+        if self.xmp is not None:
             try:
-                sidecar = write_xmp(path, result)
-                record["xmp"] = str(sidecar.resolve()) if sidecar else None
+                done = write_xmp(
+                    path,
+                    result,
+                    orientation=photo_orientation(path),
+                    naming=self.xmp.naming,
+                    unknown=self.xmp.unknown,
+                )
+                record["xmp"] = str(done.path.resolve()) if done.path else None
+                record["xmp_options"] = self.xmp.to_json()
+                for note in done.notes:
+                    self.message(note)
             except DataError as e:
                 self.problem(path, str(e))
         if self.annotate_dir is not None and image is not None:

@@ -39,11 +39,13 @@ from facetag.inference.match import assign, exclude_rejected, person_distances
 from facetag.inference.models import Models
 from facetag.inference.outputs import (
     TagOutputs,
+    XmpOptions,
     check_writable,
     manifest_path,
     register_manifest,
 )
 from facetag.inference.pipeline import FaceBatcher, Failed, Skipped, iter_photos
+from facetag.inference.xmp import SidecarName
 from facetag.metrics.names import Score, read_expected, score_tags
 from facetag.progress import Meter, ProgressFn
 
@@ -60,6 +62,8 @@ class TagOptions:
     margin: float = DEFAULT_MARGIN  # see facetag.inference.align
     csv: Path | None = None  # write the CSV here
     xmp: bool = False  # write/merge XMP sidecars beside the photos
+    xmp_unknown: bool = False  # with xmp: unknown faces as regions without a name
+    sidecar_name: SidecarName = SidecarName.ext  # with xmp: photo.jpg.xmp or photo.xmp
     annotate: Path | None = None  # write annotated copies into this folder
     manifest: Path | None = None  # default: see outputs.manifest_path
     resume: bool = True  # False: no manifest at all (benchmarks)
@@ -141,19 +145,25 @@ def _plan(
         register_manifest(gallery_path, where)
     abs_of = {p: str(p.resolve()) for p in photos}
     wanted = {"xmp": opts.xmp, "annotated": opts.annotate is not None}
+    xmp = XmpOptions(opts.xmp_unknown, opts.sidecar_name) if opts.xmp else None
     done = {}
     if manifest is not None:
         for a in abs_of.values():
             rec = manifest.records.get(a)
-            if rec is not None and manifest.is_done(a, rec["sha256"], key, wanted):
+            if rec is None or not manifest.is_done(a, rec["sha256"], key, wanted):
+                continue
+            # Sidecars written with other options (or by facetag before they were
+            # recorded, in the displayed frame) are written again.
+            if xmp is None or rec.get("xmp_options") == xmp.to_json():
                 done[a] = rec["sha256"]
     outputs = TagOutputs(
         root=root,
         csv=opts.csv,
-        xmp=opts.xmp,
+        xmp=xmp,
         annotate_dir=opts.annotate,
         manifest=manifest,
         problem=problem,
+        message=say,
     )
     G, labels = gallery.matrix()  # (M, D), (M,)
     return _Job(
@@ -202,8 +212,10 @@ def tag_photos(
     """Tag every photo of ``paths`` (files or folders) with the people of the gallery.
 
     Problems with single photos or their outputs are passed to on_message (one line
-    each) and the run goes on; problems with the whole run (gallery, output folders,
-    manifest, --expected) raise FacetagError before any photo is touched.
+    each) and the run goes on; so are notes that are not failures (they start with
+    facetag.inference.xmp.NOTE: a name kept in a sidecar where facetag found another).
+    Problems with the whole run (gallery, output folders, manifest, --expected) raise
+    FacetagError before any photo is touched.
     """
     opts = options or TagOptions()
     expected = read_expected(opts.expected) if opts.expected is not None else None

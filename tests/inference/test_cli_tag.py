@@ -10,6 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from facetag.cli import app
+from facetag.inference.xmp import read_regions
 from tests.inference.conftest import pattern, save, write_model
 
 
@@ -130,6 +131,37 @@ def test_tag_with_bad_photo_reports_it_and_exits_1(setup: dict[str, str]):
     assert r.exit_code == 1
     assert "broken.jpg: expected an image" in r.stderr
     assert "b.png: Bob" in r.stdout
+
+
+def test_tag_xmp_unknown_and_sidecar_name(setup: dict[str, str]):
+    s = setup
+    args = ("--gallery", s["gallery"], "--model", s["model"], "--detector", "none")
+    assert invoke("enroll", s["people"], *args).exit_code == 0
+    photos = Path(s["photos"])
+    digikam = photos / "b.png.xmp"  # a person named b.png's face already, in digiKam
+    digikam.write_text(
+        '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
+        'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description '
+        'xmlns:mwg-rs="http://www.metadataworkinggroup.com/schemas/regions/" '
+        'xmlns:stArea="http://ns.adobe.com/xmp/sType/Area#"><mwg-rs:Regions '
+        'rdf:parseType="Resource"><mwg-rs:RegionList><rdf:Bag><rdf:li '
+        'rdf:parseType="Resource"><mwg-rs:Name>Robert</mwg-rs:Name><mwg-rs:Area '
+        'stArea:x="0.5" stArea:y="0.5" stArea:w="1" stArea:h="1"/></rdf:li></rdf:Bag>'
+        "</mwg-rs:RegionList></mwg-rs:Regions></rdf:Description></rdf:RDF></x:xmpmeta>",
+        encoding="utf-8",
+    )
+    r = invoke("tag", s["photos"], *args, "--xmp-unknown", "--sidecar-name", "photo.xmp")
+    assert r.exit_code == 0, r.output
+    assert "note: " in r.stderr
+    assert "kept 'Robert' from b.png.xmp" in r.stderr
+    assert "error:" not in r.stderr
+    size = (32, 32)
+    assert [x.name for x in read_regions(photos / "a.xmp", size)] == ["Alice"]
+    assert [x.name for x in read_regions(photos / "c.xmp", size)] == [None]  # unknown
+    assert not (photos / "b.xmp").exists()  # Robert's face: no second region
+    assert not (photos / "a.png.xmp").exists()
+    bad = invoke("tag", s["photos"], *args, "--xmp", "--sidecar-name", "x.xmp")
+    assert bad.exit_code == 2
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")

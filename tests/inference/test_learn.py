@@ -12,7 +12,7 @@ from facetag.inference.enroll import enroll
 from facetag.inference.gallery import load_gallery
 from facetag.inference.learn import learn
 from facetag.inference.tag import TagOptions, tag_photos
-from facetag.inference.writers import sidecar_path
+from facetag.inference.xmp import sidecar_path
 from tests.inference.conftest import FakeDetector, make_models, pattern, save, side_by_side
 
 HALVES = [(0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)]

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from facetag.errors import DataError
 from facetag.inference.align import WholePhotoDetector
@@ -19,7 +20,7 @@ from facetag.inference.enroll import enroll
 from facetag.inference.gallery import load_gallery
 from facetag.inference.manifest import Manifest
 from facetag.inference.tag import TagOptions, tag_photos
-from facetag.inference.writers import read_regions
+from facetag.inference.xmp import NOTE, SidecarName, read_regions
 from tests.inference.conftest import (
     FakeDetector,
     make_models,
@@ -85,8 +86,9 @@ def test_outputs_csv_xmp_annotated(tmp_path: Path, model_file: Path, gallery: Pa
     assert run.failed == 0
     rows = list(csv.DictReader((tmp_path / "out" / "tags.csv").open()))
     assert [r["name"] for r in rows] == ["Alice", "Bob", "Bob", ""]
-    assert sorted(r["name"] for r in read_regions(tmp_path / "lib" / "00.xmp")) == ["Alice", "Bob"]
-    assert [r["name"] for r in read_regions(tmp_path / "lib" / "01.xmp")] == ["Bob"]
+    regions = read_regions(tmp_path / "lib" / "00.png.xmp", (64, 32))
+    assert sorted(str(r.name) for r in regions) == ["Alice", "Bob"]
+    assert [r.name for r in read_regions(tmp_path / "lib" / "01.png.xmp", (64, 32))] == ["Bob"]
     assert (tmp_path / "annotated" / "00.png.jpg").is_file()
     assert (tmp_path / "out" / "facetag-manifest.jsonl").is_file()
 
@@ -188,12 +190,12 @@ def test_kill_9_then_rerun_gives_complete_output(tmp_path: Path, model_file: Pat
     )
     assert len(rows) == 24
     for k in range(12):
-        sidecar = tmp_path / "lib" / f"{k:02d}.xmp"
+        sidecar = tmp_path / "lib" / f"{k:02d}.png.xmp"
         if k % 4 == 3:
             assert not sidecar.exists()  # nobody known in it
         else:
-            regions = read_regions(sidecar)  # parses: never half written
-            assert len(regions) == len({r["name"] for r in regions})
+            regions = read_regions(sidecar, (64, 32))  # parses: never half written
+            assert len(regions) == len({r.name for r in regions})
 
 
 def test_bad_photos_give_one_line_each_and_the_run_goes_on(
@@ -205,7 +207,7 @@ def test_bad_photos_give_one_line_each_and_the_run_goes_on(
     (lib / "truncated.png").write_bytes(good[: len(good) // 2])
     (lib / "text.jpg").write_text("not an image")
     (lib / "empty.jpg").write_bytes(b"")
-    (lib / "01.xmp").mkdir()  # a sidecar that cannot be read
+    (lib / "01.png.xmp").mkdir()  # a sidecar that cannot be read
     save(lib / "01.png", side_by_side(pattern(1), pattern(2)))
     lines: list[str] = []
     run = tag_photos(
@@ -218,7 +220,7 @@ def test_bad_photos_give_one_line_each_and_the_run_goes_on(
     assert run.failed == 4
     assert len(lines) == 4
     assert all("\n" not in line for line in lines)
-    assert sum("01.xmp: expected a readable XMP sidecar" in line for line in lines) == 1
+    assert sum("01.png.xmp: expected a readable XMP sidecar" in line for line in lines) == 1
     assert sum("truncated" in line for line in lines) == 1
     assert sum("not one" in line for line in lines) == 1
     assert sum("empty file" in line for line in lines) == 1
@@ -318,3 +320,78 @@ def test_progress_rate_counts_only_photos_tagged_in_this_run(
     assert [p.done for p in seen] == [1, 2, 3, 4, 5]
     assert all(p.figures["photos/s"] == 0.0 for p in seen[:4])  # resumed: no rate at all
     assert 0 < seen[-1].figures["photos/s"] < 1e4  # one photo's real rate, not 5 / ~0 s
+
+
+def test_rotated_photo_gets_regions_on_its_stored_image(
+    tmp_path: Path, model_file: Path, gallery: Path
+):
+    shown = side_by_side(pattern(1), pattern(2))  # Alice | Bob, 64x32 as displayed
+    stored = Image.fromarray(shown).transpose(Image.Transpose.ROTATE_90)  # 32x64 in the file
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees clockwise, as a phone held upright writes
+    (tmp_path / "lib").mkdir()
+    stored.save(tmp_path / "lib" / "phone.png", exif=exif)
+    run = tag_photos(
+        [tmp_path / "lib"], gallery, two_face_models(model_file), TagOptions(margin=0.0, xmp=True)
+    )
+    assert [f["name"] for f in run.doc["images"][0]["faces"]] == ["Alice", "Bob"]
+    sidecar = tmp_path / "lib" / "phone.png.xmp"
+    text = sidecar.read_text(encoding="utf-8")
+    assert "<stDim:w>32</stDim:w>" in text  # the stored width
+    assert "<stDim:h>64</stDim:h>" in text
+    regions = {r.name: r.box for r in read_regions(sidecar, (64, 32), orientation=6)}
+    assert regions["Alice"] == pytest.approx((0.0, 0.0, 32.0, 32.0))
+    assert regions["Bob"] == pytest.approx((32.0, 0.0, 64.0, 32.0))
+    # Alice is the left half as shown: the bottom half of the stored image (x = 0.5 of 32,
+    # y = 0.75 of 64, as MWG's centre and size).
+    assert 'stArea:x="0.5" stArea:y="0.75" stArea:w="1" stArea:h="0.5"' in text
+
+
+def test_name_kept_in_a_sidecar_is_a_note_not_a_failure(
+    tmp_path: Path, model_file: Path, gallery: Path
+):
+    write_library(tmp_path / "lib", 1)  # 00.png: Alice | Bob
+    theirs = tmp_path / "lib" / "00.png.xmp"
+    theirs.write_text(
+        '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
+        'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description '
+        'xmlns:mwg-rs="http://www.metadataworkinggroup.com/schemas/regions/" '
+        'xmlns:stArea="http://ns.adobe.com/xmp/sType/Area#"><mwg-rs:Regions '
+        'rdf:parseType="Resource"><mwg-rs:RegionList><rdf:Seq><rdf:li '
+        'rdf:parseType="Resource"><mwg-rs:Name>Grandma</mwg-rs:Name><mwg-rs:Area '
+        'stArea:x="0.25" stArea:y="0.5" stArea:w="0.5" stArea:h="1"/></rdf:li></rdf:Seq>'
+        "</mwg-rs:RegionList></mwg-rs:Regions></rdf:Description></rdf:RDF></x:xmpmeta>",
+        encoding="utf-8",
+    )
+    lines: list[str] = []
+    run = tag_photos(
+        [tmp_path / "lib"],
+        gallery,
+        two_face_models(model_file),
+        TagOptions(margin=0.0, xmp=True),
+        on_message=lines.append,
+    )
+    assert run.failed == 0
+    (line,) = lines
+    assert line.startswith(NOTE)
+    assert "kept 'Grandma' from 00.png.xmp" in line
+    assert "facetag says 'Alice'" in line
+    assert sorted(str(r.name) for r in read_regions(theirs, (64, 32))) == ["Bob", "Grandma"]
+
+
+def test_other_sidecar_options_write_the_sidecars_again(
+    tmp_path: Path, model_file: Path, gallery: Path
+):
+    write_library(tmp_path / "lib", 2)  # 01.png: Bob and a stranger
+    models = two_face_models(model_file)
+    first = tag_photos([tmp_path / "lib"], gallery, models, TagOptions(margin=0.0, xmp=True))
+    assert first.tagged == 2
+    assert [r.name for r in read_regions(tmp_path / "lib" / "01.png.xmp", (64, 32))] == ["Bob"]
+    opts = TagOptions(margin=0.0, xmp=True, xmp_unknown=True, sidecar_name=SidecarName.stem)
+    again = tag_photos([tmp_path / "lib"], gallery, models, opts)
+    assert (again.tagged, again.resumed) == (2, 0)
+    regions = read_regions(tmp_path / "lib" / "01.xmp", (64, 32))
+    assert [r.name for r in regions] == ["Bob", None]
+    assert not (tmp_path / "lib" / "01.png.xmp").exists()  # only ours, gone: no stale copy
+    third = tag_photos([tmp_path / "lib"], gallery, models, opts)
+    assert (third.tagged, third.resumed) == (0, 2)
