@@ -86,10 +86,11 @@ class Gallery:
     def fingerprint(self) -> str:
         """sha256 over the model and every (person, photo, embedding): tagging manifests
         record it, so enrolling someone new makes a rerun tag the photos again."""
-        h = hashlib.sha256(self.model.encode())
+        h = hashlib.sha256(self.model.encode("utf-8", "surrogateescape"))
         for name in self.names():
             for e in sorted(self.people[name], key=lambda e: e.path):
-                h.update(f"\0{name}\0{e.path}\0{e.sha256}\0".encode())
+                # surrogateescape: a non-UTF-8 file name hashes as its own bytes
+                h.update(f"\0{name}\0{e.path}\0{e.sha256}\0".encode("utf-8", "surrogateescape"))
                 h.update(e.embedding.numpy().astype("<f4").tobytes())
         return h.hexdigest()[:16]
 
@@ -139,13 +140,9 @@ def _how_to_make(path: Path) -> str:
     return f"facetag enroll PEOPLE_DIR --gallery {path}"
 
 
-def load_gallery(path: Path | str, expect_model: str | None = None) -> Gallery:
-    """Read a gallery file; with ``expect_model``, refuse one made with another model.
-
-    Raises DataError for a missing, unreadable or corrupt file and ModelError for a
-    gallery of another model version (one line each, saying how to re-enrol).
-    """
-    path = Path(path)
+def require_gallery(path: Path) -> None:
+    """DataError (one line) when there is no gallery file at ``path``: the CLI checks this
+    before it spends seconds loading models."""
     if not path.exists():
         raise DataError(
             f"{path}: expected a gallery file, got no such file; create it with "
@@ -153,6 +150,16 @@ def load_gallery(path: Path | str, expect_model: str | None = None) -> Gallery:
         )
     if path.is_dir():
         raise DataError(f"{path}: expected a gallery file, got a folder; pass the file")
+
+
+def load_gallery(path: Path | str, expect_model: str | None = None) -> Gallery:
+    """Read a gallery file; with ``expect_model``, refuse one made with another model.
+
+    Raises DataError for a missing, unreadable or corrupt file and ModelError for a
+    gallery of another model version (one line each, saying how to re-enrol).
+    """
+    path = Path(path)
+    require_gallery(path)
     corrupt = (
         f"{path}: expected a facetag gallery ({GALLERY_FORMAT}), got {{what}}; re-create it "
         f"with {_how_to_make(path)}"
