@@ -29,6 +29,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,13 @@ class Gallery:
     def names(self) -> list[str]:
         """People with at least one photo, sorted: index p of matrix()'s labels."""
         return sorted(name for name, entries in self.people.items() if entries)
+
+    def dim(self) -> int | None:
+        """D of the embeddings (None for a gallery without photos)."""
+        for entries in self.people.values():
+            for e in entries:
+                return int(e.embedding.numel())
+        return None
 
     def photos(self) -> int:
         return sum(len(v) for v in self.people.values())
@@ -121,19 +129,128 @@ def _entry_to_json(e: GalleryEntry) -> dict[str, Any]:
     }
 
 
-def _entry_from_json(d: dict[str, Any]) -> GalleryEntry:
-    raw = base64.b64decode(d["embedding"], validate=True)
-    if not raw or len(raw) % 4:
-        raise ValueError("embedding is not a float32 vector")
-    emb = torch.from_numpy(np.frombuffer(raw, dtype="<f4").astype(np.float32))
-    return GalleryEntry(
-        path=str(d["path"]),
-        sha256=str(d["sha256"]),
-        box=[float(v) for v in d["box"]],
-        score=float(d["score"]),
-        faces=int(d["faces"]),
-        embedding=emb,
+class _Bad(ValueError):
+    """A gallery field that is not what it should be: (field, expected, got)."""
+
+
+class Words(str):
+    """What was found, said in words (shown as it is, where a value is shown as its repr)."""
+
+
+def _check(ok: bool, field: str, expected: str, got: object) -> None:
+    if not ok:
+        shown = str(got) if isinstance(got, Words) else repr(got)
+        raise _Bad(field, expected, shown if len(shown) <= 60 else shown[:57] + "...")
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _entry_from_json(d: Any, where: str) -> GalleryEntry:
+    """One gallery entry, every field checked (_Bad names the first wrong one)."""
+    _check(isinstance(d, dict), where, "an object", Words(type(d).__name__))
+    path, sha = d.get("path"), d.get("sha256")
+    _check(isinstance(path, str) and bool(path), f"{where}.path", "a photo path", path)
+    _check(
+        isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha),
+        f"{where}.sha256",
+        "64 hex digits",
+        sha,
     )
+    box = d.get("box")
+    _check(
+        isinstance(box, list) and len(box) == 4 and all(_finite(v) for v in box),
+        f"{where}.box",
+        "[x1, y1, x2, y2] of finite numbers",
+        box,
+    )
+    _check(box[0] <= box[2] and box[1] <= box[3], f"{where}.box", "x1 <= x2 and y1 <= y2", box)
+    score, faces = d.get("score"), d.get("faces")
+    _check(_finite(score), f"{where}.score", "a finite number", score)
+    _check(
+        isinstance(faces, int) and not isinstance(faces, bool) and faces >= 1,
+        f"{where}.faces",
+        "an integer >= 1",
+        faces,
+    )
+    raw_text = d.get("embedding")
+    _check(isinstance(raw_text, str), f"{where}.embedding", "base64 float32 values", raw_text)
+    try:
+        raw = base64.b64decode(raw_text, validate=True)
+    except ValueError:
+        raise _Bad(
+            f"{where}.embedding", "base64 float32 values", Words("text that is not base64")
+        ) from None
+    _check(
+        bool(raw) and len(raw) % 4 == 0,
+        f"{where}.embedding",
+        "float32 values",
+        Words(f"{len(raw)} bytes"),
+    )
+    values = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+    _check(
+        bool(np.isfinite(values).all()),
+        f"{where}.embedding",
+        "finite values",
+        Words("NaN or infinity"),
+    )
+    norm = float(np.linalg.norm(values.astype(np.float64)))
+    _check(
+        abs(norm - 1.0) <= 1e-3,
+        f"{where}.embedding",
+        "a unit-length vector",
+        Words(f"length {norm:.4g}"),
+    )
+    return GalleryEntry(
+        path=path,
+        sha256=sha,
+        box=[float(v) for v in box],
+        score=float(score),
+        faces=faces,
+        embedding=torch.from_numpy(values),
+    )
+
+
+def _gallery_from_json(doc: dict[str, Any]) -> Gallery:
+    """The document's fields, each checked; raises _Bad for the first that is wrong."""
+    model, detector, root = doc.get("model"), doc.get("detector", ""), doc.get("root", "")
+    _check(isinstance(model, str) and bool(model), "model", "the embedder's id", model)
+    assert isinstance(model, str)  # for mypy: _check raised otherwise
+    _check(isinstance(detector, str), "detector", "the detector's name", detector)
+    _check(isinstance(root, str), "root", "a folder path", root)
+    margin = doc.get("margin", 0.0)
+    _check(_finite(margin) and 0 <= margin <= 2, "margin", "a number in [0, 2]", margin)
+    people = doc.get("people")
+    _check(
+        isinstance(people, dict),
+        "people",
+        "an object of person: photos",
+        Words(type(people).__name__),
+    )
+    assert isinstance(people, dict)
+    out: dict[str, list[GalleryEntry]] = {}
+    for name, entries in people.items():
+        where = f"people[{json.dumps(name)}]"
+        _check(bool(name.strip()), where, "a person's name", name)
+        _check(isinstance(entries, list), where, "a list of photos", Words(type(entries).__name__))
+        out[name] = [_entry_from_json(e, f"{where}[{i}]") for i, e in enumerate(entries)]
+    skipped = doc.get("skipped", {})
+    _check(isinstance(skipped, dict), "skipped", "an object", Words(type(skipped).__name__))
+    kept: dict[str, dict[str, str]] = {}
+    for k, v in skipped.items():
+        where = f"skipped[{json.dumps(k)}]"
+        ok = isinstance(v, dict) and all(isinstance(v.get(f), str) for f in ("sha256", "reason"))
+        _check(ok, where, "an object with sha256 and reason", v)
+        kept[k] = {"sha256": v["sha256"], "reason": v["reason"]}
+    dims = {int(e.embedding.numel()) for v in out.values() for e in v}
+    _check(len(dims) <= 1, "people", "embeddings of one size", sorted(dims))
+    return Gallery(model, detector, float(margin), root, out, kept)
+
+
+def _short(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _how_to_make(path: Path) -> str:
@@ -152,11 +269,15 @@ def require_gallery(path: Path) -> None:
         raise DataError(f"{path}: expected a gallery file, got a folder; pass the file")
 
 
-def load_gallery(path: Path | str, expect_model: str | None = None) -> Gallery:
+def load_gallery(
+    path: Path | str, expect_model: str | None = None, expect_dim: int | None = None
+) -> Gallery:
     """Read a gallery file; with ``expect_model``, refuse one made with another model.
 
-    Raises DataError for a missing, unreadable or corrupt file and ModelError for a
-    gallery of another model version (one line each, saying how to re-enrol).
+    Every field is checked (ids, margin, boxes, unit-length finite embeddings of one
+    size, ``expect_dim`` values when given). Raises DataError for a missing, unreadable
+    or corrupt file, naming the first wrong field, and ModelError for a gallery of
+    another model version (one line each, saying how to re-enrol).
     """
     path = Path(path)
     require_gallery(path)
@@ -174,31 +295,26 @@ def load_gallery(path: Path | str, expect_model: str | None = None) -> Gallery:
         raise DataError(corrupt.format(what="a file that is not text")) from None
     try:
         doc = json.loads(text)
-    except json.JSONDecodeError:
-        raise DataError(corrupt.format(what="a file that is not valid JSON")) from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, > 4300 digits, deep nesting
+        what = "nesting too deep" if isinstance(e, RecursionError) else _short(e)
+        raise DataError(corrupt.format(what=f"a file that is not valid JSON ({what})")) from None
     if not isinstance(doc, dict) or doc.get("format") != GALLERY_FORMAT:
         got = doc.get("format") if isinstance(doc, dict) else None
         raise DataError(corrupt.format(what=f"format {got!r}" if got else "another file"))
     try:
-        gallery = Gallery(
-            model=str(doc["model"]),
-            detector=str(doc.get("detector", "")),
-            margin=float(doc.get("margin", 0.0)),
-            root=str(doc.get("root", "")),
-            people={
-                str(name): [_entry_from_json(e) for e in entries]
-                for name, entries in doc["people"].items()
-            },
-            skipped={
-                str(k): {"sha256": str(v["sha256"]), "reason": str(v["reason"])}
-                for k, v in doc.get("skipped", {}).items()
-            },
+        gallery = _gallery_from_json(doc)
+    except _Bad as e:
+        field, expected, got = e.args
+        raise DataError(
+            f"{path}: expected {field} to be {expected}, got {got}; re-create it with "
+            f"{_how_to_make(path)}"
+        ) from None
+    D = gallery.dim()
+    if expect_dim is not None and D is not None and expect_dim != D:
+        raise DataError(
+            f"{path}: expected embeddings of {expect_dim} values (the model's), got {D}; "
+            f"re-create it with {_how_to_make(path)}"
         )
-    except (KeyError, TypeError, ValueError, AttributeError):
-        raise DataError(corrupt.format(what="a damaged gallery")) from None
-    dims = {int(e.embedding.numel()) for v in gallery.people.values() for e in v}
-    if len(dims) > 1:
-        raise DataError(corrupt.format(what=f"embeddings of sizes {sorted(dims)}"))
     if expect_model is not None and gallery.model != expect_model:
         raise ModelError(
             f"{path}: expected a gallery made with model {expect_model}, got one made with "

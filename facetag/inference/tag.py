@@ -105,7 +105,7 @@ def _plan(
 ) -> _Job:
     """Check the gallery and every output place, open the manifest, find finished photos."""
     emb, det = models.embedder, models.detector
-    gallery = load_gallery(gallery_path, expect_model=emb.version)
+    gallery = load_gallery(gallery_path, expect_model=emb.version, expect_dim=emb.net.embedding_dim)
     names = gallery.names()
     if not names:
         raise DataError(
