@@ -586,30 +586,31 @@ def _to_8bit(img: Image.Image, p: Path, max_side: int | None = None) -> Image.Im
     """Any decoded image -> "L" (grey sources) or "RGB" (the rest), alpha on white.
 
     With max_side, a photo more than twice that size is box-reduced by an integer factor
-    (at least max_side px remain) before anything else, in its own mode: no full-size
-    copy of a 100-megapixel photo is ever made (16-bit ones are scaled in bands of rows),
-    so decoding one costs its decoded pixels plus a small image.
+    (at least max_side px remain) before or while it is converted, in bands of rows: no
+    full-size copy of a 100-megapixel photo is made, so decoding one costs its decoded
+    pixels plus a small image.
     """
-    factor = max(1, max(img.size) // max_side) if max_side is not None else 1
+    f = max(1, max(img.size) // max_side) if max_side is not None else 1
     m = img.mode
     if m in ("L", "RGB"):
-        return _reduced(img, factor)
+        return _reduced(img, f)
     if m == "1":
-        return _reduced(img.convert("L"), factor)
+        return _banded(img, f, lambda band: band.convert("L"))
     if m == "I" or m.startswith("I;16"):
         # 16-bit PNG/PGM/TIFF. Pillow's own convert("L") clips at 255 instead of scaling.
-        return _reduced(_grey16_to_8bit(img), factor)
+        return _banded(img, f, _grey16_to_8bit)
     if m == "P":
+        grey = _grey_palette(img)
         if "transparency" in img.info:
-            return _on_white(_reduced(img.convert("RGBA"), factor), grey=_grey_palette(img))
-        return _reduced(img.convert("L" if _grey_palette(img) else "RGB"), factor)
+            return _on_white(_banded(img, f, lambda band: band.convert("RGBA")), grey=grey)
+        return _banded(img, f, lambda band: band.convert("L" if grey else "RGB"))
     if m in _ALPHA_MODES:
-        rgba = img if m == "RGBA" else img.convert("RGBA")
-        return _on_white(_reduced(rgba, factor), grey=m in _GREY_MODES)
+        rgba = _reduced(img, f) if m == "RGBA" else _banded(img, f, lambda b: b.convert("RGBA"))
+        return _on_white(rgba, grey=m in _GREY_MODES)
     try:
         if m == "CMYK":  # reduce() averages CMYK too: shrink before converting
-            return _reduced(img, factor).convert("RGB")
-        return _reduced(img.convert("RGB"), factor)  # YCbCr, LAB, HSV, RGBX, F ...
+            return _reduced(img, f).convert("RGB")
+        return _banded(img, f, lambda band: band.convert("RGB"))  # YCbCr, LAB, HSV, F ...
     except ValueError as e:
         raise DataError(
             f"{p}: expected a grey or colour image, got mode {m} ({_reason(e)}); "
@@ -622,7 +623,28 @@ def _reduced(img: Image.Image, factor: int) -> Image.Image:
     return img.reduce(factor) if factor >= 2 else img
 
 
-_BAND_ROWS = 512  # rows of a 16-bit image scaled at once: ~40 MB of int64 for 10,000 px
+_BAND_ROWS = 128  # rows converted at once: ~5 MB of uint32 for a 10,000 px wide 16-bit photo
+
+
+def _banded(
+    img: Image.Image, factor: int, convert: Callable[[Image.Image], Image.Image]
+) -> Image.Image:
+    """convert(img) box-reduced by ``factor``, done in bands of rows (a multiple of factor
+    high, so the blocks are those of one whole-image reduce): only a band is ever held
+    converted at full size. With factor < 2, convert(img) itself."""
+    if factor < 2:
+        return convert(img)
+    W, H = img.size
+    rows = factor * max(1, _BAND_ROWS // factor)
+    parts = [
+        convert(img.crop((0, y, W, min(H, y + rows)))).reduce(factor) for y in range(0, H, rows)
+    ]
+    out = Image.new(parts[0].mode, (parts[0].width, sum(part.height for part in parts)))
+    y = 0
+    for part in parts:
+        out.paste(part, (0, y))
+        y += part.height
+    return out
 
 
 def _grey16_to_8bit(img: Image.Image) -> Image.Image:
@@ -631,7 +653,8 @@ def _grey16_to_8bit(img: Image.Image) -> Image.Image:
     out = np.empty((H, W), dtype=np.uint8)
     for y0 in range(0, H, _BAND_ROWS):
         band = np.asarray(img.crop((0, y0, W, min(H, y0 + _BAND_ROWS))))
-        v = np.clip(band.astype(np.int64), 0, 65535)
+        # 65535 * 255 + 32767 < 2**32: uint32 holds the sum (a quarter of int64's memory)
+        v = np.clip(band, 0, 65535).astype(np.uint32)
         out[y0 : y0 + band.shape[0]] = (v * 255 + 32767) // 65535
     return Image.fromarray(out)
 
