@@ -371,3 +371,127 @@ def test_hostile_library_through_enroll_and_tag(tmp_path: Path):
         "enroll_seconds": round(e.seconds, 1),
     }
     print("hostile library:", json.dumps(measured))
+
+
+KILL_SCRIPT = """
+import sys, time
+sys.path.insert(0, {root!r})
+from pathlib import Path
+from facetag.inference.align import WholePhotoDetector
+from facetag.inference.enroll import enroll
+from facetag.inference.tag import TagOptions, tag_photos
+from tests.inference.conftest import make_models
+
+class Slow(WholePhotoDetector):
+    def detect(self, image):
+        time.sleep(0.1)  # 12 photos to enrol take >= 1.2 s, 24 to tag >= 2.4 s
+        return super().detect(image)
+
+models = make_models(Path({model!r}), Slow(), threshold=0.005)
+Path({ready!r}).write_text("ready")
+if {job!r} == "enroll":
+    enroll(Path({people!r}), Path({gallery!r}), models, batch_size=2)
+else:
+    tag_photos([Path({lib!r})], Path({gallery!r}), models, TagOptions(
+        recursive=True, batch_size=2, csv=Path({csv!r}), annotate=Path({annotate!r})))
+"""
+
+
+def _kill_at_random(script: str, ready: Path, delay: float, cwd: Path) -> bool:
+    """Start the job, kill -9 it ``delay`` s after its models are loaded; True when it was
+    still running then (the kill landed mid-job)."""
+    import signal
+    import time
+
+    ready.unlink(missing_ok=True)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=cwd, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(delay)
+    running = proc.poll() is None
+    if running:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return running
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="FIFOs, sockets and kill -9")
+def test_kill_9_at_random_moments_during_enroll_and_tag_loses_nothing(tmp_path: Path):
+    import random
+
+    from facetag.inference.align import WholePhotoDetector
+    from facetag.inference.enroll import enroll
+    from facetag.inference.gallery import load_gallery
+    from facetag.inference.tag import TagOptions, tag_photos
+    from tests.inference.conftest import make_models
+
+    rng = random.Random(14)
+    people = tmp_path / "people"
+    for k in range(12):  # 12 photos of 3 people, a non-UTF-8 name among them
+        name = NON_UTF8.replace(".jpg", f"{k}.png") if k == 5 else f"{k}.png"
+        save(people / "ABC"[k % 3] / name, pattern(k % 3 + 1))
+    (people / "A" / "broken.jpg").write_text("no")
+    os.mkfifo(people / "B" / "pipe.jpg")
+    lib = tmp_path / "lib"
+    for k in range(24):
+        name = NON_UTF8.replace(".jpg", f"{k}.png") if k == 7 else f"{k:02d}.png"
+        save(lib / ("sub" if k % 5 == 0 else "") / name, pattern(k % 4 + 1))
+    (lib / "truncated.png").write_bytes((lib / "01.png").read_bytes()[:40])
+    os.mkfifo(lib / "pipe.jpg")
+    model = write_model(tmp_path / "model.pt")
+    originals = _files(lib)
+    fmt = {
+        "root": str(ROOT),
+        "model": str(model),
+        "ready": str(tmp_path / "ready"),
+        "people": str(people),
+        "lib": str(lib),
+        "gallery": str(tmp_path / "g.json"),
+        "csv": str(tmp_path / "out" / "tags.csv"),
+        "annotate": str(tmp_path / "annotated"),
+    }
+    models = make_models(model, WholePhotoDetector(), threshold=0.005)
+
+    # enroll: a kill at any moment leaves no gallery or a whole one; a rerun finishes it.
+    script = KILL_SCRIPT.format(job="enroll", **fmt)
+    landed = 0
+    for _ in range(3):
+        landed += _kill_at_random(script, tmp_path / "ready", rng.uniform(0.0, 0.9), tmp_path)
+        if (tmp_path / "g.json").exists():
+            load_gallery(tmp_path / "g.json")  # parses: never half written
+    enroll(people, tmp_path / "g.json", models)
+    clean = enroll(people, tmp_path / "clean.json", models)
+    assert landed == 3  # each before the end: 0.9 s < 1.2 s of work
+    a = load_gallery(tmp_path / "g.json").to_json()
+    b = load_gallery(tmp_path / "clean.json").to_json()
+    assert a["people"] == b["people"]
+    assert a["skipped"] == b["skipped"]
+    assert clean.photos == 12
+
+    # tag: three kills at random moments, then a run to the end.
+    script = KILL_SCRIPT.format(job="tag", **fmt)
+    landed = 0
+    for _ in range(3):
+        landed += _kill_at_random(script, tmp_path / "ready", rng.uniform(0.0, 0.7), tmp_path)
+    assert landed == 3  # 3 x 0.7 s < 2.4 s of work, even counting what each kept
+    opts = TagOptions(
+        recursive=True, csv=tmp_path / "out" / "tags.csv", annotate=tmp_path / "annotated"
+    )
+    final = tag_photos([lib], tmp_path / "g.json", models, opts)
+    assert final.resumed > 0  # the killed runs' work was kept
+    plain = tag_photos([lib], tmp_path / "g.json", models, TagOptions(recursive=True, resume=False))
+    assert final.doc["images"] == plain.doc["images"]
+    assert len(final.doc["images"]) == 24
+    assert final.failed == plain.failed == 2  # the truncated file and the FIFO, once each
+    with (tmp_path / "out" / "tags.csv").open(errors="surrogateescape", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["path"] for r in rows) == sorted(im["path"] for im in plain.doc["images"])
+    lines = (tmp_path / "out" / "facetag-manifest.jsonl").read_text().splitlines()
+    paths = [json.loads(line)["path"] for line in lines[1:]]
+    assert len(paths) == len(set(paths)) == 24
+    for im in final.doc["images"]:  # every annotated copy whole
+        rel = Path(im["path"]).relative_to(lib)
+        with Image.open(tmp_path / "annotated" / (str(rel) + ".jpg")) as copy:
+            copy.load()
+    assert _files(lib) == originals
