@@ -7,6 +7,7 @@ model files, crops, downloads, landmark labels) goes through ``replace_atomicall
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Callable
@@ -40,6 +41,29 @@ def replace_atomically(path: Path, write: Callable[[BinaryIO], object]) -> Path:
         raise
     fsync_dir(path.parent)
     return path
+
+
+_SYSTEM = (("proc",), ("sys",))  # the first part of the kernel's own folders
+
+
+def write_problem(e: OSError, folder: Path, fix: str) -> str:
+    """What a failed write into ``folder`` got, and the advice that fits it: "<reason>; <fix>".
+
+    ``fix`` is the caller's advice for the usual case (permissions); a name too long or a
+    folder where no file can be made (/proc, /sys) gets advice of its own, not ``fix``.
+    """
+    reason = e.strerror or type(e).__name__
+    if e.errno == errno.ENAMETOOLONG:
+        return f"a name too long for the filesystem ({reason}); shorten the name"
+    if e.errno == errno.EROFS:
+        return f"a read-only filesystem ({reason}); choose a folder on a writable disk"
+    system = folder.is_dir() and (
+        e.errno == errno.ENOENT
+        or (e.errno in (errno.EACCES, errno.EPERM) and folder.resolve().parts[1:2] in _SYSTEM)
+    )
+    if system:
+        return f"a folder where no file can be made ({reason}); choose another folder"
+    return f"{reason}; {fix}"
 
 
 def atomic_write(path: Path, data: bytes) -> Path:

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from facetag.errors import FacetagError
+from facetag.fsnames import printable
 from facetag.models.io import ModelRef
 
 
@@ -25,13 +26,18 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 
 def fail(e: FacetagError) -> typer.Exit:
     """Print ``e`` as one red line on stderr; raise the result (exit code 1)."""
-    typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+    typer.secho(f"error: {printable(str(e))}", fg=typer.colors.RED, err=True)
     return typer.Exit(code=1)
 
 
 def report_error(message: str) -> None:
     """A problem with one input while the others go on: one red line on stderr."""
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    typer.secho(f"error: {printable(message)}", fg=typer.colors.RED, err=True)
+
+
+def echo(text: str, err: bool = False) -> None:
+    """typer.echo for text that may hold file names that are not UTF-8 (fsnames)."""
+    typer.echo(printable(text), err=err)
 
 
 def flag_overrides(**flags: object) -> dict[str, object]:

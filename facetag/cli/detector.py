@@ -14,6 +14,7 @@ from facetag.cli._common import (
     Device,
     DeviceOpt,
     JsonOpt,
+    echo,
     fail,
     flag_overrides,
     model_ref,
@@ -127,7 +128,7 @@ def detect(
         raise fail(e) from None
     text = json.dumps(doc, indent=2) if as_json else format_detections(doc)
     if text:
-        typer.echo(text)
+        echo(text)
     if failed:
         raise typer.Exit(code=1)
 

@@ -23,6 +23,7 @@ from rich.progress import (
 from rich.progress import Progress as RichProgress
 from rich.text import Text
 
+from facetag.fsnames import printable
 from facetag.progress import Progress
 
 LOG_EVERY_S = 30.0  # a log line for a long task this often
@@ -101,7 +102,7 @@ class ProgressBar:
 
     def message(self, text: str) -> None:
         style = "red" if self.kind == "error" else "yellow"
-        self.console.print(f"{self.kind}: {text}", style=style, markup=False)
+        self.console.print(f"{self.kind}: {printable(text)}", style=style, markup=False)
 
     def _end_task(self) -> None:
         p = self.current

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from facetag.cli._app import app, bench_app
-from facetag.cli._common import Device, DeviceOpt, JsonOpt, distance, fail, model_ref
+from facetag.cli._common import Device, DeviceOpt, JsonOpt, distance, echo, fail, model_ref
 from facetag.cli.progress import ProgressBar
 from facetag.errors import FacetagError
 from facetag.inference.xmp import NOTE, SidecarName
@@ -86,8 +86,10 @@ def enroll(
 ) -> None:
     """Enrol the people of PEOPLE_DIR; enrolling again re-embeds only changed photos."""
     from facetag.inference.enroll import enroll as enroll_people
+    from facetag.inference.enroll import require_folder
 
     try:
+        require_folder(people_dir)
         models = _load(model, detector, device, None)
         with ProgressBar("warning") as bar:
             r = enroll_people(
@@ -101,10 +103,10 @@ def enroll(
             )
     except FacetagError as e:
         raise fail(e) from None
-    typer.echo(
+    echo(
         f"{r.gallery}: {r.people} people, {r.photos} photos ({r.embedded} embedded, "
         f"{r.kept} unchanged, {r.removed} removed, {r.skipped} skipped), model "
-        f"{r.model} on {r.device}"
+        f"{r.model} on {r.device}" + (f"; {r.not_read}" if r.not_read else "")
     )
 
 
@@ -144,6 +146,7 @@ def tag(
     ] = None,
 ) -> None:
     """Name the faces in PHOTOS; rerunning skips finished photos. Exit 1 if any failed."""
+    from facetag.data.images import require_paths
     from facetag.inference.tag import TagOptions, tag_photos
     from facetag.inference.writers import format_tags, to_json
     from facetag.metrics.names import format_score
@@ -161,6 +164,7 @@ def tag(
         expected=expected,
     )
     try:
+        require_paths(photos)  # before the models' seconds of loading
         models = load_for_gallery(gallery, model, detector, device, threshold)
         with ProgressBar() as bar:
             run = tag_photos(
@@ -171,9 +175,11 @@ def tag(
     if as_json:
         typer.echo(to_json(run.doc))
     else:
-        typer.echo(format_tags(run.doc))
+        echo(format_tags(run.doc))
         if run.score is not None:
-            typer.echo(format_score(run.score))
+            echo(format_score(run.score))
+    if run.not_read:
+        echo(run.not_read, err=True)
     if run.failed:
         raise typer.Exit(code=1)
 
@@ -190,9 +196,11 @@ def embed(
     detector: FaceDetectorOpt = None,
 ) -> None:
     """Each face's box, landmarks and L2-normalised embedding, with the model id."""
+    from facetag.data.images import require_paths
     from facetag.inference.embed import embed_photos
 
     try:
+        require_paths(photos)
         models = _load(model, detector, device, None)
         with ProgressBar() as bar:
             doc, failed = embed_photos(
@@ -210,7 +218,7 @@ def embed(
         typer.echo(json.dumps(doc))
     else:
         for im in doc["images"]:
-            typer.echo(
+            echo(
                 f"{im['path']}: {len(im['faces'])} faces, {doc['embedding_dim']}-d "
                 f"embeddings of {doc['model']['embedder']} (--json prints them)"
             )

@@ -7,14 +7,20 @@ decoded so a truncated file fails here rather than deep inside training, and hug
 (or decompression bombs) are refused by a pixel limit we control, not by a Pillow warning.
 """
 
+import errno
 import hashlib
+import io
+import os
 import re
+import stat
 import struct
 import warnings
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,10 +28,10 @@ from PIL import (
     BmpImagePlugin,
     GifImagePlugin,
     Image,
-    ImageOps,
     JpegImagePlugin,
     PngImagePlugin,
     PpmImagePlugin,
+    TiffImagePlugin,
     UnidentifiedImageError,
     WebPImagePlugin,
 )
@@ -33,7 +39,29 @@ from torch import Tensor
 
 from facetag.errors import DataError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".pgm", ".gif", ".bmp", ".webp")
+try:  # HEIC/HEIF (iPhones since 2017, many Android phones): libheif through pillow-heif
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+    _HEIF: tuple[str, ...] = ("HEIF",)
+except ImportError:  # NOTE: a dependency; without it .heic files are counted as unread
+    _HEIF = ()
+
+# Camera raw files: their embedded JPEG preview (or LibRaw's half-size decode) via rawpy.
+RAW_EXTENSIONS = (".dng", ".cr2", ".cr3", ".nef", ".nrw", ".arw", ".orf", ".rw2", ".raf", ".pef")
+IMAGE_EXTENSIONS = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".pgm",
+    ".gif",
+    ".bmp",
+    ".webp",
+    ".tif",
+    ".tiff",
+    *((".heic", ".heif") if _HEIF else ()),
+    *RAW_EXTENSIONS,
+)
 
 # 100 megapixels: a 12000x8000 camera photo still loads (~300 MB as RGB), a 20000x20000
 # decompression bomb (a tiny PNG of one colour) does not.
@@ -48,10 +76,11 @@ _PLUGINS = (
     JpegImagePlugin,
     PngImagePlugin,
     PpmImagePlugin,
+    TiffImagePlugin,
     WebPImagePlugin,
 )
-_FORMATS = ("JPEG", "PNG", "PPM", "GIF", "BMP", "WEBP")
-_KINDS = "jpg, jpeg, png, pgm, gif, bmp or webp"
+_FORMATS = ("JPEG", "PNG", "PPM", "GIF", "BMP", "WEBP", "TIFF", *_HEIF)
+_KINDS = "jpg, png, webp, tif, " + ("heic, " if _HEIF else "") + "gif, bmp, pgm or camera raw"
 
 # What a broken file raises inside Pillow's decoders besides OSError ("image file is
 # truncated", "broken data stream"): PNG raises SyntaxError for bad chunks, zlib.error for
@@ -124,8 +153,10 @@ def _load(
                 f"{img.format or 'image'} file ({_reason(e)}); "
                 "re-copy it from the original or delete it"
             ) from None
-        out = _apply_exif_orientation(img)
-        out = _to_8bit(out, p)
+        # Read after load(): a PNG may keep its EXIF chunk after the image data.
+        orientation = _orientation(img)
+        out = _to_8bit(img, p, max_side)
+        out = _transpose(out, orientation)
         if max_side is not None and max(out.size) > max_side:
             W, H = out.size
             scale = max_side / max(W, H)
@@ -134,8 +165,7 @@ def _load(
             )
         if mode is not None and out.mode != mode:
             out = out.convert(mode)
-        # Read after load(): a PNG may keep its EXIF chunk after the image data.
-        W, H = stored[::-1] if _orientation(img) in (5, 6, 7, 8) else stored
+        W, H = stored[::-1] if orientation in (5, 6, 7, 8) else stored
         # img is closed below; hand back pixels that outlive it.
         return (img.copy() if out is img else out), (W, H)
     finally:
@@ -210,10 +240,172 @@ def image_size(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tup
 
 
 def is_image_file(path: Path) -> bool:
-    """True for a visible file whose extension is one of IMAGE_EXTENSIONS (any case)."""
+    """True for a visible regular file (or a link to one) with an IMAGE_EXTENSIONS
+    extension (any case). A FIFO, socket, device or folder named x.jpg is not one."""
     return (
-        not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+        not path.name.startswith(".")
+        and path.suffix.lower() in IMAGE_EXTENSIONS
+        and file_kind(path)[0] == "file"
     )
+
+
+def photo_key(path: Path) -> str:
+    """A photo's absolute path as it was found: its folder resolved, its own name kept, so a
+    link to a photo is a photo of its own (manifests and galleries key on this)."""
+    return os.path.join(os.path.realpath(path.parent), path.name)
+
+
+def file_kind(path: Path) -> tuple[str, os.stat_result | None]:
+    """("file" | "folder" | "missing" | what else it is, in words; its stat, links followed).
+
+    "missing" only when nothing is there at all; a link to nothing or a link loop says so.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return (
+            "a link to nothing (its target is gone)" if os.path.lexists(path) else "missing"
+        ), None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symlink loop", None
+        if e.errno == errno.ENAMETOOLONG:
+            return "a name too long for this system", None
+        return f"a file that cannot be read ({_reason(e)})", None
+    mode = st.st_mode
+    if stat.S_ISREG(mode):
+        return "file", st
+    if stat.S_ISDIR(mode):
+        return "folder", st
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)", st
+    if stat.S_ISSOCK(mode):
+        return "a socket", st
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device (such as a link to /dev/zero)", st
+    return "a special file", st
+
+
+@dataclass
+class Scan:
+    """What a scan of photo paths found: the photos, each problem (one line), and counts of
+    what it left out on purpose, for the run's summary."""
+
+    photos: list[Path] = field(default_factory=list)
+    problems: list[tuple[Path, str]] = field(default_factory=list)
+    unread: Counter[str] = field(default_factory=Counter)  # extension -> files not read
+    hidden: int = 0  # hidden files and folders (".thumbnails", ".DS_Store")
+    excluded: list[Path] = field(default_factory=list)  # output folders not scanned
+
+    def summary(self) -> str:
+        """'' or e.g. "not read: 3 files of other kinds (.mov 2, .psd 1), 4 hidden"."""
+        parts = []
+        n = sum(self.unread.values())
+        if n:
+            kinds = ", ".join(
+                f"{ext or 'no extension'} {k}" for ext, k in self.unread.most_common(5)
+            )
+            more = ", ..." if len(self.unread) > 5 else ""
+            parts.append(f"{n} files of kinds facetag does not read ({kinds}{more})")
+        if self.hidden:
+            parts.append(f"{self.hidden} hidden files or folders")
+        return ("not read: " + ", ".join(parts)) if parts else ""
+
+    def counts(self) -> dict[str, Any]:
+        """The summary as JSON: {"unread": {".mov": 2}, "hidden": 4}."""
+        return {"unread": dict(sorted(self.unread.items())), "hidden": self.hidden}
+
+
+# Files beside photos that are theirs (sidecars), not photos of a kind we do not read.
+_SIDECARS = frozenset({".xmp"})
+
+
+def scan_photos(
+    paths: Iterable[Path | str], recursive: bool = False, *, exclude: Iterable[Path] = ()
+) -> Scan:
+    """The photos named by ``paths`` (files or folders), sorted, each once, under the path it
+    was found at (a link to a photo is tagged under the link's own name).
+
+    A file argument is taken as it is (load_image says if it is not an image); a folder
+    gives its image files (IMAGE_EXTENSIONS), and its sub-folders' when recursive. Nothing
+    is skipped silently: a FIFO, socket, device, dangling or looping link, a folder named
+    like a photo, a link to a folder (not followed, so no loop is walked) and an unreadable
+    folder each get a problem line; hidden files and files of other kinds are counted.
+    Folders in ``exclude`` (our own output folders) are not scanned. A path that does not
+    exist raises DataError.
+    """
+    scan = Scan()
+    skip = {os.path.abspath(p) for p in exclude}
+    found: set[Path] = set()
+    for raw in paths:
+        path = Path(raw)
+        kind, _ = file_kind(path)
+        if kind == "file":
+            found.add(path)
+        elif kind == "folder":
+            before = len(found)
+            _walk(path, recursive, scan, found, skip)
+            if len(found) == before:
+                where = "or its sub-folders " if recursive else ""
+                hint = "" if recursive else "; pass --recursive to look in sub-folders"
+                scan.problems.append(
+                    (path, f"{path}: expected image files ({_KINDS}) in it {where}, got none{hint}")
+                )
+        elif kind == "missing":
+            raise DataError(
+                f"{path}: expected an image file or a folder, got no such path; check the path"
+            )
+        else:
+            scan.problems.append((path, f"{path}: expected an image file or a folder, got {kind}"))
+    # Sort by the path's bytes so the order is the same on every filesystem.
+    scan.photos = sorted(found, key=lambda f: os.fsencode(f))
+    return scan
+
+
+def _walk(folder: Path, recursive: bool, scan: Scan, found: set[Path], skip: set[str]) -> None:
+    try:
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: os.fsencode(e.name))
+    except OSError as e:
+        scan.problems.append(
+            (
+                folder,
+                f"{folder}: expected a readable folder, got {_reason(e)}; skipped: check its "
+                "permissions",
+            )
+        )
+        return
+    for entry in entries:
+        path = folder / entry.name
+        if entry.name.startswith("."):
+            scan.hidden += 1
+            continue
+        ext = path.suffix.lower()
+        kind, _ = file_kind(path)
+        if kind == "file":
+            if ext in IMAGE_EXTENSIONS:
+                found.add(path)
+            elif ext not in _SIDECARS:
+                scan.unread[ext] += 1
+        elif kind == "folder":
+            if os.path.abspath(path) in skip:
+                scan.excluded.append(path)
+            elif entry.is_symlink():
+                scan.problems.append(
+                    (path, f"{path}: a link to a folder; not followed (pass its target to tag it)")
+                )
+            elif recursive:
+                _walk(path, recursive, scan, found, skip)
+            elif ext in IMAGE_EXTENSIONS:
+                scan.problems.append(
+                    (
+                        path,
+                        f"{path}: expected an image file, got a folder named like one; skipped "
+                        "(pass --recursive to look inside)",
+                    )
+                )
+        else:
+            scan.problems.append((path, f"{path}: expected an image file, got {kind}; skipped"))
 
 
 def find_images(
@@ -221,65 +413,58 @@ def find_images(
     recursive: bool = False,
     *,
     on_problem: Callable[[Path, str], None] | None = None,
+    exclude: Iterable[Path] = (),
 ) -> list[Path]:
-    """Image files named by `paths` (files or folders), sorted and without duplicates.
+    """scan_photos' photos, with its problems passed to on_problem (see scan_problems)."""
+    paths = list(paths)
+    return scan_problems(scan_photos(paths, recursive, exclude=exclude), paths, on_problem)
 
-    A file is taken as it is (load_image will say if it is not an image); a folder
-    contributes its image files (IMAGE_EXTENSIONS, hidden files skipped), and those of its
-    sub-folders when recursive. A folder with no images is reported through
-    on_problem(path, message) and skipped, so the others still run; a missing path, or no
-    images at all, raises DataError.
-    """
-    found: set[Path] = set()
-    for raw in paths:
-        path = Path(raw)
-        if path.is_file():
-            found.add(path)
-        elif path.is_dir():
-            pattern = "**/*" if recursive else "*"
-            images = [
-                f for f in path.glob(pattern) if is_image_file(f) and not _hidden_below(f, path)
-            ]
-            if not images and on_problem is not None:
-                where = "or its sub-folders " if recursive else ""
-                hint = "" if recursive else "; pass --recursive to look in sub-folders"
-                on_problem(
-                    path,
-                    f"{path}: expected image files ({_KINDS}) in it {where}, got none{hint}",
-                )
-            found.update(images)
-        else:
-            raise DataError(
-                f"{path}: expected an image file or a folder, got no such path; check the path"
-            )
-    if not found:
+
+def scan_problems(
+    scan: Scan, paths: Iterable[Path | str], on_problem: Callable[[Path, str], None] | None
+) -> list[Path]:
+    """A scan's photos; each problem goes to on_problem(path, message) and the others go
+    on. No photo at all raises DataError: the one problem's line when there was exactly one
+    (a single bad argument is one line, not two), else a line of its own."""
+    if not scan.photos and len(scan.problems) == 1:
+        raise DataError(scan.problems[0][1])
+    if on_problem is not None:
+        for path, message in scan.problems:
+            on_problem(path, message)
+    if not scan.photos:
         names = ", ".join(str(p) for p in paths)
         raise DataError(
             f"{names}: expected image files ({_KINDS}), got none; "
             "check the paths (pass --recursive for nested folders)"
         )
-    # Sort by the path's text so the order is the same on every filesystem.
-    return sorted(found, key=lambda f: f.as_posix())
+    return scan.photos
 
 
-def _hidden_below(path: Path, root: Path) -> bool:
-    """True when a folder between root and path is hidden (".thumbnails/x.jpg")."""
-    return any(part.startswith(".") for part in path.relative_to(root).parts[:-1])
+def require_paths(paths: Iterable[Path | str]) -> None:
+    """DataError (one line) for the first path where nothing exists: a cheap check the CLI
+    makes before it spends seconds loading models."""
+    for raw in paths:
+        if file_kind(Path(raw))[0] == "missing":
+            raise DataError(
+                f"{raw}: expected an image file or a folder, got no such path; check the path"
+            )
 
 
 def _open(p: Path, max_pixels: int) -> Image.Image:
-    """Image.open with every failure turned into a DataError line; checks the pixel limit."""
-    try:
-        size_bytes = p.stat().st_size
-    except FileNotFoundError:
-        raise DataError(f"{p}: expected an image file, got no such file; check the path") from None
-    except OSError as e:
-        raise DataError(
-            f"{p}: expected a readable file, got {_reason(e)}; check the path and its permissions"
-        ) from None
-    if p.is_dir():
+    """Image.open with every failure turned into a DataError line; checks the pixel limit.
+
+    Only regular files are opened (a FIFO would block, /dev/zero never ends); camera raw
+    files give their embedded JPEG preview, or LibRaw's half-size decode without one.
+    """
+    kind, st = file_kind(p)
+    if kind == "folder":
         raise DataError(f"{p}: expected an image file, got a folder; pass the images inside it")
-    if size_bytes == 0:
+    if kind == "missing":
+        raise DataError(f"{p}: expected an image file, got no such file; check the path")
+    if kind != "file":
+        raise DataError(f"{p}: expected an image file, got {kind}; skipped")
+    assert st is not None
+    if st.st_size == 0:
         raise DataError(
             f"{p}: expected an image, got an empty file (0 bytes); "
             "re-copy it from the original or delete it"
@@ -287,7 +472,11 @@ def _open(p: Path, max_pixels: int) -> Image.Image:
     # NOTE: Pillow raises above 2 * Image.MAX_IMAGE_PIXELS (~179 Mpx) whatever max_pixels
     # says; that becomes the same DataError as our own check below.
     try:
-        img = Image.open(p, formats=_FORMATS)
+        img: Image.Image
+        if p.suffix.lower() in RAW_EXTENSIONS:
+            img = _open_raw(p)
+        else:
+            img = Image.open(p, formats=_FORMATS)
     except Image.DecompressionBombError as e:
         m = re.search(r"\((\d+) pixels\)", str(e))
         got = f"{int(m.group(1)):,} pixels" if m else "more"
@@ -314,6 +503,44 @@ def _open(p: Path, max_pixels: int) -> Image.Image:
     return img
 
 
+# LibRaw's flip (rawpy sizes.flip) as the EXIF orientation that shows the photo upright.
+_RAW_FLIP = {3: 3, 5: 8, 6: 6}
+
+
+def _open_raw(p: Path) -> Image.Image:
+    """A camera raw file as a PIL image: the embedded JPEG preview (what the camera showed,
+    full size on most cameras), else LibRaw's half-size demosaic. OSError when LibRaw
+    cannot read it (turned into a DataError line by _open)."""
+    try:
+        import rawpy
+    except ImportError:
+        raise UnidentifiedImageError(f"{p}: rawpy is not installed") from None
+    try:
+        with rawpy.imread(str(p)) as raw:
+            flip = _RAW_FLIP.get(raw.sizes.flip, 1)
+            try:
+                thumb = raw.extract_thumb()
+            except (rawpy.LibRawNoThumbnailError, rawpy.LibRawUnsupportedThumbnailError):
+                thumb = None
+            if thumb is not None and thumb.format == rawpy.ThumbFormat.JPEG:
+                img = Image.open(io.BytesIO(bytes(thumb.data)), formats=("JPEG",))
+                if flip != 1 and _orientation(img) == 1:
+                    _set_orientation(img, flip)
+                return img
+            pixels = raw.postprocess(half_size=True, use_camera_wb=True, output_bps=8)
+    except rawpy.LibRawFileUnsupportedError:
+        raise UnidentifiedImageError(f"{p}: not a raw file LibRaw reads") from None
+    except rawpy.LibRawError as e:
+        raise OSError(f"LibRaw: {e}") from None
+    return Image.fromarray(np.ascontiguousarray(pixels))  # (H, W, 3) uint8, already upright
+
+
+def _set_orientation(img: Image.Image, orientation: int) -> None:
+    exif = img.getexif()
+    exif[_ORIENTATION_TAG] = orientation
+    img.info["exif"] = exif.tobytes()
+
+
 def _too_large(p: Path, max_pixels: int, got: str) -> str:
     return (
         f"{p}: expected at most {max_pixels:,} pixels, got {got} (a huge photo or a "
@@ -328,53 +555,108 @@ def _reason(e: BaseException) -> str:
 
 
 def _orientation(img: Image.Image) -> int:
-    """EXIF orientation 1-8 from the header only (1 when absent or unreadable)."""
-    raw = img.info.get("exif")
-    if not raw:
-        return 1
-    exif = Image.Exif()
+    """EXIF orientation 1-8 (1 when absent or unreadable): JPEG/PNG/WebP/HEIF EXIF blocks
+    and TIFF's own tag alike (Image.getexif reads both)."""
     try:
-        exif.load(raw)
-        value = exif.get(_ORIENTATION_TAG, 1)
+        value = img.getexif().get(_ORIENTATION_TAG, 1)
     except (*_DECODE_ERRORS, KeyError, TypeError, IndexError):
-        return 1
+        return 1  # NOTE: a damaged EXIF block does not make the pixels unusable
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
-def _apply_exif_orientation(img: Image.Image) -> Image.Image:
-    """Rotate/flip as the camera's EXIF orientation says; the pixels themselves are fine."""
-    try:
-        out = ImageOps.exif_transpose(img)
-    except (*_DECODE_ERRORS, KeyError, TypeError, IndexError):
-        # NOTE: a damaged EXIF block does not make the pixels unusable; keep them unrotated.
-        return img
-    return img if out is None else out
+# What each EXIF orientation asks for to show the photo upright (as ImageOps.exif_transpose).
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
-def _to_8bit(img: Image.Image, p: Path) -> Image.Image:
-    """Any decoded image -> "L" (grey sources) or "RGB" (the rest), alpha on white."""
+def _transpose(img: Image.Image, orientation: int) -> Image.Image:
+    """Rotate/flip as the camera's EXIF orientation says."""
+    method = _TRANSPOSE.get(orientation)
+    return img if method is None else img.transpose(method)
+
+
+def _to_8bit(img: Image.Image, p: Path, max_side: int | None = None) -> Image.Image:
+    """Any decoded image -> "L" (grey sources) or "RGB" (the rest), alpha on white.
+
+    With max_side, a photo more than twice that size is box-reduced by an integer factor
+    (at least max_side px remain) before or while it is converted, in bands of rows: no
+    full-size copy of a 100-megapixel photo is made, so decoding one costs its decoded
+    pixels plus a small image.
+    """
+    f = max(1, max(img.size) // max_side) if max_side is not None else 1
     m = img.mode
     if m in ("L", "RGB"):
-        return img
+        return _reduced(img, f)
     if m == "1":
-        return img.convert("L")
+        return _banded(img, f, lambda band: band.convert("L"))
     if m == "I" or m.startswith("I;16"):
-        # 16-bit PNG/PGM. Pillow's own convert("L") clips at 255 instead of scaling.
-        v = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
-        return Image.fromarray(((v * 255 + 32767) // 65535).astype(np.uint8))
+        # 16-bit PNG/PGM/TIFF. Pillow's own convert("L") clips at 255 instead of scaling.
+        return _banded(img, f, _grey16_to_8bit)
     if m == "P":
+        grey = _grey_palette(img)
         if "transparency" in img.info:
-            return _on_white(img.convert("RGBA"), grey=_grey_palette(img))
-        return img.convert("L" if _grey_palette(img) else "RGB")
+            return _on_white(_banded(img, f, lambda band: band.convert("RGBA")), grey=grey)
+        return _banded(img, f, lambda band: band.convert("L" if grey else "RGB"))
     if m in _ALPHA_MODES:
-        return _on_white(img.convert("RGBA"), grey=m in _GREY_MODES)
+        rgba = _reduced(img, f) if m == "RGBA" else _banded(img, f, lambda b: b.convert("RGBA"))
+        return _on_white(rgba, grey=m in _GREY_MODES)
     try:
-        return img.convert("RGB")  # CMYK, YCbCr, LAB, HSV, RGBX ...
+        if m == "CMYK":  # reduce() averages CMYK too: shrink before converting
+            return _reduced(img, f).convert("RGB")
+        return _banded(img, f, lambda band: band.convert("RGB"))  # YCbCr, LAB, HSV, F ...
     except ValueError as e:
         raise DataError(
             f"{p}: expected a grey or colour image, got mode {m} ({_reason(e)}); "
             "convert it to 8-bit RGB or grey"
         ) from None
+
+
+def _reduced(img: Image.Image, factor: int) -> Image.Image:
+    """img box-averaged over factor x factor blocks (itself when factor < 2)."""
+    return img.reduce(factor) if factor >= 2 else img
+
+
+_BAND_ROWS = 128  # rows converted at once: ~5 MB of uint32 for a 10,000 px wide 16-bit photo
+
+
+def _banded(
+    img: Image.Image, factor: int, convert: Callable[[Image.Image], Image.Image]
+) -> Image.Image:
+    """convert(img) box-reduced by ``factor``, done in bands of rows (a multiple of factor
+    high, so the blocks are those of one whole-image reduce): only a band is ever held
+    converted at full size. With factor < 2, convert(img) itself."""
+    if factor < 2:
+        return convert(img)
+    W, H = img.size
+    rows = factor * max(1, _BAND_ROWS // factor)
+    parts = [
+        convert(img.crop((0, y, W, min(H, y + rows)))).reduce(factor) for y in range(0, H, rows)
+    ]
+    out = Image.new(parts[0].mode, (parts[0].width, sum(part.height for part in parts)))
+    y = 0
+    for part in parts:
+        out.paste(part, (0, y))
+        y += part.height
+    return out
+
+
+def _grey16_to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit grey (I;16*, or I holding 0..65535) -> L by v * 255 / 65535, rounded."""
+    W, H = img.size
+    out = np.empty((H, W), dtype=np.uint8)
+    for y0 in range(0, H, _BAND_ROWS):
+        band = np.asarray(img.crop((0, y0, W, min(H, y0 + _BAND_ROWS))))
+        # 65535 * 255 + 32767 < 2**32: uint32 holds the sum (a quarter of int64's memory)
+        v = np.clip(band, 0, 65535).astype(np.uint32)
+        out[y0 : y0 + band.shape[0]] = (v * 255 + 32767) // 65535
+    return Image.fromarray(out)
 
 
 def _on_white(rgba: Image.Image, grey: bool) -> Image.Image:

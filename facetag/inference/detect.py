@@ -11,12 +11,11 @@ any length.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from facetag.data.images import decode_photo, find_images
+from facetag.data.images import decode_photo, scan_photos, scan_problems
 from facetag.device import resolve_device
 from facetag.errors import DataError
 from facetag.inference.align import face_json
@@ -41,38 +40,6 @@ def detect_photo(
     return {"path": str(path), "width": photo.width, "height": photo.height, "faces": faces}
 
 
-@dataclass
-class PhotoResult:
-    """One photo's result, or the one-line reason it failed."""
-
-    path: Path
-    result: dict[str, Any] | None = None
-    error: str | None = None
-
-
-def iter_detections(
-    detector: Detector,
-    paths: Iterable[Path],
-    *,
-    recursive: bool = False,
-    min_face: float | None = None,
-    threshold: float | None = None,
-    on_problem: Callable[[Path, str], None] | None = None,
-) -> Iterator[PhotoResult]:
-    """Detect in every photo of ``paths`` (files or folders), one at a time.
-
-    A photo that fails yields a PhotoResult with ``error`` set and the next one is tried;
-    folders without images are reported through on_problem. Raises DataError only when
-    nothing at all can be found.
-    """
-    for path in find_images(paths, recursive, on_problem=on_problem):
-        try:
-            found = detect_photo(detector, path, min_face=min_face, threshold=threshold)
-            yield PhotoResult(path, found)
-        except DataError as e:
-            yield PhotoResult(path, error=str(e))
-
-
 def detect_paths(
     paths: Iterable[Path],
     *,
@@ -88,38 +55,33 @@ def detect_paths(
     Each failure is also passed to on_error (one line) as it happens; the others go on.
     """
     dev = resolve_device(device)
+    paths = list(paths)
+    scan = scan_photos(paths, recursive)  # a missing path fails before the model loads
     ref = model or ModelRef()
     detector = load_detector(ref.path, dev, None if ref.path is None else ref.spec)
     failed = 0
+    images: list[dict[str, Any]] = []
+    errors: list[dict[str, str]] = []
 
     def problem(path: Path, message: str) -> None:
         nonlocal failed
         failed += 1
+        errors.append({"path": str(path), "error": message})
         if on_error is not None:
             on_error(message)
 
-    images: list[dict[str, Any]] = []
-    errors: list[dict[str, str]] = []
-    found = iter_detections(
-        detector,
-        paths,
-        recursive=recursive,
-        min_face=min_face,
-        threshold=threshold,
-        on_problem=problem,
-    )
-    try:
-        for r in found:
-            if r.error is not None:
-                problem(r.path, r.error)
-                errors.append({"path": str(r.path), "error": r.error})
-            else:
-                assert r.result is not None
-                images.append(r.result)
-    except DataError:
-        if not failed:  # "no images at all": not yet said, unless each folder said it
-            raise
+    for path, message in scan.problems:
+        problem(path, message)
+    if not scan.photos and not failed:
+        scan_problems(scan, paths, None)  # raises: no images at all
+    for path in scan.photos:
+        try:
+            images.append(detect_photo(detector, path, min_face=min_face, threshold=threshold))
+        except DataError as e:
+            problem(path, str(e))
     doc: dict[str, Any] = {"device": dev, "model": {"detector": detector.name}, "images": images}
     if errors:
         doc["errors"] = errors
+    if scan.unread or scan.hidden:
+        doc["not_read"] = scan.counts()
     return doc, failed

@@ -17,7 +17,7 @@ from torch import Tensor
 from facetag.data.images import Photo, find_images
 from facetag.inference.align import DEFAULT_MARGIN, face_json, find_faces, photo_crops
 from facetag.inference.models import Models
-from facetag.inference.pipeline import FaceBatcher, Failed, iter_photos
+from facetag.inference.pipeline import FaceBatcher, Failed, iter_photos, worker_count
 from facetag.progress import Meter, ProgressFn
 
 MessageFn = Callable[[str], None]
@@ -73,6 +73,9 @@ def embed_photos(
             )
             meter.step()
 
+    workers, capped = worker_count(workers)
+    if capped:
+        say(capped)
     for item in iter_photos(photos, det.settings.max_side, workers, {}):
         if isinstance(item, Failed):
             problem(item.path, item.error)

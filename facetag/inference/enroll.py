@@ -10,6 +10,7 @@ model, detector or margin did).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from facetag.data.images import Photo, is_image_file
+from facetag.data.images import Photo, Scan, file_kind, photo_key, scan_photos
 from facetag.errors import DataError
 from facetag.inference.align import (
     DEFAULT_MARGIN,
@@ -34,6 +35,7 @@ from facetag.inference.pipeline import (
     Skipped,
     embed_stored_faces,
     iter_photos,
+    worker_count,
 )
 from facetag.progress import Meter, ProgressFn
 
@@ -52,45 +54,54 @@ class EnrollReport:
     removed: int  # gone from PEOPLE_DIR since the last enrolment
     skipped: int  # photos without a usable face (or unreadable)
     rebuilt: bool  # the old gallery was made with another model, detector or margin
+    not_read: str = ""  # files left out on purpose (other kinds, hidden): Scan.summary()
 
 
-def scan_people(people_dir: Path, on_message: MessageFn) -> dict[str, list[Path]]:
-    """PEOPLE_DIR/<person>/**/<photo> -> {person: photos}; stray files are reported."""
-    if not people_dir.is_dir():
-        got = "a file" if people_dir.exists() else "no such folder"
+def require_folder(people_dir: Path) -> None:
+    """DataError (one line) unless PEOPLE_DIR is a folder: checked before models load."""
+    kind, _ = file_kind(people_dir)
+    if kind != "folder":
+        got = "no such folder" if kind == "missing" else ("a file" if kind == "file" else kind)
         raise DataError(
             f"{people_dir}: expected a folder of person folders (PEOPLE_DIR/<person>/*.jpg), "
             f"got {got}; check the path"
         )
+
+
+def scan_people(people_dir: Path, on_message: MessageFn) -> tuple[dict[str, list[Path]], Scan]:
+    """PEOPLE_DIR/<person>/**/<photo> -> ({person: photos}, the scan's counts); stray files
+    and every entry that is not a photo (see data.images.scan_photos) are reported."""
+    require_folder(people_dir)
+    top = scan_photos([people_dir])  # the person folders' own entries are read below
+    for path, message in top.problems:
+        if path != people_dir:
+            on_message(message)
+    for photo in top.photos:
+        on_message(
+            f"{photo}: expected photos inside person folders (PEOPLE_DIR/<person>/), got "
+            "one at the top; move it into its person's folder"
+        )
+    total = Scan(unread=top.unread, hidden=top.hidden)
     people: dict[str, list[Path]] = {}
-    for child in sorted(people_dir.iterdir(), key=lambda p: p.name):
-        if child.name.startswith("."):
+    for child in sorted(people_dir.iterdir(), key=lambda p: os.fsencode(p.name)):
+        if child.name.startswith(".") or file_kind(child)[0] != "folder" or child.is_symlink():
             continue
-        if child.is_dir():
-            photos = sorted(
-                (
-                    f
-                    for f in child.rglob("*")
-                    if is_image_file(f)
-                    and not any(part.startswith(".") for part in f.relative_to(child).parts)
-                ),
-                key=lambda f: f.as_posix(),
-            )
-            if photos:
-                people[child.name] = photos
-            else:
-                on_message(f"{child}: expected photos of {child.name}, got none; skipped")
-        elif is_image_file(child):
-            on_message(
-                f"{child}: expected photos inside person folders (PEOPLE_DIR/<person>/), got "
-                "one at the top; move it into its person's folder"
-            )
+        scan = scan_photos([child], recursive=True)
+        for path, message in scan.problems:
+            if path != child:
+                on_message(message)
+        total.unread.update(scan.unread)
+        total.hidden += scan.hidden
+        if scan.photos:
+            people[child.name] = scan.photos
+        else:
+            on_message(f"{child}: expected photos of {child.name}, got none; skipped")
     if not people:
         raise DataError(
             f"{people_dir}: expected person folders with photos (PEOPLE_DIR/<person>/*.jpg), "
             "got none; make one folder per person"
         )
-    return people
+    return people, total
 
 
 @dataclass
@@ -102,14 +113,15 @@ class _Plan:
     reuse: Gallery  # the old gallery when it was made with the same models, else empty
     old_entries: dict[str, GalleryEntry]  # relative path -> reusable entry
     rel_of: dict[Path, tuple[str, str]]  # photo -> (person, relative path)
-    done: dict[str, str]  # absolute path -> sha256 of a reusable result
+    done: dict[str, str]  # photo_key -> sha256 of a reusable result
     rebuilt: bool
+    scan: Scan  # what PEOPLE_DIR held besides photos (counted in the report)
 
 
 def _plan(
     people_dir: Path, gallery_path: Path, models: Models, margin: float, say: MessageFn
 ) -> _Plan:
-    people = scan_people(people_dir, say)
+    people, scan = scan_people(people_dir, say)
     emb, det = models.embedder, models.detector
     old = load_gallery(gallery_path) if gallery_path.exists() else None
     rebuilt = old is not None and (old.model, old.detector, old.margin) != (
@@ -136,10 +148,10 @@ def _plan(
             rel = p.relative_to(people_dir).as_posix()
             rel_of[p] = (person, rel)
             if rel in old_entries:
-                done[str(p.resolve())] = old_entries[rel].sha256
+                done[photo_key(p)] = old_entries[rel].sha256
             elif rel in reuse.skipped:
-                done[str(p.resolve())] = reuse.skipped[rel]["sha256"]
-    return _Plan(people, new, reuse, old_entries, rel_of, done, rebuilt)
+                done[photo_key(p)] = reuse.skipped[rel]["sha256"]
+    return _Plan(people, new, reuse, old_entries, rel_of, done, rebuilt, scan)
 
 
 def _carry_over(old: Gallery, new: Gallery, models: Models, rebuilt: bool) -> None:
@@ -255,6 +267,9 @@ def enroll(
             plan.new.people.setdefault(person, []).append(entry)
             counts["embedded"] += 1
 
+    workers, capped = worker_count(workers)
+    if capped:
+        say(capped)
     for item in iter_photos(
         list(plan.rel_of), models.detector.settings.max_side, workers, plan.done
     ):
@@ -291,4 +306,5 @@ def enroll(
         removed,
         counts["skipped"],
         plan.rebuilt,
+        plan.scan.summary(),
     )

@@ -9,6 +9,9 @@
 threshold, gallery fingerprint and crop margin. A photo is done when its latest record has
 the photo's current sha256, the current key, and every output asked for now exists.
 
+Paths that are not UTF-8 are kept as ``\\udcXX`` escapes (facetag.fsnames), so a
+record names the file it was made from and the manifest stays valid UTF-8 JSON.
+
 A record is appended (one write, flushed and fsynced) only after the photo's other outputs
 were written atomically, so after a kill -9 at any moment a photo is either recorded with
 all of its outputs or redone. The last line may be torn by the kill: opening the manifest
@@ -23,8 +26,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from facetag.atomic import atomic_write
+from facetag.atomic import atomic_write, write_problem
 from facetag.errors import DataError
+from facetag.fsnames import json_text
 
 MANIFEST_FORMAT = "facetag-manifest/1"
 DEFAULT_NAME = "facetag-manifest.jsonl"
@@ -66,8 +70,11 @@ class Manifest:
                     continue
                 try:
                     rec = json.loads(line)
-                    records[str(rec["path"])] = rec
-                except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+                    if not isinstance(rec, dict) or not isinstance(rec.get("path"), str):
+                        raise TypeError("not a record")
+                    records[rec["path"]] = rec
+                # ValueError: a number of > 4300 digits; RecursionError: absurd nesting
+                except (ValueError, UnicodeDecodeError, KeyError, TypeError, RecursionError):
                     dropped += 1  # a line torn by a kill; its photo is redone
         m = cls(path, records, dropped)
         m.compact()
@@ -78,17 +85,18 @@ class Manifest:
         text = (
             json.dumps({"format": MANIFEST_FORMAT})
             + "\n"
-            + "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.records.values())
+            + "".join(json_text(r) + "\n" for r in self.records.values())
         )
         self.close()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(self.path, text.encode("utf-8"))
         except OSError as e:
+            got = write_problem(
+                e, self.path.parent, "check the folder's permissions or pass --manifest"
+            )
             raise DataError(
-                f"{self.path}: expected a writable place for the manifest, got "
-                f"{e.strerror or type(e).__name__}; check the folder's permissions or pass "
-                "--manifest"
+                f"{self.path}: expected a writable place for the manifest, got {got}"
             ) from None
 
     def is_done(
@@ -115,7 +123,7 @@ class Manifest:
         """Add one finished photo: a single write of one line, flushed and fsynced."""
         if self._fd is None:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-        os.write(self._fd, (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+        os.write(self._fd, (json_text(record) + "\n").encode("utf-8"))
         os.fsync(self._fd)
         self.records[str(record["path"])] = record
 
@@ -128,6 +136,6 @@ class Manifest:
 def _header(line: bytes) -> str | None:
     try:
         doc = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     return doc.get("format") if isinstance(doc, dict) else None

@@ -8,12 +8,19 @@ loads local files, so inference never reaches into the tracking store.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from facetag.device import resolve_device
 from facetag.inference.align import FaceDetector, WholePhotoDetector
 from facetag.models.detector import load_detector
-from facetag.models.io import LoadedEmbedder, ModelRef, load_embedder, shipped_embedder
+from facetag.models.io import (
+    LoadedEmbedder,
+    ModelRef,
+    check_threshold,
+    load_embedder,
+    shipped_embedder,
+)
 
 DEFAULT_THRESHOLD = 0.5  # cosine distance used when neither --threshold nor the model has one
 
@@ -60,7 +67,10 @@ def resolve_threshold(
     if override is not None:
         return float(override), "--threshold"
     if ref.calibrated_threshold is not None:
-        return float(ref.calibrated_threshold), "calibrated"
+        where = ref.path or Path(ref.spec)
+        t = check_threshold(where, ref.calibrated_threshold, "the calibrated threshold")
+        assert t is not None
+        return t, "calibrated"
     if embedder.threshold is not None:
         return float(embedder.threshold), "model file"
     return DEFAULT_THRESHOLD, "default"

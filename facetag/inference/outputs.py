@@ -3,7 +3,10 @@ the manifest record (in that order: a record means its outputs exist), and at th
 CSV. The JSON document is the run's return value; the CLI prints it.
 
 Every output folder is checked for writing before the first photo is touched, so a
-mistyped path fails in a second, not after an hour of tagging.
+mistyped path fails in a second, not after an hour of tagging. An output never replaces
+what is not ours: ``--csv`` only overwrites a CSV of ours (its header line), never a
+photo being tagged, the gallery or the manifest; an annotated copy only overwrites an
+annotated copy (writers.ANNOTATED_MARK); the manifest only a manifest.
 """
 
 from __future__ import annotations
@@ -20,10 +23,17 @@ from typing import Any
 
 from PIL import Image
 
-from facetag.atomic import atomic_write
+from facetag.atomic import atomic_write, write_problem
+from facetag.data.images import photo_key
 from facetag.errors import DataError
 from facetag.inference.manifest import DEFAULT_NAME, Manifest
-from facetag.inference.writers import annotate, annotated_path, write_annotated, write_csv
+from facetag.inference.writers import (
+    CSV_COLUMNS,
+    annotate,
+    annotated_path,
+    write_annotated,
+    write_csv,
+)
 from facetag.inference.xmp import SidecarName, photo_orientation, write_xmp
 
 
@@ -34,10 +44,22 @@ def check_writable(folder: Path, what: str) -> None:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
-        raise DataError(
-            f"{folder}: expected a writable folder for {what}, got "
-            f"{e.strerror or type(e).__name__}; check its permissions or choose another"
-        ) from None
+        got = write_problem(e, folder, "check its permissions or choose another")
+        raise DataError(f"{folder}: expected a writable folder for {what}, got {got}") from None
+
+
+def _same(a: Path, b: Path) -> bool:
+    return photo_key(a) == photo_key(b) or (a.exists() and b.exists() and a.samefile(b))
+
+
+def _is_our_csv(path: Path) -> bool:
+    """True when ``path`` starts with the header line facetag's CSV has."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(len(",".join(CSV_COLUMNS)) + 2)
+    except OSError:
+        return False
+    return head.split(b"\n", 1)[0].rstrip(b"\r") == ",".join(CSV_COLUMNS).encode()  # \r\n or \n
 
 
 def cache_dir() -> Path:
@@ -121,9 +143,35 @@ class TagOutputs:
         self.manifest, self.problem, self.message = manifest, problem, message
 
     @classmethod
-    def check(cls, csv: Path | None, annotate_dir: Path | None, root: Path) -> None:
-        """Refuse unusable output places before any work (DataError, one line)."""
+    def check(
+        cls,
+        csv: Path | None,
+        annotate_dir: Path | None,
+        root: Path,
+        *,
+        photos: list[Path] | None = None,
+        gallery: Path | None = None,
+    ) -> None:
+        """Refuse unusable output places before any work (DataError, one line): a folder
+        that cannot be written, and a --csv that would replace a photo, the gallery or any
+        file that is not a CSV of ours."""
         if csv is not None:
+            if csv.is_dir():
+                raise DataError(f"--csv {csv}: expected a file name, got a folder; name a file")
+            if csv.exists() or os.path.lexists(csv):
+                clash = next((p for p in photos or [] if _same(p, csv)), None)
+                if clash is not None or (gallery is not None and _same(gallery, csv)):
+                    what = "a photo being tagged" if clash is not None else "the gallery"
+                    raise DataError(
+                        f"--csv {csv}: expected a new file or a CSV of facetag's, got {what}; "
+                        "left unchanged: pass another --csv"
+                    )
+                if not _is_our_csv(csv):
+                    raise DataError(
+                        f"--csv {csv}: expected a new file or a CSV of facetag's (header "
+                        f"{','.join(CSV_COLUMNS)}), got another file; left unchanged: pass "
+                        "another --csv"
+                    )
             check_writable(csv.parent, "the CSV")
         if annotate_dir is not None:
             if annotate_dir.resolve() == root:
@@ -132,6 +180,22 @@ class TagOutputs:
                     "photos' own, got the same; choose another folder"
                 )
             check_writable(annotate_dir, "annotated copies")
+
+    @staticmethod
+    def check_manifest(where: Path, csv: Path | None, photos: list[Path], gallery: Path) -> None:
+        """The manifest may not be the CSV, the gallery or a photo (Manifest.open refuses
+        any other file that is not a manifest)."""
+        for other, what in ((csv, "the --csv file"), (gallery, "the gallery")):
+            if other is not None and _same(where, other):
+                raise DataError(
+                    f"--manifest {where}: expected a file of its own, got {what}; pass "
+                    "another --manifest"
+                )
+        if any(_same(where, p) for p in photos):
+            raise DataError(
+                f"--manifest {where}: expected a file of its own, got a photo being tagged; "
+                "left unchanged: pass another --manifest"
+            )
 
     def photo(
         self, abs_path: str, record: dict[str, Any], image: Image.Image | None, scale: float
@@ -171,7 +235,5 @@ class TagOutputs:
         try:
             write_csv(self.csv, images)
         except OSError as e:
-            raise DataError(
-                f"{self.csv}: expected a writable file, got "
-                f"{e.strerror or type(e).__name__}; check its folder"
-            ) from None
+            got = write_problem(e, self.csv.parent, "check its folder's permissions")
+            raise DataError(f"{self.csv}: expected a writable file, got {got}") from None

@@ -12,6 +12,7 @@ waiting photo keeps only its crops (and what the caller attached to it).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from facetag.data.images import Photo, decode_photo, file_sha256
+from facetag.data.images import Photo, decode_photo, file_sha256, photo_key
 from facetag.errors import DataError
 from facetag.inference.align import embed_crops
 
@@ -55,11 +56,33 @@ class _PhotoSource(Dataset[Any]):
         path = self.paths[i]
         try:
             sha = file_sha256(path)
-            if self.done.get(str(path.resolve())) == sha:
+            if self.done.get(photo_key(path)) == sha:
                 return Skipped(path, sha)
             return decode_photo(path, self.max_side, sha256=sha)
         except DataError as e:
             return Failed(path, str(e))
+
+
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity, else the machine's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def worker_count(asked: int) -> tuple[int, str | None]:
+    """(decoding processes to start, the line saying so when ``asked`` was cut down).
+
+    More processes than cores only add memory (each holds a decoded photo, up to ~0.5 GB
+    for a 100-megapixel one) and start-up time: 1000 took 9.6 GB and 111 s for 2 photos.
+    """
+    n = cores()
+    if asked <= n:
+        return max(0, asked), None
+    return n, (
+        f"--workers {asked}: expected at most {n} (the cores this process may use), got "
+        f"{asked}; using {n}"
+    )
 
 
 def _keep(item: Any) -> Any:
@@ -75,10 +98,12 @@ def iter_photos(
 ) -> Iterator[Photo | Skipped | Failed]:
     """Photos in order, hashed and decoded by ``workers`` processes (0: this one).
 
-    ``done`` maps absolute paths to the sha256 of a finished record: those photos come
-    back as Skipped without being decoded. At most 2 photos per worker are decoded ahead.
+    ``done`` maps photo_keys (absolute paths) to the sha256 of a finished record: those
+    photos come back as Skipped without being decoded. At most 2 photos per worker are
+    decoded ahead. ``workers`` is capped at the cores (see worker_count).
     """
     source = _PhotoSource(paths, max_side, done or {})
+    workers = worker_count(workers)[0]
     if workers <= 0:
         for i in range(len(source)):
             yield source[i]

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from facetag.data.images import Photo, find_images
+from facetag.data.images import Photo, Scan, photo_key, scan_photos, scan_problems
 from facetag.errors import DataError
 from facetag.inference.align import (
     DEFAULT_MARGIN,
@@ -44,7 +44,7 @@ from facetag.inference.outputs import (
     manifest_path,
     register_manifest,
 )
-from facetag.inference.pipeline import FaceBatcher, Failed, Skipped, iter_photos
+from facetag.inference.pipeline import FaceBatcher, Failed, Skipped, iter_photos, worker_count
 from facetag.inference.xmp import SidecarName
 from facetag.metrics.names import Score, read_expected, score_tags
 from facetag.progress import Meter, ProgressFn
@@ -78,6 +78,7 @@ class TagRun:
     resumed: int  # photos taken from the manifest
     manifest: Path | None = None
     score: Score | None = None  # with TagOptions.expected
+    not_read: str = ""  # what the scan left out on purpose: data.images.Scan.summary()
 
 
 @dataclass
@@ -95,6 +96,7 @@ class _Job:
     manifest: Manifest | None
     outputs: TagOutputs
     gallery_photos: int
+    scan: Scan
     errors: list[dict[str, str]] = field(default_factory=list)
     results: dict[str, dict[str, Any]] = field(default_factory=dict)  # absolute path -> JSON
 
@@ -113,7 +115,7 @@ def _plan(
 ) -> _Job:
     """Check the gallery and every output place, open the manifest, find finished photos."""
     emb, det = models.embedder, models.detector
-    gallery = load_gallery(gallery_path, expect_model=emb.version)
+    gallery = load_gallery(gallery_path, expect_model=emb.version, expect_dim=emb.net.embedding_dim)
     names = gallery.names()
     if not names:
         raise DataError(
@@ -126,9 +128,12 @@ def _plan(
         errors.append({"path": str(path), "error": message})
         say(message)
 
-    photos = find_images(paths, opts.recursive, on_problem=problem)
-    root = Path(os.path.commonpath([str(p.resolve().parent) for p in photos]))
-    TagOutputs.check(opts.csv, opts.annotate, root)
+    # Our own output folder is never scanned: its copies are not photos to tag again.
+    exclude = [opts.annotate] if opts.annotate is not None else []
+    scan = scan_photos(paths, opts.recursive, exclude=exclude)
+    photos = scan_problems(scan, paths, problem)
+    root = Path(os.path.commonpath([os.path.realpath(p.parent) for p in photos]))
+    TagOutputs.check(opts.csv, opts.annotate, root, photos=photos, gallery=gallery_path)
     key = {
         "detector": det.name,
         "embedder": emb.version,
@@ -140,10 +145,11 @@ def _plan(
     manifest = None
     if opts.resume:
         where = manifest_path(opts.manifest, opts.csv, opts.annotate, root, gallery_path)
+        TagOutputs.check_manifest(where, opts.csv, photos, gallery_path)
         check_writable(where.parent, "the manifest")
         manifest = Manifest.open(where)
         register_manifest(gallery_path, where)
-    abs_of = {p: str(p.resolve()) for p in photos}
+    abs_of = {p: photo_key(p) for p in photos}
     wanted = {"xmp": opts.xmp, "annotated": opts.annotate is not None}
     xmp = XmpOptions(opts.xmp_unknown, opts.sidecar_name) if opts.xmp else None
     done = {}
@@ -178,6 +184,7 @@ def _plan(
         manifest,
         outputs,
         gallery.photos(),
+        scan,
         errors,
     )
 
@@ -218,8 +225,14 @@ def tag_photos(
     FacetagError before any photo is touched.
     """
     opts = options or TagOptions()
+    say = on_message or (lambda _: None)
     expected = read_expected(opts.expected) if opts.expected is not None else None
-    job = _plan(paths, gallery_path, models, opts, on_message or (lambda _: None))
+    job = _plan(paths, gallery_path, models, opts, say)
+    if expected is not None and opts.expected is not None:
+        _check_expected(opts.expected, expected, job.photos)
+    workers, capped = worker_count(opts.workers)
+    if capped:
+        say(capped)
     emb, det = models.embedder, models.detector
     meter = Meter("photos", len(job.photos), progress, "photos/s")
     most = ANNOTATE_PENDING if opts.annotate is not None else opts.batch_size
@@ -239,7 +252,7 @@ def tag_photos(
             meter.step()
 
     try:
-        for item in iter_photos(job.photos, det.settings.max_side, opts.workers, job.done):
+        for item in iter_photos(job.photos, det.settings.max_side, workers, job.done):
             if isinstance(item, Failed):
                 job.outputs.problem(item.path, item.error)
                 meter.step()
@@ -262,6 +275,19 @@ def tag_photos(
     return _finish(job, gallery_path, models, counts, expected)
 
 
+def _check_expected(path: Path, expected: dict[str, list[str]], photos: list[Path]) -> None:
+    """Every photo of --expected must be one this run tags (a wrong folder or a typo would
+    otherwise score as precision 1.0, recall 0.0)."""
+    tagged = {str(p.resolve()) for p in photos}
+    missing = [k for k in expected if k not in tagged]
+    if missing:
+        raise DataError(
+            f"{path}: expected paths of the photos being tagged, got {len(missing)} of "
+            f"{len(expected)} that match none (first: {missing[0]}); paths are relative to "
+            "the CSV's folder: check them and the photos passed"
+        )
+
+
 def _finish(
     job: _Job,
     gallery_path: Path,
@@ -282,6 +308,8 @@ def _finish(
     }
     if job.errors:
         doc["errors"] = job.errors
+    if job.scan.unread or job.scan.hidden:
+        doc["not_read"] = job.scan.counts()
     job.outputs.finish(images)
     if job.manifest is not None:
         job.manifest.compact()
@@ -289,4 +317,12 @@ def _finish(
     if score is not None:
         doc["score"] = score.to_json()
     manifest = job.manifest.path if job.manifest is not None else None
-    return TagRun(doc, len(job.errors), counts["tagged"], counts["resumed"], manifest, score)
+    return TagRun(
+        doc,
+        len(job.errors),
+        counts["tagged"],
+        counts["resumed"],
+        manifest,
+        score,
+        job.scan.summary(),
+    )

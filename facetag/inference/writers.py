@@ -9,29 +9,36 @@ from __future__ import annotations
 
 import csv
 import io
-import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from facetag.atomic import atomic_write
+from facetag.atomic import atomic_write, write_problem
 from facetag.errors import DataError
+from facetag.fsnames import json_text
 
 CSV_COLUMNS = ("path", "x1", "y1", "x2", "y2", "score", "name", "distance", "confidence")
+ANNOTATED_MARK = b"facetag annotated copy"  # the JPEG comment of every annotated copy
 
 
 def to_json(doc: dict[str, Any]) -> str:
-    """The tag document as indented JSON text."""
-    return json.dumps(doc, indent=2, ensure_ascii=False)
+    """The tag document as indented JSON text (non-UTF-8 names as \\udcXX escapes)."""
+    return json_text(doc, indent=2)
 
 
 def csv_text(images: Iterable[dict[str, Any]]) -> str:
     """One row per face: path, x1, y1, x2, y2, score, name ('' = unknown), distance,
-    confidence. Photos without faces have no rows."""
+    confidence. Photos without faces have no rows.
+
+    Lines end in "\\r\\n" (RFC 4180): Python's csv quotes a field only for the characters
+    of its line end, so with "\\n" alone a file name holding "\\r" went out bare and split
+    its row in two for every other reader.
+    """
     buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
+    w = csv.writer(buf, lineterminator="\r\n")
     w.writerow(CSV_COLUMNS)
     for image in images:
         for f in image["faces"]:
@@ -49,8 +56,10 @@ def csv_text(images: Iterable[dict[str, Any]]) -> str:
 
 
 def write_csv(path: Path, images: Iterable[dict[str, Any]]) -> Path:
-    """The CSV of csv_text, written atomically."""
-    atomic_write(path, csv_text(images).encode("utf-8"))
+    """The CSV of csv_text, written atomically as UTF-8. A file name that is not UTF-8
+    (bytes from an old Windows or Samba share) is written as its own bytes, so
+    ``open(csv, errors="surrogateescape")`` reads back the path that opens the photo."""
+    atomic_write(path, csv_text(images).encode("utf-8", "surrogateescape"))
     return path
 
 
@@ -81,17 +90,34 @@ def annotated_path(folder: Path, rel: Path) -> Path:
     return folder / rel.parent / name
 
 
+def is_annotated_copy(path: Path) -> bool:
+    """True when ``path`` is a JPEG that write_annotated wrote (its comment says so)."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return head.startswith(b"\xff\xd8") and ANNOTATED_MARK in head
+
+
 def write_annotated(path: Path, img: Image.Image) -> Path:
-    """Save an annotated copy atomically as JPEG, creating its folders."""
+    """Save an annotated copy atomically as JPEG, creating its folders. Only a file that
+    is itself an annotated copy is replaced: DataError (one line) for anything else there,
+    which is left unchanged."""
+    if os.path.lexists(path) and not is_annotated_copy(path):
+        raise DataError(
+            f"{path}: expected a new file or an annotated copy of facetag's, got another "
+            "file; left unchanged: pass another --annotate folder"
+        )
     buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=90)
+    img.save(buf, format="JPEG", quality=90, comment=ANNOTATED_MARK)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, buf.getvalue())
     except OSError as e:
+        got = write_problem(e, path.parent, "check --annotate's permissions")
         raise DataError(
-            f"{path}: expected a writable folder for the annotated copy, got "
-            f"{e.strerror or type(e).__name__}; check --annotate's permissions"
+            f"{path}: expected a writable folder for the annotated copy, got {got}"
         ) from None
     return path
 

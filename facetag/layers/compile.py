@@ -7,6 +7,7 @@ variant key) and eagerly otherwise, so the maths stays readable in the op's own 
 
 from __future__ import annotations
 
+import logging
 import types
 import warnings
 from collections.abc import Callable
@@ -24,6 +25,16 @@ def _own_code_copy(fn: Callable[..., Any], tag: str) -> Callable[..., Any]:
     """
     code = fn.__code__.replace(co_name=f"{fn.__name__}_{tag}")
     return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+
+
+def _quiet_cpp_extension() -> None:
+    """Keep torch's "No CUDA runtime is found, using CUDA_HOME=..." off users' stderr.
+
+    NOTE: torch.compile's CPU backend imports torch.utils.cpp_extension, which logs that
+    warning on any machine with a CUDA toolkit but no GPU: true, and of no use to someone
+    tagging photos on a CPU. Its errors still show.
+    """
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
 class MaybeCompiled:
@@ -46,6 +57,7 @@ class MaybeCompiled:
         from torch._dynamo.exc import FailOnRecompileLimitHit, TorchDynamoException
 
         if key not in self.compiled:
+            _quiet_cpp_extension()
             fn = _own_code_copy(self.fn, key)
             self.compiled[key] = torch.compile(fn, dynamic=True, fullgraph=True)
         try:

@@ -53,7 +53,7 @@ from facetag.layers.activation import PReLU
 from facetag.layers.conv import Conv2d
 from facetag.layers.fused import BatchNormAct2d
 from facetag.layers.pool import MaxPool2d
-from facetag.models.io import shipped_file
+from facetag.models.io import Words, load_weights, shipped_file
 
 DETECTOR_FORMAT = "facetag-detector/1"
 MAX_CANDIDATES = 2000  # windows kept per pyramid level and per stage (by score)
@@ -420,20 +420,97 @@ def detector_from_state(state: dict[str, Any], name: str, device: str = "cpu") -
             f"{state.get('format', 'a checkpoint without a model format')!r}; pass the "
             "detector.pt that facetag train-detector wrote, or a runs:/ or models:/ URI"
         )
-    widths = {k: tuple(int(v) for v in w) for k, w in state["widths"].items()}
-    cascade = Cascade(widths, list(state["stages"]))
-    cascade.load_state_dict(state["weights"])
+    cascade = Cascade(*_cascade_fields(state, name))
+    weights = state.get("weights")
+    if not isinstance(weights, dict):
+        raise _bad(
+            name, "weights", "the cascade's weights (a state dict)", Words(type(weights).__name__)
+        )
+    load_weights(Path(name), cascade, weights, "weights")
     for kind in cascade.kinds:
         cascade.stage(kind).fuse()
     cascade.to(device).eval()
-    raw = state.get("settings", {})
-    stored: dict[str, Any] = {
-        k: tuple(v) if isinstance(v, list) else v
-        for k, v in raw.items()
-        if k in DetectSettings.__dataclass_fields__
-    }
-    settings = DetectSettings(**stored)
+    settings = _settings(state.get("settings", {}), name)
+
     return Detector(cascade, settings, name, device, state)
+
+
+def _bad(name: str, field: str, expected: str, got: object) -> ModelError:
+    shown = str(got) if isinstance(got, Words) else repr(got)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    return ModelError(
+        f"{name}: expected {field} to be {expected}, got {shown}; pass a detector.pt that "
+        "facetag train-detector wrote"
+    )
+
+
+def _cascade_fields(
+    state: dict[str, Any], name: str
+) -> tuple[dict[str, tuple[int, ...]], list[str]]:
+    """(widths per stage, stages) of a detector file, checked field by field."""
+    stages = state.get("stages")
+    valid = [list(STAGE_SIZES)[:n] for n in (1, 2, 3)]
+    if stages not in valid:
+        raise _bad(name, "stages", "pnet, rnet and optionally onet, in order", stages)
+    raw = state.get("widths")
+    if not isinstance(raw, dict):
+        raise _bad(name, "widths", "channel counts per stage", raw)
+    widths: dict[str, tuple[int, ...]] = {}
+    for kind in stages:
+        w = raw.get(kind, list(DEFAULT_WIDTHS[kind]))
+        n = len(DEFAULT_WIDTHS[kind])
+        ok = isinstance(w, list | tuple) and len(w) == n
+        if not ok or not all(isinstance(v, int) and not isinstance(v, bool) for v in w):
+            raise _bad(name, f"widths.{kind}", f"{n} channel counts", w)
+        if not all(1 <= v <= 1024 for v in w):
+            raise _bad(name, f"widths.{kind}", "channel counts in [1, 1024]", w)
+        widths[kind] = tuple(w)
+    return widths, list(stages)
+
+
+# Each stored setting's allowed range (inclusive unless noted): a NaN threshold or a
+# 0-px face would silently find nothing in every photo.
+_SETTING_RANGES: dict[str, tuple[float, float]] = {
+    "min_face": (4.0, 10_000.0),
+    "scale_factor": (0.1, 0.95),
+    "threshold": (0.0, 1.0),
+    "nms_per_scale": (0.05, 1.0),
+    "nms_stage": (0.05, 1.0),
+    "nms_final": (0.05, 1.0),
+    "nested_final": (0.05, 1.0),
+    "max_side": (48, 20_000),
+}
+
+
+def _settings(raw: Any, name: str) -> DetectSettings:
+    """The stored DetectSettings, each field checked (unknown keys are ignored: a newer
+    facetag may store more)."""
+    if not isinstance(raw, dict):
+        raise _bad(name, "settings", "a table of detection settings", raw)
+    stored: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in DetectSettings.__dataclass_fields__:
+            continue
+        field = f"settings.{key}"
+        if key == "stage_thresholds":
+            ok = isinstance(value, list | tuple) and len(value) <= 2
+            if not ok or not all(_number_in(v, 0.0, 1.0) for v in value):
+                raise _bad(
+                    name, field, "probabilities in [0, 1], one per stage but the last", value
+                )
+            stored[key] = tuple(float(v) for v in value)
+            continue
+        lo, hi = _SETTING_RANGES[key]
+        if not _number_in(value, lo, hi) or (key == "max_side" and not isinstance(value, int)):
+            kind = "an integer" if key == "max_side" else "a number"
+            raise _bad(name, field, f"{kind} in [{lo:g}, {hi:g}]", value)
+        stored[key] = value
+    return DetectSettings(**stored)
+
+
+def _number_in(value: Any, lo: float, hi: float) -> bool:
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    return ok and math.isfinite(value) and lo <= value <= hi
 
 
 def shipped_detector() -> Path:

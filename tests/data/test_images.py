@@ -12,6 +12,7 @@ from PIL import Image
 
 from facetag.data.images import (
     IMAGE_EXTENSIONS,
+    decode_photo,
     find_images,
     image_size,
     is_image_file,
@@ -107,17 +108,41 @@ def test_image_size_without_orientation_is_the_stored_size(tmp_path):
     assert np.asarray(load_image(path, mode="L"))[:, :12].mean() < 20
 
 
-def test_load_image_damaged_exif_keeps_the_pixels(tmp_path, monkeypatch):
+def test_load_image_damaged_exif_keeps_the_pixels_and_warns_nothing(tmp_path):
+    stored = np.zeros((16, 32), dtype=np.uint8)
+    stored[:, 16:] = 255
     path = tmp_path / "odd.jpg"
-    _exif_jpeg(path, orientation=6)
-
-    def broken(image, **kwargs):
-        raise SyntaxError("not a TIFF file")
-
-    monkeypatch.setattr("PIL.ImageOps.exif_transpose", broken)
-    img = np.asarray(load_image(path, mode="L"))  # stored orientation, and still readable
+    # A TIFF header whose first IFD offset points far past the block: Pillow's
+    # "Corrupt EXIF data" territory.
+    Image.fromarray(stored).save(path, exif=b"Exif\x00\x00II*\x00\xff\xff\x00\x00garbage")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        img = np.asarray(load_image(path, mode="L"))  # stored orientation, and still readable
+        assert image_size(path) == (32, 16)
     assert img.shape == (16, 32)
     assert img[:, :12].mean() < 20
+
+
+def test_png_exif_after_the_image_data_is_applied(tmp_path):
+    """A PNG may carry its eXIf chunk after IDAT: the size and pixels are still rotated."""
+    stored = np.zeros((16, 32), dtype=np.uint8)
+    stored[:, 16:] = 255
+    buf = io.BytesIO()
+    Image.fromarray(stored).save(buf, format="PNG")
+    exif = Image.Exif()
+    exif[ORIENTATION] = 6
+    body = exif.tobytes()
+    chunk = struct.pack(">I", len(body)) + b"eXIf" + body
+    chunk += struct.pack(">I", zlib.crc32(b"eXIf" + body))
+    data = buf.getvalue()
+    iend = data.rindex(b"IEND") - 4
+    path = tmp_path / "late.png"
+    path.write_bytes(data[:iend] + chunk + data[iend:])
+    img = np.asarray(load_image(path, mode="L"))
+    assert img.shape == (32, 16)  # displayed (H, W)
+    assert img[:12].mean() < 20  # the stored left half is on top
+    photo = decode_photo(path)
+    assert (photo.width, photo.height) == (16, 32)
 
 
 @pytest.mark.parametrize("name", ["deep.png", "deep.pgm"])
@@ -283,7 +308,7 @@ def test_find_images_errors(tmp_path):
 
 
 def test_is_image_file_matches_extensions_in_any_case(tmp_path):
-    assert IMAGE_EXTENSIONS == (".jpg", ".jpeg", ".png", ".pgm", ".gif", ".bmp", ".webp")
-    for name, expected in [("a.JPG", True), ("b.Gif", True), ("c.tif", False), (".d.png", False)]:
+    assert {".jpg", ".png", ".webp", ".tif", ".tiff", ".heic", ".dng"} <= set(IMAGE_EXTENSIONS)
+    for name, expected in [("a.JPG", True), ("b.Gif", True), ("c.psd", False), (".d.png", False)]:
         (tmp_path / name).write_bytes(b"x")
         assert is_image_file(tmp_path / name) is expected

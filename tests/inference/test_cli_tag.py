@@ -307,3 +307,193 @@ def test_embed_json_gives_each_face_an_embedding(setup: dict[str, str]):
     assert len(face["embedding"]) == 8
     assert sum(v * v for v in face["embedding"]) == pytest.approx(1.0, abs=1e-4)  # unit length
     assert doc["model"]["embedder"].startswith("embedder-")
+
+
+def _enrolled(s: dict[str, str]) -> list[str]:
+    """The enrolment every test below tags with; returns the common tag options."""
+    opts = ["--gallery", s["gallery"], "--model", s["model"], "--detector", "none"]
+    assert invoke("enroll", s["people"], *opts, "--device", "cpu").exit_code == 0
+    return opts
+
+
+@pytest.mark.parametrize("target", ["photo", "gallery", "foreign"])
+def test_csv_never_replaces_a_photo_the_gallery_or_a_foreign_file(
+    setup: dict[str, str], target: str
+):
+    s = setup
+    opts = _enrolled(s)
+    path = {
+        "photo": Path(s["photos"], "a.png"),
+        "gallery": Path(s["gallery"]),
+        "foreign": Path(s["tmp"], "budget.csv"),
+    }[target]
+    if target == "foreign":
+        path.write_text("month,spent\njan,12\n")
+    before = path.read_bytes()
+    r = invoke("tag", s["photos"], *opts, "--csv", str(path))
+    assert r.exit_code == 1, r.output
+    assert r.stderr.count("error:") == 1
+    assert "left unchanged: pass another --csv" in r.stderr
+    assert path.read_bytes() == before
+    ours = Path(s["tmp"], "out", "t.csv")
+    assert invoke("tag", s["photos"], *opts, "--csv", str(ours)).exit_code == 0
+    again = invoke("tag", s["photos"], *opts, "--csv", str(ours))  # our own CSV: replaced
+    assert again.exit_code == 0, again.output
+
+
+def test_manifest_never_is_the_gallery_or_a_photo(setup: dict[str, str]):
+    s = setup
+    opts = _enrolled(s)
+    for path in (Path(s["gallery"]), Path(s["photos"], "b.png")):
+        before = path.read_bytes()
+        r = invoke("tag", s["photos"], *opts, "--manifest", str(path))
+        assert r.exit_code == 1
+        assert r.stderr.count("error:") == 1
+        assert path.read_bytes() == before
+
+
+def test_annotate_inside_the_tree_is_not_scanned_and_never_overwrites(setup: dict[str, str]):
+    s = setup
+    opts = _enrolled(s)
+    lib = Path(s["photos"])
+    save(lib / "sub" / "a.png", pattern(5))  # tagged too (--recursive)
+    out = lib / "sub"  # the annotated copy of lib/a.png would be lib/sub/a.png.jpg ...
+    save(out / "a.png.jpg", pattern(6))  # ... where the user has a photo of that name
+    before = (out / "a.png.jpg").read_bytes()
+    r = invoke("tag", str(lib), "--recursive", *opts, "--annotate", str(out), "--json")
+    assert r.exit_code == 1
+    doc = json.loads(r.stdout)
+    assert sorted(Path(im["path"]).name for im in doc["images"]) == ["a.png", "b.png", "c.png"]
+    assert [e["error"] for e in doc["errors"]] == [
+        f"{out / 'a.png.jpg'}: expected a new file or an annotated copy of facetag's, got "
+        "another file; left unchanged: pass another --annotate folder"
+    ]
+    assert (out / "a.png.jpg").read_bytes() == before
+    assert (out / "b.png.jpg").is_file()
+    rerun = invoke("tag", str(lib), "--recursive", *opts, "--annotate", str(out), "--json")
+    assert len(json.loads(rerun.stdout)["images"]) == 3  # our copies are not photos to tag
+
+
+def test_one_bad_path_argument_is_one_line(setup: dict[str, str]):
+    import os
+
+    s = setup
+    opts = _enrolled(s)
+    fifo = Path(s["tmp"], "p.jpg")
+    os.mkfifo(fifo)
+    folder = Path(s["tmp"], "d.jpg")
+    folder.mkdir()
+    for path, what in [(fifo, "got a named pipe (FIFO)"), (folder, "expected image files")]:
+        r = invoke("tag", str(path), *opts)
+        assert r.exit_code == 1
+        assert r.stderr.count("\n") == 2, r.stderr  # "device: cpu", then the one line
+        assert what in r.stderr
+
+
+def test_missing_photo_path_fails_before_the_models_load(
+    setup: dict[str, str], monkeypatch: pytest.MonkeyPatch
+):
+    import facetag.inference.models as models
+
+    def never(*args, **kwargs):
+        raise AssertionError("the models were loaded")
+
+    monkeypatch.setattr(models, "load_models", never)
+    s = setup
+    r = invoke("tag", f"{s['tmp']}/nope", "--gallery", s["gallery"], "--model", s["model"])
+    assert r.exit_code == 1
+    assert "nope: expected an image file or a folder, got no such path" in r.stderr
+    r = invoke("enroll", f"{s['tmp']}/nobody", "--gallery", s["gallery"], "--model", s["model"])
+    assert r.exit_code == 1
+    assert "nobody: expected a folder of person folders" in r.stderr
+    r = invoke("embed", f"{s['tmp']}/nope", "--model", s["model"])
+    assert r.exit_code == 1
+
+
+def test_csv_in_a_folder_where_no_file_can_be_made(setup: dict[str, str]):
+    s = setup
+    opts = _enrolled(s)
+    r = invoke("tag", s["photos"], *opts, "--csv", "/proc/out.csv")
+    assert r.exit_code == 1
+    assert r.stderr.count("error:") == 1
+    assert (
+        "/proc: expected a writable folder for the CSV, got a folder where no file can be "
+        "made (No such file or directory); choose another folder" in r.stderr
+    )
+
+
+def test_workers_beyond_the_cores_are_capped_with_a_line(setup: dict[str, str]):
+    from facetag.inference.pipeline import cores
+
+    s = setup
+    opts = _enrolled(s)
+    r = invoke("tag", s["photos"], *opts, "--workers", "1000", "--json")
+    assert r.exit_code == 0, r.output
+    n = cores()
+    assert f"--workers 1000: expected at most {n} (the cores this process may use), got " in (
+        r.stderr
+    )
+    assert f"using {n}" in r.stderr
+    assert len(json.loads(r.stdout)["images"]) == 3
+
+
+def test_expected_paths_that_match_no_tagged_photo_are_an_error(setup: dict[str, str]):
+    s = setup
+    opts = _enrolled(s)
+    wrong = Path(s["tmp"], "expected.csv")
+    wrong.write_text("image,names\nelsewhere/a.png,Alice\n")
+    r = invoke("tag", s["photos"], *opts, "--expected", str(wrong))
+    assert r.exit_code == 1
+    assert "expected paths of the photos being tagged, got 1 of 1 that match none" in r.stderr
+    right = Path(s["tmp"], "ok.csv")
+    right.write_text("image,names\nphotos/a.png,Alice\nphotos/b.png,Bob\n")
+    r = invoke("tag", s["photos"], *opts, "--expected", str(right))
+    assert r.exit_code == 0, r.output
+
+
+def test_nan_options_are_usage_errors(setup: dict[str, str]):
+    s = setup
+    for args in (
+        ["detect", s["photos"], "--min-face", "nan"],
+        ["detect", s["photos"], "--threshold", "nan"],
+        ["tag", s["photos"], "--gallery", s["gallery"], "--threshold", "nan"],
+    ):
+        r = invoke(*args)
+        assert r.exit_code == 2, (args, r.output)
+
+
+def test_tif_and_heic_are_tagged(setup: dict[str, str]):
+    from PIL import Image
+
+    s = setup
+    opts = _enrolled(s)
+    Image.fromarray(pattern(1)).save(Path(s["photos"], "scan.tif"))
+    Image.fromarray(pattern(2)).save(Path(s["photos"], "phone.HEIC"), quality=95)
+    r = invoke("tag", s["photos"], *opts, "--json", "--threshold", "0.005")
+    assert r.exit_code == 0, r.output
+    names = {Path(im["path"]).name: im["faces"][0]["name"] for im in json.loads(r.stdout)["images"]}
+    assert names["scan.tif"] == "Alice"
+    assert names["phone.HEIC"] == "Bob"
+
+
+def test_non_utf8_names_round_trip_through_every_output(setup: dict[str, str]):
+    import csv
+    import os
+
+    s = setup
+    opts = _enrolled(s)
+    name = os.fsdecode(b"caf\xe9_\xff.png")  # Latin-1 bytes, as an old share stored them
+    save(Path(s["photos"], name), pattern(1))
+    out = Path(s["tmp"], "out")
+    args = ["tag", s["photos"], *opts, "--csv", str(out / "t.csv"), "--json"]
+    for _ in range(2):  # the second run resumes it from the manifest
+        r = invoke(*args)
+        assert r.exit_code == 0, r.output
+        doc = json.loads(r.stdout)
+        assert Path(s["photos"], name) in [Path(im["path"]) for im in doc["images"]]
+    plain = invoke("tag", s["photos"], *opts)
+    assert "caf\\xe9_\\xff.png: Alice" in plain.stdout  # shown as its bytes, not a crash
+    with (out / "t.csv").open(encoding="utf-8", errors="surrogateescape", newline="") as f:
+        paths = [row["path"] for row in csv.DictReader(f)]
+    assert str(Path(s["photos"], name)) in paths
+    assert (out / "facetag-manifest.jsonl").read_bytes().decode("utf-8")  # valid UTF-8
