@@ -200,7 +200,7 @@ class Schema(typing.Generic[C]):
         """
         values, origin = self._empty()
         if path is not None:
-            _merge_sections(_read_toml(path), str(path), values, origin, self.sections)
+            _merge_sections(read_toml(path), str(path), values, origin, self.sections)
         apply_overrides(overrides or {}, values, origin, self.sections, self.flag_keys)
         return self.build(values, origin)
 
@@ -273,7 +273,7 @@ def apply_overrides(
         origin[dotted] = where
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def read_toml(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
             doc: dict[str, Any] = tomllib.load(f)

@@ -63,6 +63,13 @@ class DetectorTrainConfig:
     box_weight: float = 0.5  # loss = BCE(face) + box_weight * smooth L1(box offsets)
     landmark_weight: float = 1.0  # ... + landmark_weight * smooth L1(landmarks), ONet (MTCNN: 1)
     ohem: float = 0.7  # share of each batch's labelled patches whose face loss counts (1 = all)
+    # The landmark phase, after the ONet's epochs: the ONet again, on its patches with
+    # landmarks and as many without, the landmark loss near L1 (beta) and weighted up, so
+    # that the 10 coordinates get gradients as large as the face score's (0 = no phase).
+    landmark_epochs: int = 0
+    landmark_lr: float = 1e-3  # a fine-tune: a third of lr
+    landmark_beta: float = 0.02  # smooth L1's beta on landmarks in the phase (stages: 1)
+    landmark_phase_weight: float = 5.0  # landmark_weight in the phase
     jitter_per_face: int = 20  # windows sampled around each face (pos / part / none)
     negatives_per_image: int = 60  # random windows anywhere in a photo
     near_negatives_per_face: int = 4  # windows next to each face
@@ -110,6 +117,10 @@ LIMITS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.box_weight": (lambda v: v >= 0, "a value >= 0"),
     "train.landmark_weight": (lambda v: v >= 0, "a value >= 0"),
     "train.ohem": (lambda v: 0 < v <= 1, "a share in (0, 1]"),
+    "train.landmark_epochs": (lambda v: v >= 0, "an integer >= 0"),
+    "train.landmark_lr": (lambda v: v > 0, "a value > 0"),
+    "train.landmark_beta": (lambda v: v > 0, "a value > 0"),
+    "train.landmark_phase_weight": (lambda v: v >= 0, "a value >= 0"),
     "train.jitter_per_face": (lambda v: v >= 1, "an integer >= 1"),
     "train.negatives_per_image": (lambda v: v >= 0, "an integer >= 0"),
     "train.near_negatives_per_face": (lambda v: v >= 0, "an integer >= 0"),

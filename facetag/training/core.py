@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from facetag.checkpoint import load_checkpoint, save_checkpoint
-from facetag.config import Schema
+from facetag.config import Schema, read_toml
 from facetag.errors import ConfigError, TrainingError
 from facetag.training.health import GradientHealth
 
@@ -54,19 +54,39 @@ def resolve_config(
     command: str,
 ) -> C:
     """defaults < TOML < flags; a resumed run takes the config stored in its checkpoint,
-    changed only by the flags in ``allowed`` (--epochs to extend it, --device to move it)."""
+    changed only by the flags in ``allowed`` (--epochs to extend it, --device to move it).
+
+    A run started by an older facetag stores fewer settings than this one has: resumed
+    with --config, it takes the settings it lacks from that TOML, which must agree with
+    every setting it stored (so a newer phase, such as the detector's landmark epochs,
+    can finish a run without starting it again)."""
     if resume is None:
         return schema.load(config_path, overrides)
     ckpt = run_checkpoint(resume, command)
     changed = sorted(k for k, v in overrides.items() if k not in allowed and v is not None)
-    if changed or config_path is not None:
-        what = ", ".join(f"--{k.replace('_', '-')}" for k in changed) or "--config"
-        flags = " or ".join(f"--{k}" for k in allowed)
+    flags = " or ".join(f"--{k}" for k in allowed)
+    if changed:
+        what = ", ".join(f"--{k.replace('_', '-')}" for k in changed)
         raise ConfigError(
             f"--resume {resume}: {what} cannot change a run that has started; resume "
             f"with only --resume (and optionally {flags})"
         )
-    stored = schema.from_dict(load_checkpoint(ckpt)["config"], source=str(ckpt))
+    raw: dict[str, dict[str, Any]] = load_checkpoint(ckpt)["config"]
+    if config_path is not None:
+        toml = schema.to_dict(schema.load(config_path))
+        written = read_toml(config_path)  # the settings the file itself sets
+        for section, values in toml.items():
+            for key, value in values.items():
+                if key not in written.get(section, {}) or key not in raw.get(section, {}):
+                    continue
+                if raw[section][key] != value:
+                    raise ConfigError(
+                        f"--resume {resume}: --config {config_path} sets {section}.{key} to "
+                        f"{value!r}, the run has {raw[section][key]!r}; a run that has started "
+                        f"cannot change: resume with only --resume (and optionally {flags})"
+                    )
+        raw = {s: {**toml.get(s, {}), **raw.get(s, {})} for s in {*toml, *raw}}
+    stored = schema.from_dict(raw, source=str(ckpt))
     kept = {k: v for k, v in overrides.items() if k in allowed}
     return schema.with_flags(stored, kept, f"--resume {resume}")
 

@@ -1,6 +1,7 @@
 """The detector commands end to end: detect, evaluate-detector, bench detect, train-detector."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
+from facetag.checkpoint import load_checkpoint, save_checkpoint
 from facetag.cli import app
 from facetag.models.detector import load_detector
 
@@ -254,3 +256,62 @@ def test_bench_detect_against_mtcnn_times_both_or_says_how_to_install(tiny_model
     assert out["mtcnn"]["ratio"] == pytest.approx(
         out["photos_per_s"] / out["mtcnn"]["photos_per_s"], rel=1e-2
     )
+
+
+def test_landmark_phase_trains_the_onet_after_its_stage_and_resumes(tmp_path, tracked):
+    """With teacher landmarks and landmark_epochs, the run ends in that many
+    "onet-landmarks" epochs, each with a landmark loss and a validation landmark error; a
+    run from a facetag without the phase gets it by resuming with --config."""
+    root = _faces_dataset(tmp_path / "data")
+    lines = (root / "gt.txt").read_text().split("\n")
+    images: dict[str, list[dict]] = {}
+    i = 0
+    while i < len(lines) - 1:  # every ellipse gets five points inside it
+        name, n = lines[i], int(lines[i + 1])
+        faces = []
+        for k in range(n):
+            x, y, w, h = (float(v) for v in lines[i + 2 + k].split()[:4])
+            pts = [[x + w * a, y + h * b] for a, b in MARKS]
+            faces.append({"box": [x, y, x + w, y + h], "landmarks": pts, "index": k})
+        images[f"images/{name}"] = faces
+        i += 2 + n
+    doc = {"format": "facetag-landmarks/1", "images": images}
+    (root / "marks.json").write_text(json.dumps(doc))
+    toml = TINY_TOML.replace('stages = ["pnet", "rnet"]', 'stages = ["pnet", "rnet", "onet"]')
+    toml = toml.replace("[model]", f'landmarks = "{root / "marks.json"}"\n\n[model]')
+    toml = toml.replace("[train]", "onet_widths = [4, 8, 8, 16, 16]\n\n[train]")
+    (root / "tiny.toml").write_text(toml)
+    args = ["--config", str(root / "tiny.toml"), "--data", str(root), "--device", "cpu"]
+    r = _cli(["train-detector", *args, "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["epochs"] == 3  # 1 per stage, no phase by default
+
+    # As if an older facetag had written the run: its config lacks the phase's settings.
+    ckpt = tmp_path / "runs" / out["run_id"] / "checkpoint.pt"
+    state = load_checkpoint(ckpt)
+    del state["config"]["train"]["landmark_epochs"]
+    save_checkpoint(ckpt, state)
+    (root / "more.toml").write_text(toml + "landmark_epochs = 2\n")
+    resume = ["train-detector", "--resume", out["run_id"], "--config"]
+    more = _cli([*resume, str(root / "more.toml"), "--json"])
+    assert more.exit_code == 0, more.output
+    out = json.loads(more.stdout)
+    assert out["epochs"] == 5
+    stages = [h["stage"] for h in out["history"]]
+    assert stages == ["pnet", "rnet", "onet", "onet-landmarks", "onet-landmarks"]
+    for h in out["history"][2:]:
+        assert math.isfinite(h["landmark_loss"] or math.nan)
+        assert math.isfinite(h["val_landmark_error"] or math.nan)
+    assert "onet-landmarks epoch   5/5" in more.stderr
+    again = _cli(["train-detector", "--resume", out["run_id"], "--json"])
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["epochs"] == 5
+    # A TOML that contradicts a setting the run stored is refused.
+    (root / "other.toml").write_text(toml.replace("epochs = 1", "epochs = 2"))
+    bad = _cli([*resume, str(root / "other.toml")])
+    assert bad.exit_code == 1
+    assert "sets train.epochs to 2, the run has 1" in bad.stderr
+
+
+MARKS = ((0.3, 0.4), (0.7, 0.4), (0.5, 0.6), (0.35, 0.78), (0.65, 0.78))

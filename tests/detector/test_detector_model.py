@@ -140,6 +140,9 @@ def test_landmark_loss_matches_torch_reference():
     ref = F.smooth_l1_loss(lm.view(8, 10)[keep], marks[keep], reduction="sum")
     assert loss.n_marks == 5
     torch.testing.assert_close(loss.marks, ref)
+    near_l1 = detector_losses(net, x, labels, offsets, marks, landmark_beta=0.02)  # the phase's
+    ref = F.smooth_l1_loss(lm.view(8, 10)[keep], marks[keep], reduction="sum", beta=0.02)
+    torch.testing.assert_close(near_l1.marks, ref)
 
 
 def test_ohem_counts_only_the_hardest_share_of_face_losses():
