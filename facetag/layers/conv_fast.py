@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from facetag.layers import _threads as threads
 from facetag.layers._util import Pair, is_channels_last
 
 # Bytes of im2col columns built per matmul in conv2d_grad_weight: small enough that a block
@@ -72,9 +73,9 @@ def grad_weight_im2col(
 ) -> Tensor:
     """grad_weight = sum over positions of grad_out (x) receptive field, block by block.
 
-    NOTE: one function of ~95 lines on purpose: the two layouts, the reused block buffers
-    and the block loop share their index arithmetic, which split apart would be harder to
-    check against the formula than read in one place.
+    NOTE: one function of ~110 lines on purpose: the two layouts, the per-worker block
+    buffers and the block loop share their index arithmetic, which split apart would be
+    harder to check against the formula than read in one place.
 
     With cols[(c, u, v), r] the receptive field of output position r = (n, i, j) and
     g[r, f] = grad_out[n, f, i, j], grad_weight[f, (c, u, v)] = sum_r cols[..., r] g[r, f]:
@@ -82,7 +83,9 @@ def grad_weight_im2col(
     Materialising cols whole costs KH*KW copies of x in memory traffic; building it a few
     image rows at a time keeps each block in cache from its copy to its matmul. The zero
     padding is built per block too: the block's input rows go into a small buffer whose
-    border stays zero, so x is never copied whole.
+    border stays zero, so x is never copied whole. The blocks run block-parallel
+    (facetag.layers._threads): each worker builds and multiplies whole blocks with one
+    intra-op thread, each chunk of blocks sums into its own slot, the slots are added last.
 
     Layouts, so that every copy moves contiguous runs and g is a view where possible:
     channels_last x with C/groups >= 8 gives cols rows (n, i, j) x (u, v, c) (runs of C
@@ -103,18 +106,23 @@ def grad_weight_im2col(
         g = grad_out.permute(0, 2, 3, 1).unflatten(3, (G, Fg))  # (N, H_out, W_out, G, Fg)
     else:
         g = grad_out.unflatten(1, (G, Fg)).permute(1, 2, 0, 3, 4)  # (G, Fg, N, H_out, W_out)
+    n_workers = threads.workers()
     rows = max(1, IM2COL_BLOCK_BYTES // (x.element_size() * KKC * G * W_out))
+    rows = min(rows, -(-N * H_out // n_workers))  # at least one block per worker
     if not go_rows and rows > H_out and H_out * W_out >= 1024:
         # An NCHW grad_out block spanning several images is a copy; one image already gives
         # the matmul a long enough inner dimension, and keeps it a view.
         rows = H_out
+    blocks = list(_blocks(N, H_out, rows))
     b_max, rows_max = max(1, rows // H_out), min(rows, H_out)  # images, output rows per block
-    # Buffers reused by every block (a fresh multi-MiB tensor per block costs page faults):
-    # `slab` holds a block's zero-padded input rows, `buf` its columns.
+    # Each worker reuses its own buffers block after block (a fresh multi-MiB tensor per
+    # block costs page faults): `slab` holds a block's zero-padded input rows, `buf` its
+    # columns.
     S_h, P_h = stride[0], padding[0]
     span_h = dilation[0] * (KH - 1) + 1
     Wp = W + 2 * padding[1]
     slab_rows = (rows_max - 1) * S_h + span_h
+    recording = _recording(x, grad_out)
 
     def buffers() -> tuple[Tensor, Tensor]:
         if rows_major:
@@ -122,13 +130,16 @@ def grad_weight_im2col(
             return slab, x.new_empty(b_max * rows_max * W_out, G, KKC)  # (R, G, KKC)
         return x.new_zeros(b_max, C, slab_rows, Wp), x.new_empty(G, KKC, b_max * rows_max * W_out)
 
-    slab_buf, buf = buffers()
-    # Accumulate grad_weight transposed, (KKC, Fg) per group: with Fg and KKC small (the
+    per_worker: dict[int, tuple[Tensor, Tensor]] = {}
+    # grad_weight is accumulated transposed, (KKC, Fg) per group: with Fg and KKC small (the
     # first layer: 32 and 27) MKL's matmul runs 20-25% faster in this orientation.
-    gw_t = grad_out.new_zeros(G, KKC, Fg)  # (G, KKC, Fg), KKC in cols' order
-    for n0, n1, i0, i1 in _blocks(N, H_out, rows):
-        if _recording(x, grad_out) and (n0, i0) != (0, 0):
-            slab_buf, buf = buffers()  # autograd saved the last block's: no reuse
+    parts = threads.chunks(len(blocks), n_workers)
+    gw_parts = grad_out.new_empty(len(parts), G, KKC, Fg)  # (K, G, KKC, Fg), KKC in cols' order
+
+    def block(worker: int, n0: int, n1: int, i0: int, i1: int, acc: Tensor, first: bool) -> None:
+        if recording or worker not in per_worker:
+            per_worker[worker] = buffers()  # recording: autograd saved the last ones
+        slab_buf, buf = per_worker[worker]
         b, R = n1 - n0, (n1 - n0) * (i1 - i0) * W_out
         r0, r1 = i0 * S_h - P_h, (i1 - 1) * S_h - P_h + span_h  # the x rows the block reads
         lo, hi = min(max(r0, 0), r1), max(min(r1, H), r0)  # of which inside x
@@ -152,11 +163,18 @@ def grad_weight_im2col(
             g_blk = g[n0:n1, i0:i1].reshape(-1, G, Fg).transpose(0, 1)  # (G, R, Fg), a view
         else:
             g_blk = g[:, :, n0:n1, i0:i1].reshape(G, Fg, -1).transpose(1, 2)  # (G, R, Fg)
+        beta = 0.0 if first else 1.0  # beta 0: the slot's old contents are ignored
         if G == 1:
-            gw_t[0].addmm_(cols[0], g_blk[0])
+            acc[0].addmm_(cols[0], g_blk[0], beta=beta)
         else:
-            gw_t.baddbmm_(cols, g_blk)
-    gw = gw_t.transpose(1, 2)  # (G, Fg, KKC)
+            acc.baddbmm_(cols, g_blk, beta=beta)
+
+    def chunk(worker: int, k: int) -> None:
+        for j in parts[k]:
+            block(worker, *blocks[j], gw_parts[k], j == parts[k][0])
+
+    threads.for_each(len(parts), chunk, parallel=not recording)
+    gw = (gw_parts.sum(0) if len(parts) > 1 else gw_parts[0]).transpose(1, 2)  # (G, Fg, KKC)
     if rows_major:
         gw = gw.reshape(F_, KH, KW, Cg)  # (F, KH, KW, Cg)
         return gw.permute(0, 3, 1, 2)  # (F, Cg, KH, KW) in channels_last
@@ -194,7 +212,7 @@ def _combine(out: Tensor, a: Tensor, b: Tensor | None = None, alpha: float = 1.0
 def grad_weight_winograd(grad_out: Tensor, x: Tensor, padding: Pair) -> Tensor:
     """grad_weight of a 3x3, stride-1, undilated, ungrouped conv by Winograd F(2x2, 3x3).
 
-    NOTE: ~90 lines on purpose, like grad_weight_im2col: the tile transforms and the block
+    NOTE: ~100 lines on purpose, like grad_weight_im2col: the tile transforms and the block
     loop over them share one set of buffers and offsets.
 
     y is linear in w: y = A^T [(G w G^T) * V] A per tile, with V = B^T d B, so
@@ -204,7 +222,8 @@ def grad_weight_winograd(grad_out: Tensor, x: Tensor, padding: Pair) -> Tensor:
     That is 16 matmuls of (F, tiles) @ (tiles, C): 16/36 of the multiply-adds of the direct
     correlation, for a few elementwise passes that build U and V a few images at a time.
     An odd H_out or W_out is padded with zero grad_out (and x with a zero row or column);
-    x is zero-padded a block of images at a time, in a reused buffer.
+    x is zero-padded a block of images at a time, in a reused buffer. The blocks run
+    block-parallel (facetag.layers._threads), each chunk of blocks summing into its own M.
     """
     N, C = x.shape[0], x.shape[1]
     F_, H_out, W_out = grad_out.shape[1], grad_out.shape[2], grad_out.shape[3]
@@ -217,12 +236,17 @@ def grad_weight_winograd(grad_out: Tensor, x: Tensor, padding: Pair) -> Tensor:
     cl = is_channels_last(grad_out)
     g6 = grad_out.unflatten(2, (A, 2)).unflatten(4, (B, 2))  # (N, F, A, 2, B, 2)
     tile_bytes = 16 * A * B * (F_ + C) * x.element_size()
-    nb = max(1, min(N, WINOGRAD_BLOCK_BYTES // tile_bytes))  # images per block
+    n_workers = threads.workers()
+    # Blocks of equal size (the loop's end waits for the largest), at least one per worker.
+    n_blocks = min(N, max(-(-N * tile_bytes // WINOGRAD_BLOCK_BYTES), n_workers))
+    nb = -(-N // n_blocks)  # images per block
+    recording = _recording(x, grad_out)
 
     def buffers() -> tuple[Tensor, ...]:
-        """Buffers reused by every block, laid out so each elementwise pass writes the
-        operand's fastest axis (F or C for channels_last, W otherwise) contiguously. The
-        first holds a block of images zero-padded: its border is never written, so stays 0.
+        """Buffers a worker reuses block after block, laid out so each elementwise pass
+        writes the operand's fastest axis (F or C for channels_last, W otherwise)
+        contiguously. The first holds a block of images zero-padded: its border is never
+        written, so stays 0.
         """
         if cl:
             return (
@@ -240,11 +264,15 @@ def grad_weight_winograd(grad_out: Tensor, x: Tensor, padding: Pair) -> Tensor:
             x.new_empty(4, 4, C, nb, A, B).transpose(2, 3),  # (4, 4, nb, C, A, B)
         )
 
-    xp_buf, uh_buf, u_buf, vh_buf, v_buf = buffers()
-    M = x.new_zeros(16, F_, C)  # (4*4, F, C)
-    for n0 in range(0, N, nb):
-        if _recording(x, grad_out) and n0 > 0:
-            xp_buf, uh_buf, u_buf, vh_buf, v_buf = buffers()  # autograd saved the last ones
+    per_worker: dict[int, tuple[Tensor, ...]] = {}
+    starts = range(0, N, nb)
+    parts = threads.chunks(len(starts), n_workers)
+    M_parts = x.new_empty(len(parts), 16, F_, C)  # (K, 4*4, F, C)
+
+    def block(worker: int, n0: int, M: Tensor, first: bool) -> None:
+        if recording or worker not in per_worker:
+            per_worker[worker] = buffers()  # recording: autograd saved the last ones
+        xp_buf, uh_buf, u_buf, vh_buf, v_buf = per_worker[worker]
         n = min(N, n0 + nb) - n0
         uh, U, vh, V = uh_buf[:, :n], u_buf[:, :, :n], vh_buf[:, :n], v_buf[:, :, :n]
         # U = A g A^T, rows then columns: (g0, g1) -> (g0, g0 + g1, g0 - g1, g1)
@@ -273,14 +301,22 @@ def grad_weight_winograd(grad_out: Tensor, x: Tensor, padding: Pair) -> Tensor:
         _combine(V[:, 2], c2, c1, -1.0)
         _combine(V[:, 3], c1, c3, -1.0)
         # M accumulates as (F, C) per (s, t): 10-20% faster in MKL than (C, F) here
+        beta = 0.0 if first else 1.0  # beta 0: the slot's old contents are ignored
         if cl:
             Um = U.permute(0, 1, 2, 4, 5, 3).reshape(16, -1, F_)  # (16, n*A*B, F), a view
             Vm = V.permute(0, 1, 2, 4, 5, 3).reshape(16, -1, C)  # (16, n*A*B, C), a view
-            M.baddbmm_(Um.transpose(1, 2), Vm)
+            M.baddbmm_(Um.transpose(1, 2), Vm, beta=beta)
         else:
             Um = U.transpose(2, 3).reshape(16, F_, -1)  # (16, F, n*A*B), a view
             Vm = V.transpose(2, 3).reshape(16, C, -1)  # (16, C, n*A*B), a view
-            M.baddbmm_(Um, Vm.transpose(1, 2))
+            M.baddbmm_(Um, Vm.transpose(1, 2), beta=beta)
+
+    def chunk(worker: int, k: int) -> None:
+        for j in parts[k]:
+            block(worker, starts[j], M_parts[k], j == parts[k][0])
+
+    threads.for_each(len(parts), chunk, parallel=not recording)
+    M = M_parts.sum(0) if len(parts) > 1 else M_parts[0]  # (16, F, C)
     G = torch.tensor(_WINOGRAD_G, dtype=x.dtype, device=x.device)  # (4, 3)
     gw = torch.einsum("su,stfc,tv->fcuv", G, M.view(4, 4, F_, C), G)  # (F, C, 3, 3)
     return gw.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
