@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +14,7 @@ import typer
 from facetag.cli._app import app, bench_app
 from facetag.cli._common import Device, DeviceOpt, JsonOpt, distance, echo, fail, model_ref
 from facetag.cli.progress import ProgressBar
-from facetag.errors import FacetagError
+from facetag.errors import DataError, FacetagError
 from facetag.inference.xmp import NOTE, SidecarName
 
 EmbedderOpt = Annotated[
@@ -116,7 +117,18 @@ def tag(
     gallery: Annotated[Path, typer.Option(dir_okay=False, help="From facetag enroll.")],
     recursive: Annotated[bool, typer.Option(help="Look in sub-folders too.")] = False,
     as_json: JsonOpt = False,
-    csv: Annotated[Path | None, typer.Option(dir_okay=False, help="Write a CSV here.")] = None,
+    jsonl: Annotated[
+        bool, typer.Option("--jsonl", help="Print one JSON line per photo as it finishes.")
+    ] = False,
+    plain: Annotated[
+        bool,
+        typer.Option(
+            "--plain", help="Print path,name per face as each photo finishes (for pipes)."
+        ),
+    ] = False,
+    csv: Annotated[
+        Path | None, typer.Option(dir_okay=False, help="Write a CSV here; - prints it.")
+    ] = None,
     xmp: Annotated[
         bool, typer.Option(help="Write face regions and people keywords to XMP sidecars.")
     ] = False,
@@ -148,14 +160,32 @@ def tag(
     """Name the faces in PHOTOS; rerunning skips finished photos. Exit 1 if any failed."""
     from facetag.data.images import require_paths
     from facetag.inference.tag import TagOptions, tag_photos
-    from facetag.inference.writers import format_tags, to_json
+    from facetag.inference.writers import csv_text, format_tags, to_json
     from facetag.metrics.names import format_score
 
+    csv_out = csv is not None and str(csv) == "-"
+    stdout = [
+        n
+        for n, on in (
+            ("--json", as_json),
+            ("--jsonl", jsonl),
+            ("--plain", plain),
+            ("--csv -", csv_out),
+        )
+        if on
+    ]
+    if len(stdout) > 1:
+        raise fail(
+            DataError(
+                f"{' and '.join(stdout)}: expected one output on stdout, got {len(stdout)}; "
+                "keep one (write the CSV to a file with --csv FILE)"
+            )
+        )
     options = TagOptions(
         recursive=recursive,
         batch_size=batch_size,
         workers=workers,
-        csv=csv,
+        csv=None if csv_out else csv,
         xmp=xmp or xmp_unknown,
         xmp_unknown=xmp_unknown,
         sidecar_name=sidecar_name,
@@ -168,20 +198,59 @@ def tag(
         models = load_for_gallery(gallery, model, detector, device, threshold)
         with ProgressBar() as bar:
             run = tag_photos(
-                photos, gallery, models, options, on_message=_say(bar), progress=bar.update
+                photos,
+                gallery,
+                models,
+                options,
+                on_message=_say(bar),
+                progress=bar.update,
+                on_photo=_json_line if jsonl else _plain_lines if plain else None,
             )
     except FacetagError as e:
         raise fail(e) from None
     if as_json:
         typer.echo(to_json(run.doc))
-    else:
+    elif csv_out:
+        _stdout(csv_text(run.doc["images"]))
+    elif not (jsonl or plain):
         echo(format_tags(run.doc))
-        if run.score is not None:
-            echo(format_score(run.score))
+    if run.score is not None and not as_json:
+        echo(format_score(run.score), err=bool(stdout))
     if run.not_read:
         echo(run.not_read, err=True)
     if run.failed:
         raise typer.Exit(code=1)
+
+
+def _stdout(text: str) -> None:
+    """``text`` on stdout now, file names that are not UTF-8 as their own bytes (the bytes
+    that open the photo, as in write_csv)."""
+    sys.stdout.buffer.write(text.encode("utf-8", "surrogateescape"))
+    sys.stdout.buffer.flush()
+
+
+def _json_line(result: dict[str, Any]) -> None:
+    """tag --jsonl: one photo's result as one JSON line, flushed as it finishes."""
+    from facetag.fsnames import json_text
+
+    _stdout(json_text(result) + "\n")
+
+
+def _plain_lines(result: dict[str, Any]) -> None:
+    """tag --plain: face_recognition's output, ``path,name`` per face (unknown_person),
+    ``path,no_persons_found`` for a photo without faces; a path holding a comma or a quote
+    is quoted as in a CSV. A photo that could not be read has its error on stderr only."""
+    import csv as csvlib
+    import io
+
+    if "error" in result:
+        return
+    buf = io.StringIO()
+    w = csvlib.writer(buf, lineterminator="\n")
+    names = [f["name"] or "unknown_person" for f in result["faces"]] or ["no_persons_found"]
+    for name in names:
+        w.writerow([result["path"], name])
+    _stdout(buf.getvalue())
 
 
 @app.command()

@@ -215,8 +215,12 @@ def tag_photos(
     *,
     on_message: MessageFn | None = None,
     progress: ProgressFn | None = None,
+    on_photo: Callable[[dict[str, Any]], None] | None = None,
 ) -> TagRun:
     """Tag every photo of ``paths`` (files or folders) with the people of the gallery.
+
+    ``on_photo`` gets each photo's JSON result as soon as it is finished or taken from the
+    manifest (``{"path", "error"}`` for a photo that could not be read): ``tag --jsonl``.
 
     Problems with single photos or their outputs are passed to on_message (one line
     each) and the run goes on; so are notes that are not failures (they start with
@@ -226,6 +230,7 @@ def tag_photos(
     """
     opts = options or TagOptions()
     say = on_message or (lambda _: None)
+    emit = on_photo or (lambda _: None)
     expected = read_expected(opts.expected) if opts.expected is not None else None
     job = _plan(paths, gallery_path, models, opts, say)
     if expected is not None and opts.expected is not None:
@@ -250,18 +255,21 @@ def tag_photos(
             job.results[a] = result
             counts["tagged"] += 1
             meter.step()
+            emit(result)
 
     try:
         for item in iter_photos(job.photos, det.settings.max_side, workers, job.done):
             if isinstance(item, Failed):
                 job.outputs.problem(item.path, item.error)
                 meter.step()
+                emit({"path": str(item.path), "error": item.error})
             elif isinstance(item, Skipped):
                 assert job.manifest is not None
                 a = job.abs_of[item.path]
                 job.results[a] = {**job.manifest.records[a]["result"], "path": str(item.path)}
                 counts["resumed"] += 1
                 meter.step(worked=False)
+                emit(job.results[a])
             else:
                 faces = find_faces(det, item)
                 crops = photo_crops(det, item, faces, emb, opts.margin)

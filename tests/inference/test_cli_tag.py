@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
 
@@ -497,3 +499,58 @@ def test_non_utf8_names_round_trip_through_every_output(setup: dict[str, str]):
         paths = [row["path"] for row in csv.DictReader(f)]
     assert str(Path(s["photos"], name)) in paths
     assert (out / "facetag-manifest.jsonl").read_bytes().decode("utf-8")  # valid UTF-8
+
+
+def test_csv_dash_prints_the_csv_and_makes_no_file(
+    setup: dict[str, str], monkeypatch: pytest.MonkeyPatch
+):
+    s = setup
+    opts = _enrolled(s)
+    monkeypatch.chdir(s["tmp"])
+    ours = Path(s["tmp"], "t.csv")
+    assert invoke("tag", s["photos"], *opts, "--csv", str(ours)).exit_code == 0
+    r = invoke("tag", s["photos"], *opts, "--csv", "-")
+    assert r.exit_code == 0, r.output
+    assert r.stdout_bytes == ours.read_bytes()  # the same CSV, nothing else on stdout
+    assert r.stdout.splitlines()[0].startswith("path,x1,y1,x2,y2")
+    assert not Path(s["tmp"], "-").exists()
+
+
+def test_jsonl_streams_one_result_per_photo_and_again_on_resume(setup: dict[str, str]):
+    s = setup
+    opts = _enrolled(s)
+    Path(s["photos"], "d.png").write_bytes(b"not a photo")
+    whole = invoke("tag", s["photos"], *opts, "--json")
+    r = invoke("tag", s["photos"], *opts, "--jsonl")
+    assert r.exit_code == 1  # d.png failed, as with --json
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [Path(x["path"]).name for x in lines] == ["a.png", "b.png", "c.png", "d.png"]
+    assert lines[:3] == json.loads(whole.stdout)["images"]
+    assert "error" in lines[3] and "d.png" in r.stderr
+    again = invoke("tag", s["photos"], *opts, "--jsonl")  # resumed: the manifest's records
+    assert [json.loads(line) for line in again.stdout.splitlines()][:3] == lines[:3]
+
+
+def test_plain_prints_path_comma_name_like_face_recognition(setup: dict[str, str]):
+    s = setup
+    opts = _enrolled(s)
+    Path(s["photos"], "e,1.png").write_bytes(Path(s["photos"], "a.png").read_bytes())
+    r = invoke("tag", s["photos"], *opts, "--plain")
+    assert r.exit_code == 0, r.output
+    rows = [(Path(p).name, n) for p, n in csv.reader(io.StringIO(r.stdout))]
+    assert rows == [
+        ("a.png", "Alice"),
+        ("b.png", "Bob"),
+        ("c.png", "unknown_person"),
+        ("e,1.png", "Alice"),  # a comma in the path: quoted as in a CSV
+    ]
+    assert r.stdout.splitlines()[3].endswith('e,1.png",Alice')
+
+
+def test_two_outputs_on_stdout_are_a_usage_error(setup: dict[str, str]):
+    s = setup
+    opts = _enrolled(s)
+    r = invoke("tag", s["photos"], *opts, "--json", "--csv", "-")
+    assert r.exit_code == 1
+    assert "--json and --csv -: expected one output on stdout, got 2" in r.stderr
+    assert r.stdout == ""
