@@ -134,6 +134,9 @@ def ui(
         argv, url = ui_command(port, host)
     except FacetagError as e:
         raise fail(e) from None
+    if not argv:
+        typer.echo(f"MLflow dashboard: {url}  (the tracking server's; MLFLOW_TRACKING_URI)")
+        return
     typer.echo(f"MLflow dashboard: {url}  (Ctrl-C stops it)")
     with contextlib.suppress(KeyboardInterrupt):
         subprocess.run(argv, check=False)

@@ -111,9 +111,58 @@ def tracking_uri() -> str:
     """
     uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
     if uri:
+        _check_database_driver(uri)
         return uri
     Path("experiments").mkdir(exist_ok=True)
     return DEFAULT_URI
+
+
+_DATABASE_SCHEMES = ("postgresql", "postgres", "mysql", "mssql")
+
+
+def _check_database_driver(uri: str) -> None:
+    """A database store whose Python driver is missing is one line, not SQLAlchemy's traceback.
+
+    SQLAlchemy picks the driver from the URI (``postgresql://`` is psycopg 3 since 2.1,
+    ``postgresql+psycopg2://`` asks for psycopg2); its dialect says which module it imports.
+    """
+    scheme = uri.split(":", 1)[0].lower()
+    if scheme.split("+", 1)[0] not in _DATABASE_SCHEMES:
+        return
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        dialect = make_url(uri).get_dialect()
+        dialect.import_dbapi()
+    except (ArgumentError, NoSuchModuleError) as e:
+        raise ConfigError(f"MLFLOW_TRACKING_URI={scheme}://...: {e}; check the URI") from None
+    except ImportError as e:
+        module = getattr(e, "name", None) or dialect.driver
+        postgres = scheme.startswith("postgres")
+        fix = "pip install 'facetag[team]'" if postgres else f"pip install {module}"
+        raise ConfigError(
+            f"MLFLOW_TRACKING_URI={scheme}://...: its database driver {module} is not "
+            f"installed; {fix}"
+        ) from None
+
+
+def _fresh_run_name() -> str:
+    """MLflow's adjective-animal-NNN name, drawn from the OS, not the seeded ``random``.
+
+    Training seeds Python's ``random`` before the run starts, and MLflow draws default
+    names from it: every run of a seed got the same name. The training's state is kept.
+    """
+    import random
+
+    from mlflow.utils.name_utils import _generate_random_name
+
+    state = random.getstate()
+    random.seed()  # from os.urandom
+    try:
+        return str(_generate_random_name())  # type: ignore[no-untyped-call]
+    finally:
+        random.setstate(state)
 
 
 def safe_name(name: str) -> str:
@@ -192,6 +241,7 @@ class Tracker:
         if parent_run_id is not None:
             _get_run(client, parent_run_id, f"parent run {parent_run_id}", uri)
             all_tags["mlflow.parentRunId"] = parent_run_id
+        run_name = run_name or _fresh_run_name()
         run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
         return cls(client, run.info.run_id, experiment_id, uri)
 
@@ -266,7 +316,10 @@ class Tracker:
         if message:
             line = message.strip().splitlines()[0] if message.strip() else message
             self.client.set_tag(self.run_id, FAILURE_TAG, _text(line, _MAX_TAG_LENGTH))
-        self.client.set_terminated(self.run_id, status)
+        # MLflow prints "View run ... at: URL" to stdout under a tracking server: stdout
+        # carries --json output, so the link goes to stderr with the progress.
+        with contextlib.redirect_stdout(sys.stderr):
+            self.client.set_terminated(self.run_id, status)
         self.ended = True
 
     def log_params(self, params: Mapping[str, object]) -> dict[str, tuple[str, str]]:
@@ -616,8 +669,13 @@ def resolve_model(spec: str, *, calibrated: bool = False) -> ModelRef:
 def ui_command(port: int = 5000, host: str = "127.0.0.1") -> tuple[list[str], str]:
     """argv that starts the MLflow dashboard on the project's store, and its URL.
 
+    Under a tracking server (``MLFLOW_TRACKING_URI=http(s)://...``) the dashboard is the
+    server's own: argv is empty and the URL is the server's.
     Raises ConfigError when ``port`` is already taken (checked now; a race is unlikely).
     """
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        return [], uri.rstrip("/")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         in_use = s.connect_ex((host, port)) == 0
     if in_use:
@@ -625,7 +683,6 @@ def ui_command(port: int = 5000, host: str = "127.0.0.1") -> tuple[list[str], st
             f"--port {port}: expected a free port, got one in use (a dashboard may already "
             f"run at http://{host}:{port}); pick another with --port {port + 1}"
         )
-    uri = tracking_uri()
     argv = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri]
     argv += ["--host", host, "--port", str(port)]
     return argv, f"http://{host}:{port}"
