@@ -33,14 +33,23 @@ def runs_dir() -> Path:
     return Path(os.environ.get("FACETAG_RUNS_DIR", "experiments/runs"))
 
 
+CHECKPOINT_ARTIFACT = "checkpoint/checkpoint.pt"  # the latest epoch's, in the MLflow run
+
+
 def run_checkpoint(resume: str, command: str) -> Path:
     """The checkpoint of run ``resume``; ConfigError (one line) when there is none."""
     ckpt = runs_dir() / resume / "checkpoint.pt"
     if not ckpt.is_file():
-        raise ConfigError(
-            f"--resume {resume}: expected a checkpoint at {ckpt}, got none; "
-            f"check the run id ({command} prints it) and FACETAG_RUNS_DIR"
-        )
+        # A teammate's run, or a machine that lost its runs folder: each epoch's checkpoint
+        # is also in the run's MLflow artifacts.
+        from facetag.training.tracking import download_checkpoint
+
+        if not download_checkpoint(resume, CHECKPOINT_ARTIFACT, ckpt):
+            raise ConfigError(
+                f"--resume {resume}: expected a checkpoint at {ckpt} or in the run's MLflow "
+                f"artifacts, got none; check the run id ({command} prints it), "
+                f"FACETAG_RUNS_DIR and MLFLOW_TRACKING_URI"
+            )
     return ckpt
 
 
@@ -209,6 +218,11 @@ class TrackedRun:
     ) -> None:
         self.tracker.log_metrics(dict(metrics), step=step)
         self.tracker.log_layer_health(health, step=step)
+
+    def checkpoint(self, path: Path) -> None:
+        """Copy the epoch's checkpoint into the run (CHECKPOINT_ARTIFACT), replacing the last:
+        ``--resume`` on another machine continues from it."""
+        self.tracker.log_file(path, CHECKPOINT_ARTIFACT.rsplit("/", 1)[0])
 
     def failed(self, message: str, interrupted: bool = False) -> None:
         if self.tracker is not None and not self.tracker.ended:

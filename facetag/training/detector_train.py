@@ -622,6 +622,8 @@ def _finish_epoch(
         config=DETECTOR.to_dict(config),
         run_id=run.run_id,
     )
+    if run.hooks is not None:
+        run.hooks.checkpoint(run.run_dir / "checkpoint.pt")
 
 
 def _train_landmarks(run: _Run) -> None:

@@ -402,6 +402,8 @@ def train(
                     config=config_to_dict(config),
                     run_id=run_id,
                 )
+                if hooks is not None:
+                    hooks.checkpoint(run_dir / "checkpoint.pt")
     except TrainingError as e:
         if dist.is_main and hooks is not None:
             hooks.failed(str(e))

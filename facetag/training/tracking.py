@@ -666,6 +666,24 @@ def resolve_model(spec: str, *, calibrated: bool = False) -> ModelRef:
     return ModelRef(path, spec, threshold)
 
 
+def download_checkpoint(run_id: str, artifact: str, dest: Path) -> bool:
+    """Fetch artifact ``artifact`` of run ``run_id`` to ``dest`` (atomically); False when the
+    store has no such run or artifact."""
+    uri = tracking_uri()
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    try:
+        client.get_run(run_id)
+        with tempfile.TemporaryDirectory() as tmp:
+            got = Path(client.download_artifacts(run_id, artifact, tmp))
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            staged = dest.with_name(f".{dest.name}.download")
+            shutil.copyfile(got, staged)
+            os.replace(staged, dest)
+    except (MlflowException, OSError):
+        return False
+    return True
+
+
 def ui_command(port: int = 5000, host: str = "127.0.0.1") -> tuple[list[str], str]:
     """argv that starts the MLflow dashboard on the project's store, and its URL.
 

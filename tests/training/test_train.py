@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -70,7 +71,8 @@ def _history(run_id: str, root: Path) -> list[dict]:
     return load_checkpoint(root / "runs" / run_id / "checkpoint.pt")["history"]
 
 
-def test_resume_after_interruption_ends_with_same_metrics(env):
+@pytest.mark.parametrize("where", ["local", "mlflow"])
+def test_resume_after_interruption_ends_with_same_metrics(env, where):
     overrides = {"data": str(env["data"]), "epochs": 3}
     full = run_training(SMOKE, overrides)
 
@@ -89,6 +91,8 @@ def test_resume_after_interruption_ends_with_same_metrics(env):
     assert killed.info.status == "KILLED"
     run_id = killed.info.run_id
     assert len(_history(run_id, env["root"])) == 2  # epochs 1-2 were checkpointed
+    if where == "mlflow":  # a teammate resumes: only the MLflow store has the checkpoint
+        shutil.rmtree(env["root"] / "runs" / run_id)
     resumed = run_training(None, {}, resume=run_id)
     assert resumed["run_id"] == run_id
     assert resumed["test_accuracy"] == full["test_accuracy"]
@@ -104,6 +108,7 @@ def test_resume_unknown_run_is_one_line_error(env):
     result = _cli(["train", "--resume", "0123456789abcdef"])
     assert result.exit_code == 1
     assert "--resume 0123456789abcdef" in result.stderr
+    assert "or in the run's MLflow artifacts, got none" in result.stderr
     assert "Traceback" not in result.output
 
 
