@@ -97,6 +97,7 @@ class TrainConfig:
     device: Device = "auto"  # auto = cuda when available; the device used is logged
     num_workers: int = 0  # DataLoader workers; 0 = main process (images are in memory)
     grad_clip: float = 0.0  # max global gradient norm; 0 = off
+    health_every: int = 10  # per-layer gradient health of every N-th step, to MLflow
     init: str = ""  # start from this model file's embedder weights (dlib-resnet: required)
     # Knowledge distillation: + distill_weight * smooth L1 between the embedding and the
     # frozen init network's on the same augmented image, so a fine-tuned metric (and its
@@ -171,6 +172,7 @@ LIMITS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.seed": (_ge0, "an integer >= 0"),
     "train.num_workers": (_ge0, "an integer >= 0"),
     "train.grad_clip": (_ge0, "a norm >= 0 (0 = off)"),
+    "train.health_every": (_ge1, "an integer >= 1"),
     "train.distill_weight": (_ge0, "a weight >= 0 (0 = off)"),
 }
 

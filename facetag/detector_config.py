@@ -77,6 +77,7 @@ class DetectorTrainConfig:
     max_patches: int = 250000  # per stage, after balancing
     seed: int = 0  # split, sampling, init and order
     device: Device = "auto"
+    health_every: int = 10  # per-layer gradient health of every N-th step, to MLflow
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,7 @@ LIMITS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.landmark_weight": (lambda v: v >= 0, "a value >= 0"),
     "train.ohem": (lambda v: 0 < v <= 1, "a share in (0, 1]"),
     "train.landmark_epochs": (lambda v: v >= 0, "an integer >= 0"),
+    "train.health_every": (lambda v: v >= 1, "an integer >= 1"),
     "train.landmark_lr": (lambda v: v > 0, "a value > 0"),
     "train.landmark_beta": (lambda v: v > 0, "a value > 0"),
     "train.landmark_phase_weight": (lambda v: v >= 0, "a value >= 0"),

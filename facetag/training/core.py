@@ -141,7 +141,7 @@ def optimizer_step(ctx: StepContext, batch: int) -> float:
             f"{ctx.where}: the gradient of layer '{bad}' became NaN or infinite at batch "
             f"{batch}; {ctx.hint}"
         )
-    ctx.health.before_step()
+    ctx.health.before_step(ctx.sched.last_epoch)  # the schedule counts steps, across resumes
     if ctx.clip > 0 and ctx.model is not None:
         clip_gradients(ctx.model, ctx.clip)
     lr = float(ctx.opt.param_groups[0]["lr"])
@@ -213,11 +213,17 @@ class TrackedRun:
 
         self.tracker = Tracker.resume(run_id, experiment=experiment)
 
-    def epoch(
-        self, metrics: Mapping[str, float], step: int, health: dict[str, tuple[float, float]]
-    ) -> None:
-        self.tracker.log_metrics(dict(metrics), step=step)
-        self.tracker.log_layer_health(health, step=step)
+    def epoch(self, metrics: Mapping[str, float], epoch: int, health: GradientHealth) -> None:
+        """The epoch's metrics (at step ``epoch``), its sampled steps' layer health (at their
+        optimiser steps) and the health figure by depth."""
+        from facetag.training.figures import gradient_health_figure
+
+        self.tracker.log_metrics(dict(metrics), step=epoch)
+        if health.samples:
+            self.tracker.log_health_samples(health.samples)
+            figure = gradient_health_figure(health.samples, f"epoch {epoch}")
+            name = f"{health.prefix or 'model.'}epoch_{epoch:03d}.png"
+            self.tracker.log_figure(figure, f"figures/gradient_health/{name}")
 
     def checkpoint(self, path: Path) -> None:
         """Copy the epoch's checkpoint into the run (CHECKPOINT_ARTIFACT), replacing the last:

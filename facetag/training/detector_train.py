@@ -577,7 +577,8 @@ def _train_stage(run: _Run, s_index: int, kind: str) -> None:
         opt.load_state_dict(run.opt_state["optimizer"])
         sched.load_state_dict(run.opt_state["scheduler"])
         run.opt_state = None
-    ctx = StepContext(opt, sched, GradientHealth(net), "", "lower --lr")
+    health = GradientHealth(net, config.train.health_every, f"{kind}.")
+    ctx = StepContext(opt, sched, health, "", "lower --lr")
     for epoch in range(max(first, run.start_epoch), last + 1):
         record = _train_epoch(run, ctx, net, train_set, epoch, kind, config.train.landmark_weight)
         _finish_epoch(run, ctx, record, val_set, s_index, kind, steps)
@@ -611,8 +612,7 @@ def _finish_epoch(
         task = _epoch_task(kind, epoch, run.epochs)
         run.progress(Progress(task, steps, steps, figures, summary, epoch))
     if run.hooks is not None:
-        health = {f"{kind}.{k}": v for k, v in ctx.health.summary().items()}
-        run.hooks.epoch(record.metrics(), epoch, health)
+        run.hooks.epoch(record.metrics(), epoch, ctx.health)
     save_run_checkpoint(
         run.run_dir,
         weights={"cascade": run.cascade.state_dict()},
@@ -654,7 +654,9 @@ def _train_landmarks(run: _Run) -> None:
         opt.load_state_dict(run.opt_state["optimizer"])
         sched.load_state_dict(run.opt_state["scheduler"])
         run.opt_state = None
-    ctx = StepContext(opt, sched, GradientHealth(net), "", "lower --landmark-lr")
+    # its own names: the phase's schedule counts steps from 0 again
+    health = GradientHealth(net, t.health_every, "onet_landmarks.")
+    ctx = StepContext(opt, sched, health, "", "lower --landmark-lr")
     for epoch in range(max(first, run.start_epoch), first + L):
         g = torch.Generator().manual_seed(t.seed * 1_000_003 + 7919 * epoch)
         n = min(len(marked), len(others))

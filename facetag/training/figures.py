@@ -1,4 +1,4 @@
-"""Figures and tables logged with a run: confusion matrix, curves, mistakes, ROC.
+"""Figures and tables logged with a run: confusion matrix, curves, gradient health, mistakes, ROC.
 
 matplotlib is imported inside the functions (it is slow to import and only training and
 evaluation need it). Figures are built with ``matplotlib.figure.Figure`` on an Agg canvas,
@@ -11,13 +11,16 @@ from __future__ import annotations
 import csv
 import io
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from facetag.metrics.verification import roc_auc
+from facetag.training.health import HEALTHY_UPDATE_RATIO, HealthSample
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -120,6 +123,43 @@ def curves_figure(history: Sequence[Mapping[str, float]]) -> Figure:
         ax.grid(alpha=0.3)
         if found:
             ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def gradient_health_figure(samples: Sequence[HealthSample], title: str) -> Figure:
+    """Every layer on one log-scale plot by depth (model order): the update ratio and the
+    gradient norm, each the median over the sampled steps with a bar from the smallest to
+    the largest, and the healthy update-ratio band (around 1e-3) shaded.
+
+    Vanishing gradients show as early layers falling far below the band, exploding ones as
+    norms climbing by decades towards the input.
+    """
+    layers = list(dict.fromkeys(k for sample in samples for k in sample.layers))
+    if not layers:
+        raise ValueError("gradient_health_figure: expected sampled steps, got none")
+    depth = np.arange(len(layers))
+    fig = _figure(max(7.0, 0.28 * len(layers) + 3), 4.5)
+    ax = fig.add_subplot(1, 1, 1)
+    low, high = HEALTHY_UPDATE_RATIO
+    ax.axhspan(low, high, color="tab:green", alpha=0.15, label="healthy update ratio")
+    for index, (label, marker) in enumerate((("gradient norm", "s"), ("update ratio", "o"))):
+        values = np.array(
+            [[s.layers.get(k, (math.nan, math.nan))[index] for k in layers] for s in samples]
+        )
+        values = np.where(values > 0, values, np.nan)  # log scale: zeros are not drawn
+        with warnings.catch_warnings():  # a layer no step reached is all NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mid = np.nanmedian(values, axis=0)
+            lo, hi = np.nanmin(values, axis=0), np.nanmax(values, axis=0)
+        ax.errorbar(depth, mid, yerr=[mid - lo, hi - mid], fmt=marker, ms=4, capsize=2, label=label)
+    ax.set_yscale("log")
+    ax.set_xticks(depth)
+    ax.set_xticklabels(layers, rotation=70, ha="right", fontsize=6)
+    ax.set_xlabel("layer, input to output")
+    ax.set_title(f"gradient health, {title} ({len(samples)} sampled steps)")
+    ax.grid(alpha=0.3, which="both", axis="y")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
 

@@ -2,14 +2,15 @@
 
 Backpropagation's known failure modes are gradients that vanish (early layers stop
 learning: grad norm and update ratio near 0) or explode (norms grow by orders of
-magnitude, then NaN). ``GradientHealth`` accumulates, over an epoch, the gradient norm of
-every layer and the ratio ||W_after - W_before|| / ||W_before|| of each optimiser step, so
-the dashboard shows both per layer. A healthy update ratio is around 1e-3 per step.
+magnitude, then NaN). ``GradientHealth`` samples, every N optimiser steps, the gradient norm of
+every layer and the ratio ||W_after - W_before|| / ||W_before|| of that step, so the
+dashboard shows both per layer and per step. A healthy update ratio is around 1e-3 per step.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -25,18 +26,39 @@ def layer_parameters(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter
     return groups
 
 
-class GradientHealth:
-    """Accumulates per-layer gradient norms and update ratios over the steps of an epoch."""
+HEALTHY_UPDATE_RATIO = (3e-4, 3e-3)  # the band around 1e-3 the figure marks
 
-    def __init__(self, model: nn.Module) -> None:
+
+@dataclass(frozen=True)
+class HealthSample:
+    """One sampled optimiser step: {layer: (gradient norm, update ratio)}."""
+
+    step: int  # the optimiser step (the schedule's count, so it continues on resume)
+    layers: dict[str, tuple[float, float]]
+
+
+class GradientHealth:
+    """Per-layer gradient norms and update ratios of every ``every``-th optimiser step.
+
+    The samples since ``reset`` are what the dashboard plots per step (``grad_norm/<layer>``,
+    ``update_ratio/<layer>`` at the step) and the per-epoch figure draws by depth. Steps in
+    between skip the weight snapshot, so sampling also costs less than measuring every step.
+    ``prefix`` names the layers of one of several networks ("pnet.").
+    """
+
+    def __init__(self, model: nn.Module, every: int = 10, prefix: str = "") -> None:
+        if every < 1:
+            raise ValueError(f"GradientHealth: expected every >= 1, got {every}")
         self.groups = layer_parameters(model)
+        self.every, self.prefix = every, prefix
         self._before: dict[str, list[Tensor]] = {}
-        self.reset()
+        self._grads: dict[str, float] = {}
+        self._step = -1
+        self.samples: list[HealthSample] = []
 
     def reset(self) -> None:
-        self._grad_sum = dict.fromkeys(self.groups, 0.0)
-        self._ratio_sum = dict.fromkeys(self.groups, 0.0)
-        self._steps = 0
+        """Start a new epoch's samples."""
+        self.samples = []
 
     def first_non_finite(self) -> str | None:
         """The first layer (in model order) whose gradient holds a NaN or an infinity."""
@@ -47,31 +69,45 @@ class GradientHealth:
         return None
 
     @torch.no_grad()
-    def before_step(self) -> None:
-        """Record gradient norms and snapshot weights; call after backward, before step."""
+    def before_step(self, step: int) -> None:
+        """On a sampled ``step``: record gradient norms and snapshot the weights.
+        Call after backward, before optimizer.step()."""
+        self._step = step if step % self.every == 0 else -1
+        if self._step < 0:
+            return
         for layer, params in self.groups.items():
             grads = [p.grad for _, p in params if p.grad is not None]
             if grads:
                 norms = torch._foreach_norm(grads)
-                self._grad_sum[layer] += math.sqrt(sum(float(n) ** 2 for n in norms))
-            self._before[layer] = [p.detach().clone() for _, p in params]
+                self._grads[layer] = math.sqrt(sum(float(n) ** 2 for n in norms))
+                self._before[layer] = [p.detach().clone() for _, p in params]
 
     @torch.no_grad()
     def after_step(self) -> None:
-        """Accumulate ||delta W|| / ||W|| per layer; call right after optimizer.step()."""
+        """On a sampled step: ||delta W|| / ||W|| per layer; call right after optimizer.step()."""
+        if self._step < 0:
+            return
+        layers: dict[str, tuple[float, float]] = {}
         for layer, params in self.groups.items():
             before = self._before.get(layer)
             if before is None:
-                continue
+                continue  # no gradient reached it this step
             delta = sum(
                 float((p - b).pow(2).sum()) for (_, p), b in zip(params, before, strict=True)
             )
             weight = sum(float(b.pow(2).sum()) for b in before)
-            self._ratio_sum[layer] += math.sqrt(delta) / max(math.sqrt(weight), 1e-12)
+            ratio = math.sqrt(delta) / max(math.sqrt(weight), 1e-12)
+            layers[self.prefix + layer] = (self._grads[layer], ratio)
+        self.samples.append(HealthSample(self._step, layers))
         self._before.clear()
-        self._steps += 1
+        self._grads.clear()
+        self._step = -1
 
     def summary(self) -> dict[str, tuple[float, float]]:
-        """{layer: (mean gradient norm, mean update ratio)} over the steps since reset."""
-        n = max(self._steps, 1)
-        return {k: (self._grad_sum[k] / n, self._ratio_sum[k] / n) for k in self.groups}
+        """{layer: (mean gradient norm, mean update ratio)} over the samples since reset."""
+        sums: dict[str, list[float]] = {}
+        for sample in self.samples:
+            for layer, (g, r) in sample.layers.items():
+                acc = sums.setdefault(layer, [0.0, 0.0, 0.0])
+                acc[0], acc[1], acc[2] = acc[0] + g, acc[1] + r, acc[2] + 1
+        return {k: (g / n, r / n) for k, (g, r, n) in sums.items()}

@@ -362,7 +362,7 @@ def train(
     ctx = StepContext(
         opt,
         sched,
-        GradientHealth(model),
+        GradientHealth(model, config.train.health_every),
         "",
         "lower --lr or set [train] grad_clip",
         model,
@@ -392,7 +392,7 @@ def train(
             history.append(stats)
             if dist.is_main:
                 if hooks is not None:
-                    hooks.epoch(stats.metrics(), epoch, health.summary())
+                    hooks.epoch(stats.metrics(), epoch, health)
                 save_run_checkpoint(
                     run_dir,
                     weights={"model": model.state_dict()},

@@ -60,6 +60,8 @@ from facetag.models.io import ModelRef
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+    from facetag.training.health import HealthSample
+
 DEFAULT_URI = "sqlite:///experiments/mlflow.db"
 CHAMPION = "champion"  # the alias of the best registered version on the same data
 MODEL_CHECKPOINT = "checkpoint.pt"  # the facetag checkpoint inside a logged model
@@ -353,6 +355,19 @@ class Tracker:
             metrics[f"grad_norm/{layer}"] = grad_norm
             metrics[f"update_ratio/{layer}"] = update_ratio
         self.log_metrics(metrics, step)
+
+    def log_health_samples(self, samples: Sequence[HealthSample]) -> None:
+        """Log each sampled step's {layer: (grad_norm, update_ratio)} at its optimiser step,
+        in as few requests as MLflow allows."""
+        now = int(time.time() * 1000)
+        batch = [
+            Metric(safe_name(f"{name}/{layer}"), float(value), now, sample.step)
+            for sample in samples
+            for layer, pair in sample.layers.items()
+            for name, value in zip(("grad_norm", "update_ratio"), pair, strict=True)
+        ]
+        for chunk in _chunks(batch, _MAX_METRICS_PER_BATCH):
+            self.client.log_batch(self.run_id, metrics=chunk)
 
     def set_tags(self, tags: Mapping[str, object]) -> None:
         """Set run tags (values as text), e.g. {"device": "cuda:0"}."""

@@ -60,6 +60,15 @@ def test_train_cli_json_records_run_in_mlflow(env):
     assert any(k.startswith("update_ratio/embedder.fc") for k in metrics)
     history = MlflowClient(env["uri"]).get_metric_history(out["run_id"], "val_accuracy")
     assert [m.step for m in history] == [1, 2]
+    # Layer health per optimiser step (2 an epoch), not one mean per epoch; a figure an epoch.
+    grads = MlflowClient(env["uri"]).get_metric_history(out["run_id"], "grad_norm/embedder.fc")
+    assert sorted(m.step for m in grads) == [0, 1, 2, 3]
+    assert all(m.value > 0 for m in grads)
+    pictures = MlflowClient(env["uri"]).list_artifacts(out["run_id"], "figures/gradient_health")
+    assert [a.path.rsplit("/", 1)[1] for a in pictures] == [
+        "model.epoch_001.png",
+        "model.epoch_002.png",
+    ]
     artifacts = {a.path for a in MlflowClient(env["uri"]).list_artifacts(out["run_id"])}
     assert {"config.toml", "confusion_matrix.png", "curves.png", "per_person.csv"} <= artifacts
     assert out["registered_model"] == "facetag-embedder"
