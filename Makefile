@@ -14,7 +14,7 @@ FACETAG_DATA_DIR ?= $(abspath ../shared/data)
 export FACETAG_DATA_DIR
 
 .PHONY: setup install test lint fmt check gradcheck bench demo clean train-orl train-yaleb \
-	sweep ui weights weights-detector weights-embedder crops chips knn landmarks finetune
+	sweep ui ui-check weights weights-detector weights-embedder crops chips knn landmarks finetune
 
 setup: $(STAMP)
 install: $(STAMP)
@@ -72,6 +72,12 @@ sweep: $(STAMP)
 
 ui: $(STAMP)
 	$(BIN)/facetag ui
+
+# The dashboard as people see it: headless Chromium renders a smoke run's page, the
+# registered model and the gradient-health figure from `facetag ui`; screenshots land in
+# out/ui-check/ (apt-get install chromium).
+ui-check: $(STAMP)
+	FACETAG_UI_OUT=out/ui-check $(BIN)/pytest -q tests/training/test_ui_check.py
 
 # Colour, in-the-wild identities the embedder learns from (never knn_examples: that is the
 # test). `facetag data crops` cuts each photo's face with the shipped detector, exactly as
