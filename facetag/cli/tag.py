@@ -111,6 +111,8 @@ def enroll(
     )
 
 
+# Long only in its options (Typer reads them from the signature); the body parses,
+# makes one library call and prints.
 @app.command()
 def tag(
     photos: Annotated[list[Path], typer.Argument(help="Photos or folders of photos.")],

@@ -171,6 +171,8 @@ class Far(str, Enum):
     loose = "1e-2"
 
 
+# Long only in its options (Typer reads them from the signature); the body parses,
+# makes one library call and prints.
 @app.command()
 def evaluate(
     model: Annotated[

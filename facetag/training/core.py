@@ -186,6 +186,36 @@ def save_run_checkpoint(
     )
 
 
+def end_epoch(
+    hooks: TrackedRun | None,
+    metrics: Mapping[str, float],
+    run_dir: Path,
+    *,
+    weights: Mapping[str, Any],
+    ctx: StepContext,
+    epoch: int,
+    history: list[Any],
+    config: dict[str, Any],
+    run_id: str | None,
+) -> None:
+    """What both loops do after an epoch: its metrics and layer health to MLflow, the
+    run checkpoint on disk, then the same checkpoint to the run's artifacts (so a teammate
+    can resume it)."""
+    if hooks is not None:
+        hooks.epoch(metrics, epoch, ctx.health)
+    save_run_checkpoint(
+        run_dir,
+        weights=weights,
+        ctx=ctx,
+        epoch=epoch,
+        history=history,
+        config=config,
+        run_id=run_id,
+    )
+    if hooks is not None:
+        hooks.checkpoint(run_dir / "checkpoint.pt")
+
+
 class TrackedRun:
     """A loop's MLflow run (facetag.training.tracking, imported only when tracking):
     params and the resolved config at the start, metrics and layer health per epoch, the

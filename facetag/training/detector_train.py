@@ -77,11 +77,11 @@ from facetag.training.core import (
     StepContext,
     TrackedRun,
     check_loss,
+    end_epoch,
     optimizer_step,
     param_groups,
     resolve_config,
     runs_dir,
-    save_run_checkpoint,
 )
 from facetag.training.detector_losses import (
     augment,
@@ -611,9 +611,9 @@ def _finish_epoch(
             summary += f", landmark error {record.val_landmark_error:.4f}"
         task = _epoch_task(kind, epoch, run.epochs)
         run.progress(Progress(task, steps, steps, figures, summary, epoch))
-    if run.hooks is not None:
-        run.hooks.epoch(record.metrics(), epoch, ctx.health)
-    save_run_checkpoint(
+    end_epoch(
+        run.hooks,
+        record.metrics(),
         run.run_dir,
         weights={"cascade": run.cascade.state_dict()},
         ctx=ctx,
@@ -622,8 +622,6 @@ def _finish_epoch(
         config=DETECTOR.to_dict(config),
         run_id=run.run_id,
     )
-    if run.hooks is not None:
-        run.hooks.checkpoint(run.run_dir / "checkpoint.pt")
 
 
 def _train_landmarks(run: _Run) -> None:

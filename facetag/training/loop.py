@@ -39,10 +39,10 @@ from facetag.training.core import (
     StepContext,
     TrackedRun,
     check_loss,
+    end_epoch,
     optimizer_step,
     param_groups,
     runs_dir,
-    save_run_checkpoint,
 )
 from facetag.training.health import GradientHealth
 
@@ -373,7 +373,6 @@ def train(
     )
     run_id = dist.broadcast_str(run_id)
     run_dir = runs_dir() / (run_id or "local")
-    health = ctx.health
     epochs = _Epochs(
         dist.wrap(model),
         model,
@@ -391,9 +390,9 @@ def train(
             stats = _train_epoch(epochs, epoch)
             history.append(stats)
             if dist.is_main:
-                if hooks is not None:
-                    hooks.epoch(stats.metrics(), epoch, health)
-                save_run_checkpoint(
+                end_epoch(
+                    hooks,
+                    stats.metrics(),
                     run_dir,
                     weights={"model": model.state_dict()},
                     ctx=ctx,
@@ -402,8 +401,6 @@ def train(
                     config=config_to_dict(config),
                     run_id=run_id,
                 )
-                if hooks is not None:
-                    hooks.checkpoint(run_dir / "checkpoint.pt")
     except TrainingError as e:
         if dist.is_main and hooks is not None:
             hooks.failed(str(e))
@@ -413,6 +410,21 @@ def train(
         if dist.is_main and hooks is not None:
             hooks.failed(f"interrupted; continue with --resume {run_id}", interrupted=True)
         raise
+    return _finish(config, d, model, history, run_id, run_dir, device, dist)
+
+
+def _finish(
+    config: Config,
+    d: _Data,
+    model: FaceClassifier,
+    history: list[EpochStats],
+    run_id: str | None,
+    run_dir: Path,
+    device: str,
+    dist: Any,  # facetag.training.distributed.DistContext
+) -> Trained:
+    """The trained run: its result, the test-set predictions and (rank 0) the model file."""
+    sp, test_set, in_channels = d.split, d.test_set, d.in_channels
     result = TrainResult(
         run_id=run_id,
         test_accuracy=history[-1].val_accuracy,
