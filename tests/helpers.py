@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+
+@contextlib.contextmanager
+def tracking_store(root: Path) -> Iterator[str]:
+    """A throwaway MLflow store (SQLite) and runs folder under ``root``, set in the
+    environment as facetag reads them; yields the tracking URI."""
+    import pytest
+
+    uri = f"sqlite:///{root}/mlflow.db"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("FACETAG_RUNS_DIR", str(root / "runs"))
+        yield uri
 
 
 def write_faces(

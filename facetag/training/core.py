@@ -160,32 +160,6 @@ def clip_gradients(model: nn.Module, max_norm: float) -> None:
     torch._foreach_mul_(grads, scale)
 
 
-def save_run_checkpoint(
-    run_dir: Path,
-    *,
-    weights: Mapping[str, Any],
-    ctx: StepContext,
-    epoch: int,
-    history: list[Any],
-    config: dict[str, Any],
-    run_id: str | None,
-) -> None:
-    """The atomic per-epoch checkpoint ``--resume`` continues from (``weights`` holds the
-    model's state under the loop's own key: "model", "cascade")."""
-    save_checkpoint(
-        run_dir / "checkpoint.pt",
-        {
-            **weights,
-            "optimizer": ctx.opt.state_dict(),
-            "scheduler": ctx.sched.state_dict(),
-            "epoch": epoch,
-            "history": [vars(h) for h in history],
-            "config": config,
-            "run_id": run_id or "",
-        },
-    )
-
-
 def end_epoch(
     hooks: TrackedRun | None,
     metrics: Mapping[str, float],
@@ -199,18 +173,21 @@ def end_epoch(
     run_id: str | None,
 ) -> None:
     """What both loops do after an epoch: its metrics and layer health to MLflow, the
-    run checkpoint on disk, then the same checkpoint to the run's artifacts (so a teammate
-    can resume it)."""
+    atomic run checkpoint ``--resume`` continues from, then the same checkpoint to the
+    run's artifacts (so a teammate can resume it)."""
     if hooks is not None:
         hooks.epoch(metrics, epoch, ctx.health)
-    save_run_checkpoint(
-        run_dir,
-        weights=weights,
-        ctx=ctx,
-        epoch=epoch,
-        history=history,
-        config=config,
-        run_id=run_id,
+    save_checkpoint(
+        run_dir / "checkpoint.pt",
+        {
+            **weights,  # the model's state under the loop's own key: "model", "cascade"
+            "optimizer": ctx.opt.state_dict(),
+            "scheduler": ctx.sched.state_dict(),
+            "epoch": epoch,
+            "history": [vars(h) for h in history],
+            "config": config,
+            "run_id": run_id or "",
+        },
     )
     if hooks is not None:
         hooks.checkpoint(run_dir / "checkpoint.pt")

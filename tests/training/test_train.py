@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from facetag.cli import app
 from facetag.errors import TrainingError
 from facetag.training.runner import run_training
-from tests.helpers import write_faces
+from tests.helpers import tracking_store, write_faces
 
 SMOKE = Path(__file__).resolve().parents[2] / "experiments" / "configs" / "smoke.toml"
 PEOPLE = ["ann", "bob", "cy", "dee"]
@@ -25,10 +25,7 @@ PEOPLE = ["ann", "bob", "cy", "dee"]
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    uri = f"sqlite:///{root}/mlflow.db"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setenv("FACETAG_RUNS_DIR", str(root / "runs"))
+    with tracking_store(root) as uri:
         yield {"root": root, "uri": uri, "data": write_faces(root / "faces", PEOPLE, 6)}
 
 

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from facetag.cli import app
 from facetag.training.tracking import ui_command
-from tests.helpers import write_faces
+from tests.helpers import tracking_store, write_faces
 
 SMOKE = Path(__file__).resolve().parents[2] / "experiments" / "configs" / "smoke.toml"
 CHROMIUM = next(
@@ -41,10 +41,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def dashboard(tmp_path_factory):
     root = tmp_path_factory.mktemp("ui")
-    uri = f"sqlite:///{root}/mlflow.db"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setenv("FACETAG_RUNS_DIR", str(root / "runs"))
+    with tracking_store(root) as uri:
         faces = write_faces(root / "faces", ["ann", "bob", "cy", "dee"], 6)
         result = CliRunner().invoke(
             app, ["train", "--config", str(SMOKE), "--data", str(faces), "--json"]
