@@ -172,7 +172,9 @@ def evaluate_detector_cmd(
         if as_json
         else (
             f"AP50 {r['ap50']:.4f}  AP50 (faces >= 32 px) {r['ap50_32']:.4f}  recall at 1 FP/image "
-            f"{r['recall_at_1fp']:.4f}\n{r['faces']} faces in {r['images']} photos, "
+            f"{r['recall_at_1fp']:.4f}\nat the default face score {r['threshold']:g}: "
+            f"{r['false_positives_at_threshold']} false positives, recall "
+            f"{r['recall_at_threshold']:.4f}\n{r['faces']} faces in {r['images']} photos, "
             f"model {r['model']['detector']} on {r['device']}"
             + (
                 f"\nlandmark error {r['landmark_error']:.4f} of the outer-eye distance over "

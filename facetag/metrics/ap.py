@@ -11,6 +11,10 @@ Matching, per image, detections in order of decreasing score (PASCAL VOC / WIDER
   below the size being scored);
 - anything else is a false positive (duplicates of a matched face included).
 
+At a ``threshold`` (the detector's default face score), the same matching of the
+detections scoring at least that gives the false positives and the recall a user of
+``facetag detect`` sees.
+
 AP is the area under the precision-recall curve with VOC's all-point interpolation
 (precision made monotone from the right). Recall at 1 FP/image is the recall reached
 before the number of false positives exceeds the number of images.
@@ -42,6 +46,9 @@ class DetectionScores:
     faces_32: int  # valid faces >= 32 px high
     images: int
     detections: int
+    threshold: float = float("nan")  # the operating point below (nan: not asked for)
+    false_positives_at_threshold: int = 0  # over all images, detections >= threshold
+    recall_at_threshold: float = float("nan")
 
     def as_dict(self) -> dict[str, float | int]:
         return asdict(self)
@@ -110,8 +117,10 @@ def score_detector(
     detections: Mapping[str, Sequence[Scored]],
     truth: Mapping[str, Sequence[FaceBox]],
     iou: float = 0.5,
+    threshold: float | None = None,
 ) -> DetectionScores:
-    """AP50, AP50 for faces >= 32 px high and recall at 1 FP/image over ``truth``'s images.
+    """AP50, AP50 for faces >= 32 px high and recall at 1 FP/image over ``truth``'s images;
+    with ``threshold``, the false positives and recall of the detections scoring >= it.
 
     detections maps the same image names as truth to (x1, y1, x2, y2, score) tuples; an
     image missing from detections has no detections.
@@ -128,6 +137,14 @@ def score_detector(
         m32, n32 = match_image(dets, gts, iou, min_height=32)
         big_m += m32
         faces_32 += n32
+    at: dict[str, float | int] = {}
+    if threshold is not None:
+        kept = [(sc, tp) for sc, tp in all_m if sc >= threshold]
+        at = {
+            "threshold": threshold,
+            "false_positives_at_threshold": sum(not tp for _, tp in kept),
+            "recall_at_threshold": sum(tp for _, tp in kept) / faces if faces else float("nan"),
+        }
     return DetectionScores(
         ap50=average_precision(all_m, faces),
         ap50_32=average_precision(big_m, faces_32),
@@ -136,6 +153,7 @@ def score_detector(
         faces_32=faces_32,
         images=len(truth),
         detections=count,
+        **at,  # type: ignore[arg-type]
     )
 
 

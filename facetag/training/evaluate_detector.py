@@ -63,7 +63,8 @@ def evaluate_boxes(
     on_error: Callable[[str], None] | None = None,
     landmark_files: Sequence[Path] = (),
 ) -> dict[str, Any]:
-    """``facetag evaluate-detector``: AP50, AP50 (>= 32 px) and recall at 1 FP/image, and
+    """``facetag evaluate-detector``: AP50, AP50 (>= 32 px), recall at 1 FP/image, the
+    false positives and recall at the detector's default face score, and
     with ``landmark_files`` (dlib's XML with 68 points) the five-landmark error
     (metrics.ap.landmark_errors).
 
@@ -88,7 +89,8 @@ def evaluate_boxes(
             f"{images_root}: expected the photos named in {boxes_file}, could read none; "
             "check --images"
         )
-    scores = score_detector(found, {k: v for k, v in truth.items() if k in found})
+    scored = {k: v for k, v in truth.items() if k in found}
+    scores = score_detector(found, scored, threshold=detector.settings.threshold)
     marks: dict[str, Any] = {}
     if landmark_files:
         annotated: dict[str, list[Any]] = {}

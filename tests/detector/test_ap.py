@@ -48,6 +48,17 @@ def test_duplicates_are_false_positives_and_recall_at_one_fp():
     assert s.ap50 == pytest.approx(0.5 * 0.5 + 0.5 * 0.4)
 
 
+def test_false_positives_and_recall_at_the_default_threshold():
+    truth = {"a": [FaceBox(0, 0, 40, 40), FaceBox(100, 0, 40, 40)], "b": []}
+    dets = {
+        "a": [(0, 0, 40, 40, 0.95), (100, 0, 140, 40, 0.5), (200, 0, 240, 40, 0.85)],
+        "b": [(0, 0, 40, 40, 0.9), (50, 50, 90, 90, 0.7)],
+    }
+    s = score_detector(dets, truth, threshold=0.8)
+    assert (s.threshold, s.false_positives_at_threshold, s.recall_at_threshold) == (0.8, 2, 0.5)
+    assert math.isnan(score_detector(dets, truth).threshold)  # not asked for
+
+
 def test_invalid_faces_are_ignored_regions():
     truth = {"a": [FaceBox(0, 0, 40, 40), FaceBox(100, 0, 40, 40, invalid=True)]}
     found = score_detector({"a": [(0, 0, 40, 40, 0.9), (100, 0, 140, 40, 0.95)]}, truth)
