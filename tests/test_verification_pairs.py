@@ -71,3 +71,22 @@ def test_open_set_f1_counts_strangers_named_as_errors():
     assert r["named"] == 3  # the stranger (row 2) is named person 0 wrongly
     assert r["precision"] == pytest.approx(2 / 3)
     assert r["recall"] == pytest.approx(2 / 3)  # row 3: no face found
+
+
+def test_score_pairs_euclidean_reports_distance_thresholds_for_raw_descriptors():
+    from facetag.inference.verify import score_pairs
+
+    # dlib-like raw descriptors: people 0.3 apart inside, 1.0 apart between; one photo lost
+    base = torch.eye(3, 4, dtype=torch.float64) * 2.0
+    vectors = torch.cat(
+        [base[k] + torch.tensor([0.0, 0.0, 0.0, 0.3 * s]) for k in range(3) for s in (0, 1, 2)]
+    ).reshape(9, 4)
+    labels = [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    r = score_pairs(vectors, labels, metric="euclidean")
+    assert (r["pairs"], r["same_pairs"], r["no_face"]) == (18, 9, 0)
+    assert (r["accuracy_10fold"], r["auc"]) == (1.0, 1.0)
+    assert 0.6 < r["best_threshold"] < 2.8  # a Euclidean distance, not a similarity
+    vectors[4] = float("nan")
+    lost = score_pairs(vectors, labels, metric="euclidean")
+    assert lost["no_face"] == 1
+    assert lost["best_accuracy"] == pytest.approx(16 / 18)  # two same pairs with it: missed

@@ -55,6 +55,34 @@ def dlib_chips(image: np.ndarray) -> list[np.ndarray]:
     ]
 
 
+def dlib_largest_descriptors(
+    paths: Sequence[Path], progress: Callable[[int, int], None] | None = None
+) -> torch.Tensor:
+    """face_recognition's pipeline on each photo, as its ``face_encodings`` runs it: HOG
+    detector upsampled once, the largest face, dlib's 5-point shape predictor, then
+    ``compute_face_descriptor`` (raw 128-d descriptors, compared by Euclidean distance).
+    (N, 128) float64, NaN rows where dlib finds no face."""
+    from PIL import Image
+
+    dlib = _dlib()
+    d = _models_dir()
+    detector = dlib.get_frontal_face_detector()
+    predictor = dlib.shape_predictor(str(d / "shape_predictor_5_face_landmarks.dat"))
+    net = dlib.face_recognition_model_v1(str(d / "dlib_face_recognition_resnet_model_v1.dat"))
+    out = torch.full((len(paths), 128), float("nan"), dtype=torch.float64)
+    for k, path in enumerate(paths):
+        with Image.open(path) as im:
+            image = np.asarray(im.convert("RGB"))
+        boxes = list(detector(image, 1))
+        if boxes:
+            box = max(boxes, key=lambda b: b.width() * b.height())
+            shape = predictor(image, box)
+            out[k] = torch.tensor(list(net.compute_face_descriptor(image, shape)))
+        if progress is not None:
+            progress(k + 1, len(paths))
+    return out
+
+
 def _best_rate(run: Callable[[], object], count: int, repeats: int) -> float:
     """Items per second of the fastest of ``repeats`` calls of ``run`` (``count`` items each)."""
     best = float("inf")

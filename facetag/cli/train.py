@@ -166,6 +166,10 @@ def export(
     )
 
 
+class PairsPeer(str, Enum):
+    dlib = "dlib"
+
+
 class Far(str, Enum):
     strict = "1e-3"  # one wrong name in a thousand different-person pairs
     loose = "1e-2"
@@ -219,6 +223,13 @@ def evaluate(
     detector: Annotated[
         str | None, typer.Option(help="With --pairs: the detector [the shipped one].")
     ] = None,
+    against: Annotated[
+        PairsPeer | None,
+        typer.Option(
+            help="With --pairs: also score face_recognition's dlib pipeline (HOG, 5 points, "
+            "its ResNet) on the same photos and pairs."
+        ),
+    ] = None,
     clusters: Annotated[
         Path | None,
         typer.Option(
@@ -244,7 +255,8 @@ def evaluate(
         return
     if pairs is not None:
         store = far.value if store_threshold and pairs_store else None
-        _evaluate_pairs(pairs, model, detector, device, people, seed or 0, store, as_json)
+        peer = against is not None
+        _evaluate_pairs(pairs, model, detector, device, people, seed or 0, store, as_json, peer)
         return
     if model is None:
         raise typer.BadParameter("give --model (or --pairs FOLDER to verify the whole pipeline)")
@@ -279,6 +291,7 @@ def _evaluate_pairs(
     seed: int,
     store_far: str | None,
     as_json: bool,
+    against_dlib: bool = False,
 ) -> None:
     from facetag.inference.models import load_models
     from facetag.inference.verify import evaluate_pairs, format_pairs, store_pair_threshold
@@ -286,6 +299,17 @@ def _evaluate_pairs(
     try:
         models = load_models(model_ref(model), model_ref(detector), device.value)
         with ProgressBar("warning") as bar:
+            peer = None
+            if against_dlib:
+                from facetag.bench.embed import dlib_largest_descriptors
+                from facetag.progress import Progress
+
+                def peer(paths: list[Path]) -> Any:
+                    def step(k: int, n: int) -> None:
+                        bar.update(Progress("dlib photos", k, n))
+
+                    return dlib_largest_descriptors(paths, step)
+
             r = evaluate_pairs(
                 root,
                 models,
@@ -293,7 +317,10 @@ def _evaluate_pairs(
                 seed=seed,
                 progress=bar.update,
                 on_message=bar.message,
+                peer=peer,
             )
+        if against_dlib:
+            r["peer_name"] = "dlib (face_recognition's pipeline)"
         if store_far is not None:
             r["stored"] = store_pair_threshold(models.embedder.path, r, store_far)
     except FacetagError as e:

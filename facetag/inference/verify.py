@@ -112,8 +112,11 @@ def evaluate_pairs(
     workers: int = 0,
     progress: ProgressFn | None = None,
     on_message: MessageFn | None = None,
+    peer: Callable[[list[Path]], Tensor] | None = None,
 ) -> dict[str, Any]:
-    """The verification protocol of the module doc; the dict ``--json`` prints."""
+    """The verification protocol of the module doc; the dict ``--json`` prints. ``peer``
+    (photos -> raw descriptors, NaN rows for no face, compared by Euclidean distance)
+    is scored on the same photos and pairs under "peer"."""
     paths, labels, names = _photos(root, people)
     vectors = embed_largest_faces(
         paths,
@@ -123,18 +126,38 @@ def evaluate_pairs(
         progress=progress,
         on_message=on_message,
     )
-    i, j, same = protocol_pairs(torch.tensor(labels), seed)
-    missing = torch.isnan(vectors).any(dim=1)
-    e = torch.nan_to_num(vectors)
-    scores = (e[i] * e[j]).sum(dim=1).double()  # (M,) cosine similarity
-    scores[missing[i] | missing[j]] = -math.inf  # cannot be compared: "different"
-    folds = ten_fold_accuracy(scores, same, seed=seed)
-    v = verify(scores.clamp(min=-1.0), same)  # -inf: the least alike a pair can be
     return {
         "root": str(root),
         "people": len(names),
         "people_range": people,
         "photos": len(paths),
+        **score_pairs(vectors, labels, seed),
+        "model": models.info(),
+        "device": models.device,
+        **({} if peer is None else {"peer": score_pairs(peer(paths), labels, seed, "euclidean")}),
+    }
+
+
+def score_pairs(
+    vectors: Tensor, labels: list[int], seed: int = 0, metric: str = "cosine"
+) -> dict[str, Any]:
+    """The protocol's figures for one embedding (N, D) per photo (NaN rows: no face):
+    ``metric`` "cosine" on L2-normalised rows (facetag's), or "euclidean" on raw ones (how
+    face_recognition compares dlib's descriptors); thresholds are distances either way
+    (1 - cos, or Euclidean)."""
+    i, j, same = protocol_pairs(torch.tensor(labels), seed)
+    missing = torch.isnan(vectors).any(dim=1)
+    e = torch.nan_to_num(vectors).double()
+    if metric == "cosine":
+        scores = (e[i] * e[j]).sum(dim=1)  # (M,) cosine similarity
+        floor = -1.0
+    else:
+        scores = 1.0 - (e[i] - e[j]).norm(dim=1)  # (M,) so that 1 - score is the distance
+        floor = float(scores.min()) if len(scores) else 0.0
+    scores[missing[i] | missing[j]] = -math.inf  # cannot be compared: "different"
+    folds = ten_fold_accuracy(scores, same, seed=seed)
+    v = verify(scores.clamp(min=floor), same)  # -inf: the least alike a pair can be
+    return {
         "no_face": int(missing.sum()),
         "pairs": int(same.numel()),
         "same_pairs": int(same.sum()),
@@ -146,8 +169,6 @@ def evaluate_pairs(
         "threshold_at_far": {k: None if p is None else p.threshold for k, p in v.at_far.items()},
         "best_threshold": v.best.threshold,
         "best_accuracy": v.best_accuracy,
-        "model": models.info(),
-        "device": models.device,
     }
 
 
@@ -161,6 +182,14 @@ def format_pairs(r: dict[str, Any]) -> str:
         f"(+- {100 * r['accuracy_10fold_std']:.2f}), AUC {r['auc']:.4f}, TAR at FAR 1e-3 "
         + ("n/a" if far3 is None else f"{100 * far3:.2f}%")
         + f", best threshold {r['best_threshold']:.4f} (accuracy {100 * r['best_accuracy']:.2f}%)"
+        + (
+            f"\n  {r['peer_name']} on the same pairs: 10-fold accuracy "
+            f"{100 * r['peer']['accuracy_10fold']:.2f}% (+- "
+            f"{100 * r['peer']['accuracy_10fold_std']:.2f}), AUC {r['peer']['auc']:.4f}, "
+            f"{r['peer']['no_face']} photos without a face found"
+            if "peer" in r
+            else ""
+        )
     )
 
 

@@ -292,3 +292,30 @@ def test_descriptors_match_dlib_on_real_faces(imported):
     worst = _compare(chips, imported)
     assert worst["float32"] <= 1e-4, worst
     assert worst["float16"] <= 1e-3, worst
+
+
+@needs_dlib
+@needs_dat
+@pytest.mark.skipif(not (DATA / "lfw").is_dir(), reason="needs FACETAG_DATA_DIR with lfw")
+def test_evaluate_pairs_against_dlib_scores_its_pipeline_on_the_same_pairs(tmp_path: Path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from facetag.cli import app
+
+    root = tmp_path / "lfw"
+    people = sorted(p for p in (DATA / "lfw").iterdir() if p.name[:1] in "PQ")[:4]
+    for person in people:
+        (root / person.name).mkdir(parents=True)
+        for photo in sorted(person.glob("*.jpg"))[:3]:
+            (root / person.name / photo.name).symlink_to(photo)
+    args = ["evaluate", "--pairs", str(root), "--people", "P-Q", "--detector", "none"]
+    r = CliRunner().invoke(app, [*args, "--against", "dlib", "--no-log", "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert (doc["photos"], doc["same_pairs"]) == (12, 12)
+    peer = doc["peer"]
+    assert (peer["pairs"], peer["same_pairs"], peer["no_face"]) == (24, 12, 0)
+    assert peer["best_accuracy"] >= 0.9  # dlib tells these people apart
+    assert 0.3 < peer["best_threshold"] < 0.9  # a Euclidean distance near dlib's 0.6
