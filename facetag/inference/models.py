@@ -49,6 +49,12 @@ class Models:
             },
             "threshold": self.threshold,
             "threshold_source": self.threshold_source,
+            # where imported weights come from (source file, sha256, licence), when they do
+            **(
+                {"embedder_provenance": prov}
+                if (prov := self.embedder.state.get("provenance"))
+                else {}
+            ),
         }
 
 

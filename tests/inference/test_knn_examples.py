@@ -57,3 +57,6 @@ def test_shipped_models_name_everyone_in_knn_examples(tmp_path: Path):
     assert not score["not_tagged"]
     assert doc["model"]["embedder_source"] == "shipped"
     assert doc["model"]["threshold_source"] == "model file"
+    provenance = doc["model"]["embedder_provenance"]  # dlib's public-domain ResNet, imported
+    assert provenance["sha256"].startswith("55533b28a958")
+    assert provenance["licence"].startswith("CC0 1.0")
