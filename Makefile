@@ -99,7 +99,8 @@ LANDMARKS ?= data/landmarks.json
 landmarks: $(STAMP)
 	test -f $(LANDMARKS) || $(BIN)/facetag data landmarks $(FACETAG_DATA_DIR) --out $(LANDMARKS)
 
-# About 60 minutes on 2 cores (PNet, RNet and the landmark ONet, 4 epochs each).
+# About 55 minutes on one core (3 epochs each for PNet, RNet and the ONet, then 4 of
+# the ONet's landmark phase; run daed618014a545ec920b899624cb6824: 3,299 s).
 weights-detector: landmarks
 	OMP_NUM_THREADS=1 $(BIN)/facetag train-detector --config experiments/configs/detector.toml \
 		--data $(FACETAG_DATA_DIR) --landmarks $(LANDMARKS) --out facetag/weights/detector.pt

@@ -55,6 +55,8 @@ class Models:
                 if (prov := self.embedder.state.get("provenance"))
                 else {}
             ),
+            # the detector's landmark teachers (packages, weight files' sha256, licences)
+            **({"detector_provenance": d} if (d := det_state.get("provenance")) else {}),
         }
 
 

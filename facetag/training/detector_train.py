@@ -90,7 +90,7 @@ from facetag.training.detector_losses import (
     patch_loss,
 )
 from facetag.training.health import GradientHealth
-from facetag.training.teachers import LANDMARKS_FORMAT
+from facetag.training.teachers import LANDMARKS_FORMAT, landmark_provenance
 
 REGISTERED_DETECTOR = "facetag-detector"
 MINE_THRESHOLDS = {"pnet": 0.5, "rnet": 0.5}  # stage probs kept when mining for the next stage
@@ -433,6 +433,11 @@ def model_state(
         "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},
         "validation": scores.as_dict(),
         "run_id": run_id or "",
+        **(
+            {"provenance": landmark_provenance(Path(config.data.landmarks))}
+            if config.data.landmarks
+            else {}
+        ),
     }
 
 

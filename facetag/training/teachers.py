@@ -48,6 +48,55 @@ MTCNN_PIP = "pip install --no-deps facenet-pytorch==2.6.0 tqdm"
 DLIB_PIP = "pip install dlib-bin face_recognition_models"
 
 
+def teacher_files() -> list[dict[str, str]]:
+    """The teachers' weight files as installed (package, file, sha256, licence), for the
+    landmarks file and the detector trained on it; [] where a teacher is not installed."""
+    import hashlib
+
+    out = []
+    spec = importlib.util.find_spec("facenet_pytorch")
+    if spec is not None and spec.submodule_search_locations:
+        data = Path(next(iter(spec.submodule_search_locations))) / "data"
+        for name in ("pnet.pt", "rnet.pt", "onet.pt"):
+            if (data / name).is_file():
+                out.append(
+                    {
+                        "package": "facenet-pytorch 2.6.0 (PyPI)",
+                        "file": f"facenet_pytorch/data/{name}",
+                        "sha256": hashlib.sha256((data / name).read_bytes()).hexdigest(),
+                        "licence": "MIT",
+                    }
+                )
+    if importlib.util.find_spec("face_recognition_models") is not None:
+        from facetag.models.dlib_import import packaged_dlib_model
+
+        sp5 = packaged_dlib_model().parent / "shape_predictor_5_face_landmarks.dat"
+        if sp5.is_file():
+            out.append(
+                {
+                    "package": "face_recognition_models 0.3.0 (PyPI)",
+                    "file": f"face_recognition_models/models/{sp5.name}",
+                    "sha256": hashlib.sha256(sp5.read_bytes()).hexdigest(),
+                    "licence": "CC0 1.0 (public domain, Davis King)",
+                }
+            )
+    return out
+
+
+def landmark_provenance(path: Path) -> dict[str, Any]:
+    """What a detector trained on the landmarks file ``path`` records of its teachers:
+    the file's own record, else the teachers installed now."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        doc = {}
+    return {
+        "landmark_labels": "pseudo-labels by teachers at training time (facetag data landmarks)",
+        "teachers": doc.get("teachers", {}),
+        "teacher_files": doc.get("teacher_files") or teacher_files(),
+    }
+
+
 def _need(module: str, pip: str) -> None:
     if importlib.util.find_spec(module) is None:
         raise ModelError(f"{module}: expected the landmark teacher installed, got none; {pip}")
@@ -262,6 +311,7 @@ def label_landmarks(
             "mtcnn": "facenet-pytorch 2.6.0 MTCNN (MIT): boxes, nose tip, mouth corners",
             "dlib": "dlib shape_predictor_5_face_landmarks (public domain): eye centres",
         },
+        "teacher_files": teacher_files(),
         "min_face": MIN_FACE,
         "images": images,
     }
