@@ -8,8 +8,15 @@ MLflow); the CLI calls it as it calls any library function.
       -> facetag train: the current embedder as [train] init, a margin loss on the user's
          people plus distillation towards the frozen starting network on the same chips
          (people not in the gallery stay where they were), logged to MLflow, registered
+      -> the check: one face in five of each person with two or more (at least one, seed)
+         is held out of training; both models name those faces against the rest
+         (open-set, at the starting model's threshold, unknown cluster faces as
+         strangers). Only a tuned model with a higher F1 is kept:
       -> the gallery re-embedded with the tuned model, which it records (model_file):
-         tag, learn and cluster use it from then on
+         tag, learn and cluster use it from then on. Otherwise the gallery keeps its model
+         and its history says why ("tune kept"), as LFW's learning curve asks
+         (facetag evaluate --learning-curve): fine-tuning that hurts is never adopted.
+    With no person of two faces there is nothing to check on: the old model is kept.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from __future__ import annotations
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +48,7 @@ class TuneSettings:
     distill_weight: float = 10.0  # pulls every embedding towards the starting network's
     arcface_margin: float = 0.3
     seed: int = 0
+    hold_out: bool = True  # keep faces back to check the tuned model (module doc)
 
 
 def _faces(gallery: Any) -> list[tuple[str, Path, list[float], list[list[float]] | None]]:
@@ -78,9 +86,10 @@ def tune(
             f"{len(people)}; enrol or name more people first"
         )
     out_dir = gallery_path.parent / f"{gallery_path.stem}.tuned"
+    train, held = _hold_out(faces, s.seed) if s.hold_out else (faces, [])
     with tempfile.TemporaryDirectory(prefix="facetag-tune-") as tmp:
         data = Path(tmp) / "chips"
-        written = _write_chips(faces, models, data, on_message)
+        written = _write_chips(train, models, data, on_message)
         overrides: dict[str, object] = {
             "data": str(data),
             "data.name": "facetag-tune",
@@ -112,15 +121,22 @@ def tune(
         out_dir.mkdir(parents=True, exist_ok=True)
         target = out_dir / f"tuned-{time.strftime('%Y%m%d-%H%M%S')}.pt"
         trained = run_training(None, overrides, progress=progress, track=track, out_path=target)
+    _inherit_threshold(target, models)
     tuned = load_models(ModelRef(target, str(target)), None, models.device)
     tuned.detector = models.detector  # the same faces, only the embedder changed
-    _reembed(gallery, tuned, on_message)
+    tuned.threshold, tuned.threshold_source = models.threshold, models.threshold_source
+    check = _check(train, held, gallery, models, tuned)
+    kept = check is None or check["f1_after"] <= check["f1_before"]
+    if not kept:
+        _reembed(gallery, tuned, on_message)
     gallery.history.append(
         {
             "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "action": "tune",
-            "model": tuned.embedder.version,
+            "action": "tune kept the old model" if kept else "tune",
+            "model": (models if kept else tuned).embedder.version,
             "from": models.embedder.version,
+            "tuned": tuned.embedder.version,
+            "check": check_line(check),
         }
     )
     save_gallery(gallery_path, gallery)
@@ -129,11 +145,82 @@ def tune(
         "model_file": str(target),
         "model": tuned.embedder.version,
         "started_from": models.embedder.version,
+        "adopted": not kept,
+        "check": check,
         "people": len(people),
         "faces": written,
+        "held_out": len(held),
         "run_id": trained.get("run_id"),
         "registered_version": trained.get("version"),
     }
+
+
+Face = tuple[str, Path, list[float], list[list[float]] | None]
+
+
+def check_line(check: dict[str, Any] | None) -> str:
+    if check is None:
+        return "no person with two faces: nothing to check a tuned model on"
+    return (
+        f"open-set F1 {check['f1_before']:.3f} -> {check['f1_after']:.3f} on "
+        f"{check['held_out']} held-out faces and {check['strangers']} strangers"
+    )
+
+
+def _hold_out(faces: list[Face], seed: int) -> tuple[list[Face], list[Face]]:
+    """(train, held out): one face in five of each person with two or more, at least one."""
+    import random
+
+    rng = random.Random(seed)
+    by_person: dict[str, list[int]] = {}
+    for k, f in enumerate(faces):
+        by_person.setdefault(f[0], []).append(k)
+    held: set[int] = set()
+    for rows in by_person.values():
+        if len(rows) >= 2:
+            held.update(rng.sample(rows, max(1, len(rows) // 5)))
+    return [f for k, f in enumerate(faces) if k not in held], [faces[k] for k in sorted(held)]
+
+
+def _inherit_threshold(target: Path, models: Models) -> None:
+    """The tuned file carries the starting model's threshold (it is tuned to stay near
+    that network), so tagging with it never falls back to the default threshold."""
+    from facetag.checkpoint import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(target)
+    state["threshold"] = float(models.threshold)
+    state["calibration"] = {
+        "threshold_rule": "inherited",
+        "from": models.embedder.version,
+        "source": models.threshold_source,
+    }
+    save_checkpoint(target, state)
+
+
+def _check(
+    train: list[Face], held: list[Face], gallery: Any, models: Models, tuned: Models
+) -> dict[str, Any] | None:
+    """Open-set F1 of naming the held-out faces against the training faces, by the
+    starting and by the tuned model (unknown cluster faces as strangers); None when
+    nothing was held out."""
+    import torch
+
+    if not held:
+        return None
+    names = sorted({f[0] for f in train})
+    label = {n: k for k, n in enumerate(names)}
+    strangers = [(Path(f.path), f.box, f.landmarks) for fs in gallery.clusters.values() for f in fs]
+    probes = [(f[1], f[2], f[3]) for f in held] + strangers
+    probe_labels = [label.get(f[0], -1) for f in held] + [-1] * len(strangers)
+    stored = [(f[1], f[2], f[3]) for f in train]
+    out: dict[str, Any] = {"held_out": len(held), "strangers": len(strangers)}
+    for when, m in (("before", models), ("after", tuned)):
+        G = embed_stored_faces(stored, m)
+        ok = ~G.isnan().any(dim=1)
+        gl = torch.tensor([label[f[0]] for f in train])[ok]
+        r = _open_set_f1(G[ok], gl, embed_stored_faces(probes, m), probe_labels, m.threshold)
+        out.update({f"{k}_{when}": v for k, v in r.items()})
+    return out
 
 
 def _write_chips(
@@ -303,7 +390,9 @@ def _tuned_on(
             os.symlink(paths[i].resolve(), people_dir / names[lab] / paths[i].name)
     gallery = tmp / "gallery.json"
     enroll(people_dir, gallery, models, on_message=say)
-    r = tune(gallery, models, settings, on_message=say, progress=progress)
+    # Every shot trains: the curve measures the tuned network itself, adopted or not.
+    every = replace(settings or TuneSettings(), hold_out=False)
+    r = tune(gallery, models, every, on_message=say, progress=progress)
     tuned = load_models(ModelRef(Path(r["model_file"]), r["model_file"]), None, models.device)
     tuned.detector, tuned.threshold = models.detector, models.threshold
     return tuned, r, tmp

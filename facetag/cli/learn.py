@@ -176,7 +176,7 @@ def tune(
 ) -> None:
     """Fine-tune the embedder on the gallery's confirmed faces (MLflow), re-embed the
     gallery with it; tag, learn and cluster then use the tuned model."""
-    from facetag.tune import TuneSettings
+    from facetag.tune import TuneSettings, check_line
     from facetag.tune import tune as run_tune
 
     try:
@@ -191,6 +191,12 @@ def tune(
         if as_json
         else (
             f"{r['gallery']}: tuned {r['started_from']} on {r['faces']} faces of {r['people']} "
-            f"people -> {r['model']} ({r['model_file']}, MLflow run {r['run_id']})"
+            f"people -> {r['model']} ({r['model_file']}, MLflow run {r['run_id']})\n"
+            + (
+                f"adopted: {check_line(r['check'])}"
+                if r["adopted"]
+                else f"kept {r['started_from']}: {check_line(r['check'])} (the tuned model "
+                "is not better, so tag, learn and cluster go on with the old one)"
+            )
         )
     )

@@ -124,9 +124,7 @@ def test_clusters_keep_their_ids_as_the_library_grows_and_name_enrols_them(
     )
 
 
-def test_tune_fine_tunes_on_confirmed_faces_and_tagging_uses_the_tuned_model(
-    tmp_path: Path, model_file: Path, people: Path, monkeypatch
-):
+def _tiny_start(tmp_path: Path) -> Path:
     import dataclasses
 
     import torch
@@ -135,30 +133,93 @@ def test_tune_fine_tunes_on_confirmed_faces_and_tagging_uses_the_tuned_model(
     from facetag.config import Config, DataConfig, ModelConfig
     from facetag.models.embedder import EmbeddingNet, FaceClassifier
     from facetag.training.loop import model_file_state
-    from facetag.tune import TuneSettings, tune
 
-    monkeypatch.setenv("FACETAG_RUNS_DIR", str(tmp_path / "runs"))
     torch.manual_seed(0)  # a tiny embedder whose config passes train's checks
     config = Config(
         data=dataclasses.replace(DataConfig(), image_size=(16, 16), channels=3),
         model=dataclasses.replace(ModelConfig(), widths=(4, 4, 8, 8), embedding_dim=8),
     )
     net = FaceClassifier(EmbeddingNet(3, (4, 4, 8, 8), 8, "prelu"), 2)
-    start = save_checkpoint(
+    return save_checkpoint(
         tmp_path / "start.pt",
         model_file_state(net, config, ("a", "b"), 3, extra={"threshold": 1e-3}),
     )
+
+
+def test_tune_with_nothing_to_check_on_keeps_the_old_model(
+    tmp_path: Path, people: Path, monkeypatch
+):
+    from facetag.models.io import load_embedder
+    from facetag.tune import TuneSettings, tune
+
+    monkeypatch.setenv("FACETAG_RUNS_DIR", str(tmp_path / "runs"))
     gallery = tmp_path / "g.json"
-    models = make_models(start, WholePhotoDetector())
-    enroll(people, gallery, models)
+    models = make_models(_tiny_start(tmp_path), WholePhotoDetector())
+    enroll(people, gallery, models)  # one photo each: none can be held out
     before = load_gallery(gallery)
     r = tune(gallery, models, TuneSettings(epochs=1, batch_size=2), track=False)
     after = load_gallery(gallery)
+    assert (r["adopted"], r["check"], r["held_out"]) == (False, None, 0)
+    assert after.model == before.model != r["model"]
+    assert after.history[-1]["action"] == "tune kept the old model"
+    assert after.history[-1]["check"].startswith("no person with two faces")
+    assert [e.embedding.tolist() for e in after.people["Alice"]] == [
+        e.embedding.tolist() for e in before.people["Alice"]
+    ]
+    tuned = load_embedder(Path(r["model_file"]))  # written all the same, for the record
+    assert tuned.threshold == pytest.approx(1e-3)  # the starting model's, not the default
+
+
+def test_tune_adopts_a_better_model_and_tagging_uses_it(tmp_path: Path, people: Path, monkeypatch):
+    import facetag.tune
+    from facetag.tune import TuneSettings, tune
+
+    monkeypatch.setenv("FACETAG_RUNS_DIR", str(tmp_path / "runs"))
+    for k in (3, 6):  # a second photo each, so one can be held out
+        save(people / ("Alice" if k == 3 else "Bob") / "2.png", pattern(k))
+    gallery = tmp_path / "g.json"
+    models = make_models(_tiny_start(tmp_path), WholePhotoDetector())
+    enroll(people, gallery, models)
+    before = load_gallery(gallery)
+    seen = {}
+
+    def better(train, held, gallery_, old, new):
+        seen["split"] = (len(train), len(held))
+        return {"held_out": len(held), "strangers": 0, "f1_before": 0.5, "f1_after": 0.75}
+
+    monkeypatch.setattr(facetag.tune, "_check", better)
+    r = tune(gallery, models, TuneSettings(epochs=1, batch_size=2), track=False)
+    after = load_gallery(gallery)
+    assert seen["split"] == (2, 2)
+    assert r["held_out"] == 2
+    assert r["adopted"]
     assert after.model == r["model"] != before.model
-    assert Path(after.model_file).is_file()
     assert after.history[-1]["action"] == "tune"
+    assert (
+        after.history[-1]["check"]
+        == "open-set F1 0.500 -> 0.750 on 2 held-out faces and 0 strangers"
+    )
     assert after.photos() == before.photos()
     tuned = make_models(Path(after.model_file), WholePhotoDetector())
     run = tag_photos([people], gallery, tuned, TagOptions(recursive=True, resume=False))
-    named = {Path(im["path"]).parent.name: im["faces"][0]["name"] for im in run.doc["images"]}
-    assert named == {"Alice": "Alice", "Bob": "Bob"}  # its own photos, at distance 0
+    named = {(Path(im["path"]).parent.name, im["faces"][0]["name"]) for im in run.doc["images"]}
+    assert named == {("Alice", "Alice"), ("Bob", "Bob")}  # its own photos, at distance 0
+
+
+def test_tune_check_names_held_out_faces_against_the_rest(tmp_path: Path, people: Path):
+    from facetag.tune import _check
+
+    models = make_models(_tiny_start(tmp_path), WholePhotoDetector())
+    alice, bob = people / "Alice" / "1.png", people / "Bob" / "1.png"
+    save(people / "Alice" / "copy.png", pattern(1))  # the same face again: distance 0
+    save(people / "Bob" / "other.png", pattern(9))  # not like anyone enrolled
+    box = [0.0, 0.0, 64.0, 64.0]
+    train = [("Alice", alice, box, None), ("Bob", bob, box, None)]
+    held = [("Alice", people / "Alice" / "copy.png", box, None)]
+    held += [("Bob", people / "Bob" / "other.png", box, None)]
+    gallery = type("G", (), {"clusters": {}})()
+    r = _check(train, held, gallery, models, models)
+    assert r is not None
+    assert (r["held_out"], r["strangers"]) == (2, 0)
+    assert r["f1_before"] == r["f1_after"]  # the same network: no better, so not adopted
+    assert (r["precision_before"], r["recall_before"]) == (1.0, 0.5)  # Alice named, Bob missed
