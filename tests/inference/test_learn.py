@@ -223,3 +223,47 @@ def test_tune_check_names_held_out_faces_against_the_rest(tmp_path: Path, people
     assert (r["held_out"], r["strangers"]) == (2, 0)
     assert r["f1_before"] == r["f1_after"]  # the same network: no better, so not adopted
     assert (r["precision_before"], r["recall_before"]) == (1.0, 0.5)  # Alice named, Bob missed
+
+
+def test_learning_curve_tunes_on_n_to_r_and_measures_s_to_z(tmp_path: Path, monkeypatch):
+    """The protocol end to end on generated people: each shot count tunes once on N-R's
+    enrolled photos only (every shot trains), probes are N-R's other photos and all of
+    S-Z, and S-Z pairs give the verification accuracy before and after."""
+    from facetag.tune import TuneSettings, learning_curve, log_curve
+    from tests.helpers import tracking_store
+
+    root = tmp_path / "lfw"
+    for k, name in enumerate(["Anna_A", "Nora_N", "Paul_P", "Rita_R", "Sam_S", "Zoe_Z"]):
+        for shot in range(3):
+            save(root / name / f"{name}_{shot}.png", pattern(10 * k + (shot > 0)))
+    models = make_models(_tiny_start(tmp_path), WholePhotoDetector(), threshold=0.05)
+    seen: list[tuple[str, ...]] = []
+
+    import facetag.tune
+
+    real_tune = facetag.tune.tune
+
+    def spy(gallery, models_, settings=None, **kw):
+        people = sorted(p.name for p in (gallery.parent / "people").iterdir())
+        seen.append(tuple(people))
+        assert settings is not None
+        assert not settings.hold_out  # every shot trains
+        return real_tune(gallery, models_, settings, **kw)
+
+    monkeypatch.setattr(facetag.tune, "tune", spy)
+    with tracking_store(tmp_path):
+        r = learning_curve(
+            root, models, shots=(1, 2), settings=TuneSettings(epochs=1, batch_size=2)
+        )
+        run_id = log_curve(r)
+    assert seen == [("Nora_N", "Paul_P", "Rita_R")] * 2  # only N-R trains, never A-M or S-Z
+    assert [row["shots"] for row in r["curve"]] == [1, 2]
+    first, second = r["curve"]
+    assert (first["people"], first["probes"]) == (3, 3 * 2 + 2 * 3)  # N-R's others + S-Z
+    assert (second["people"], second["probes"]) == (3, 3 * 1 + 2 * 3)
+    for row in r["curve"]:
+        assert 0.0 <= row["f1_before"] <= 1.0
+        assert 0.0 <= row["f1_after"] <= 1.0
+        assert 0.0 <= row["strangers_pairs_accuracy_after"] <= 1.0
+    assert 0.0 <= r["strangers_pairs_accuracy_before"] <= 1.0
+    assert len(run_id) == 32
