@@ -62,6 +62,10 @@ if TYPE_CHECKING:
 
     from facetag.training.health import HealthSample
 
+# facetag's CLI draws the only progress bar; MLflow's tqdm bars for artifact downloads
+# (resume, champion checks) would break its lines on stderr. Set it to true to see them.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
 DEFAULT_URI = "sqlite:///experiments/mlflow.db"
 CHAMPION = "champion"  # the alias of the best registered version on the same data
 MODEL_CHECKPOINT = "checkpoint.pt"  # the facetag checkpoint inside a logged model
