@@ -43,7 +43,7 @@ MessageFn = Callable[[str], None]
 @dataclass(frozen=True)
 class TuneSettings:
     epochs: int = 8
-    lr: float = 5e-5  # a trained network: small steps
+    lr: float = 2e-6  # AdamW moves each weight ~lr a step: 5e-5 wrecked the ResNet (LOG)
     batch_size: int = 16
     distill_weight: float = 10.0  # pulls every embedding towards the starting network's
     arcface_margin: float = 0.3

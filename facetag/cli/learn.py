@@ -165,7 +165,7 @@ def name(
 def tune(
     gallery: GalleryOpt,
     epochs: Annotated[int, typer.Option(min=1, help="Passes over the confirmed faces.")] = 8,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (a trained net: small).")] = 5e-5,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (a trained net: small).")] = 2e-6,
     distill_weight: Annotated[
         float, typer.Option(min=0.0, help="Pull towards the starting network (0: off).")
     ] = 10.0,
