@@ -102,12 +102,3 @@ class GradientHealth:
         self._before.clear()
         self._grads.clear()
         self._step = -1
-
-    def summary(self) -> dict[str, tuple[float, float]]:
-        """{layer: (mean gradient norm, mean update ratio)} over the samples since reset."""
-        sums: dict[str, list[float]] = {}
-        for sample in self.samples:
-            for layer, (g, r) in sample.layers.items():
-                acc = sums.setdefault(layer, [0.0, 0.0, 0.0])
-                acc[0], acc[1], acc[2] = acc[0] + g, acc[1] + r, acc[2] + 1
-        return {k: (g / n, r / n) for k, (g, r, n) in sums.items()}

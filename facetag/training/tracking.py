@@ -12,7 +12,7 @@ One experiment per dataset name. A training loop uses it like this::
         for epoch in range(cfg.train.epochs):
             ...
             tracker.log_metrics({"train_loss": l, "val_acc": a, "lr": lr}, step=epoch)
-            tracker.log_layer_health({"stages.0.conv": (grad_norm, update_ratio)}, step=epoch)
+            tracker.log_health_samples(health.samples)   # grad_norm/<layer> at each step
         tracker.log_figure(confusion_matrix_figure(...), "figures/confusion_matrix.png")
         result = tracker.log_model(model, "model", x[:2], "facetag-embedder", "val_acc", a, h,
                                    checkpoint=run_dir / "last.ckpt")
@@ -350,15 +350,6 @@ class Tracker:
         batch = [Metric(safe_name(k), float(v), now, step) for k, v in metrics.items()]
         for chunk in _chunks(batch, _MAX_METRICS_PER_BATCH):
             self.client.log_batch(self.run_id, metrics=chunk)
-
-    def log_layer_health(self, health: Mapping[str, tuple[float, float]], step: int) -> None:
-        """Log {layer: (grad_norm, update_ratio)} as ``grad_norm/<layer>`` and
-        ``update_ratio/<layer>``, so vanishing or exploding gradients show per layer."""
-        metrics: dict[str, float] = {}
-        for layer, (grad_norm, update_ratio) in health.items():
-            metrics[f"grad_norm/{layer}"] = grad_norm
-            metrics[f"update_ratio/{layer}"] = update_ratio
-        self.log_metrics(metrics, step)
 
     def log_health_samples(self, samples: Sequence[HealthSample]) -> None:
         """Log each sampled step's {layer: (grad_norm, update_ratio)} at its optimiser step,

@@ -44,12 +44,8 @@ def test_every_nth_step_is_sampled_with_its_own_norm_and_update_ratio():
     assert [s.step for s in health.samples] == [0, 2, 4]
     # Layers in model order; a frozen layer has no gradient and is not a layer here.
     assert list(health.samples[0].layers) == ["net.0", "net.2"]
-    mean = health.summary()
-    expected = sum(s.layers["net.2"][1] for s in health.samples) / 3
-    assert mean["net.2"][1] == pytest.approx(expected)
     health.reset()
     assert health.samples == []
-    assert health.summary() == {}
 
 
 def test_steps_between_samples_take_no_snapshot(monkeypatch):

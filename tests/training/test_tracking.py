@@ -17,6 +17,7 @@ from torch import nn
 from facetag.checkpoint import load_checkpoint, save_checkpoint
 from facetag.config import Config, flatten
 from facetag.errors import ConfigError, ModelError, TrainingError
+from facetag.training.health import HealthSample
 from facetag.training.tracking import (
     DEFAULT_URI,
     ModelRegistration,
@@ -86,9 +87,8 @@ def test_tracker_logs_params_metrics_tags_and_artifacts(store, client, tmp_path)
         changed = tracker.log_params({**flatten(config), "data.hash": "abc", "people": 40})
         for epoch in range(3):
             tracker.log_metrics({"train_loss": 1.0 / (epoch + 1), "val acc%": 0.5}, step=epoch)
-            tracker.log_layer_health(
-                {"stages.0.conv": (0.1 * epoch, 1e-3), "head[0]": (math.nan, 0.0)}, step=epoch
-            )
+            layers = {"stages.0.conv": (0.1 * epoch, 1e-3), "head[0]": (math.nan, 0.0)}
+            tracker.log_health_samples([HealthSample(step=epoch, layers=layers)])
         tracker.set_tags({"device": "cpu", "people": 40})
         tracker.log_text("[train]\nepochs = 3\n", "config.toml")
         tracker.log_dict({"a": [1, 2]}, "tables/a.json")
