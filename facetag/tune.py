@@ -51,15 +51,18 @@ class TuneSettings:
     hold_out: bool = True  # keep faces back to check the tuned model (module doc)
 
 
-def _faces(gallery: Any) -> list[tuple[str, Path, list[float], list[list[float]] | None]]:
-    """(person, photo, box, landmarks) of every confirmed face; enrolled paths are relative
-    to the gallery's PEOPLE_DIR."""
+# A confirmed face: (person, photo, box, landmarks, its embedding by the gallery's model).
+Face = tuple[str, Path, list[float], list[list[float]] | None, Any]
+
+
+def _faces(gallery: Any) -> list[Face]:
+    """Every confirmed face; enrolled paths are relative to the gallery's PEOPLE_DIR."""
     root = Path(gallery.root) if gallery.root else Path()
     out = []
     for person, entries in gallery.people.items():
         for e in entries:
             photo = Path(e.path) if e.source != "enroll" else root / e.path
-            out.append((person, photo, e.box, e.landmarks))
+            out.append((person, photo, e.box, e.landmarks, e.embedding))
     return out
 
 
@@ -155,9 +158,6 @@ def tune(
     }
 
 
-Face = tuple[str, Path, list[float], list[list[float]] | None]
-
-
 def check_line(check: dict[str, Any] | None) -> str:
     if check is None:
         return "no person with two faces: nothing to check a tuned model on"
@@ -201,39 +201,47 @@ def _check(
     train: list[Face], held: list[Face], gallery: Any, models: Models, tuned: Models
 ) -> dict[str, Any] | None:
     """Open-set F1 of naming the held-out faces against the training faces, by the
-    starting and by the tuned model (unknown cluster faces as strangers); None when
-    nothing was held out."""
+    starting model (the gallery's own embeddings) and by the tuned one (cut and embedded
+    again); unknown cluster faces are strangers. None when nothing was held out."""
     import torch
 
     if not held:
         return None
     names = sorted({f[0] for f in train})
     label = {n: k for k, n in enumerate(names)}
-    strangers = [(Path(f.path), f.box, f.landmarks) for fs in gallery.clusters.values() for f in fs]
-    probes = [(f[1], f[2], f[3]) for f in held] + strangers
+    strangers = [f for fs in gallery.clusters.values() for f in fs]
     probe_labels = [label.get(f[0], -1) for f in held] + [-1] * len(strangers)
-    stored = [(f[1], f[2], f[3]) for f in train]
+    old_probes = [f[4] for f in held] + [f.embedding for f in strangers]
+    probes = [(f[1], f[2], f[3]) for f in held]
+    probes += [(Path(f.path), f.box, f.landmarks) for f in strangers]
+    runs = {
+        "before": (torch.stack([f[4] for f in train]), torch.stack(old_probes), models),
+        "after": (
+            embed_stored_faces([(f[1], f[2], f[3]) for f in train], tuned),
+            embed_stored_faces(probes, tuned),
+            tuned,
+        ),
+    }
     out: dict[str, Any] = {"held_out": len(held), "strangers": len(strangers)}
-    for when, m in (("before", models), ("after", tuned)):
-        G = embed_stored_faces(stored, m)
+    for when, (G, P, m) in runs.items():
         ok = ~G.isnan().any(dim=1)
         gl = torch.tensor([label[f[0]] for f in train])[ok]
-        r = _open_set_f1(G[ok], gl, embed_stored_faces(probes, m), probe_labels, m.threshold)
+        r = _open_set_f1(G[ok], gl, P, probe_labels, m.threshold)
         out.update({f"{k}_{when}": v for k, v in r.items()})
     return out
 
 
 def _write_chips(
-    faces: list[tuple[str, Path, list[float], list[list[float]] | None]],
+    faces: list[Face],
     models: Models,
     data: Path,
     say: MessageFn | None,
 ) -> int:
     """The faces as a person-folder dataset of the crops tagging embeds; returns how many."""
     n = 0
-    stored = [(photo, box, marks) for _, photo, box, marks in faces]
+    stored = [(photo, box, marks) for _, photo, box, marks, _ in faces]
     got = dict(stored_face_crops(stored, models))
-    for k, (person, photo, _, _) in enumerate(faces):
+    for k, (person, photo, *_) in enumerate(faces):
         if k not in got:
             if say is not None:
                 say(

@@ -207,6 +207,7 @@ def test_tune_adopts_a_better_model_and_tagging_uses_it(tmp_path: Path, people: 
 
 
 def test_tune_check_names_held_out_faces_against_the_rest(tmp_path: Path, people: Path):
+    from facetag.inference.pipeline import embed_stored_faces
     from facetag.tune import _check
 
     models = make_models(_tiny_start(tmp_path), WholePhotoDetector())
@@ -214,11 +215,13 @@ def test_tune_check_names_held_out_faces_against_the_rest(tmp_path: Path, people
     save(people / "Alice" / "copy.png", pattern(1))  # the same face again: distance 0
     save(people / "Bob" / "other.png", pattern(9))  # not like anyone enrolled
     box = [0.0, 0.0, 64.0, 64.0]
-    train = [("Alice", alice, box, None), ("Bob", bob, box, None)]
-    held = [("Alice", people / "Alice" / "copy.png", box, None)]
-    held += [("Bob", people / "Bob" / "other.png", box, None)]
+    photos = [("Alice", alice), ("Bob", bob)]
+    photos += [("Alice", people / "Alice" / "copy.png"), ("Bob", people / "Bob" / "other.png")]
+    stored = embed_stored_faces([(photo, box, None) for _, photo in photos], models)
+    faces = [(who, photo, box, None, v) for (who, photo), v in zip(photos, stored, strict=True)]
+    train, held = faces[:2], faces[2:]
     gallery = type("G", (), {"clusters": {}})()
-    r = _check(train, held, gallery, models, models)
+    r = _check(train, held, gallery, models, models)  # stored embeddings vs cut again
     assert r is not None
     assert (r["held_out"], r["strangers"]) == (2, 0)
     assert r["f1_before"] == r["f1_after"]  # the same network: no better, so not adopted
