@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -13,6 +13,9 @@ from facetag.cli._app import data_app
 from facetag.cli._common import JsonOpt, fail, model_ref
 from facetag.cli.progress import ProgressBar
 from facetag.errors import FacetagError
+
+if TYPE_CHECKING:
+    from facetag.inference.crops import CropReport
 
 
 @data_app.command("info")
@@ -32,29 +35,40 @@ def data_info(
 class FetchName(str, Enum):
     olivetti = "olivetti"
     lfw = "lfw"
+    wider = "wider"
+    demo = "demo"
 
 
 @data_app.command("fetch")
 def data_fetch(
     name: Annotated[FetchName, typer.Argument(help="Which dataset to download.")],
     to: Annotated[Path, typer.Option(help="Where to write the person folders.")] = Path("data"),
+    max_images: Annotated[
+        int, typer.Option(min=0, help="wider: a sample of this many photos (0 = all 12,880).")
+    ] = 0,
+    seed: Annotated[int, typer.Option(help="wider: the seed that picks the sample.")] = 0,
 ) -> None:
-    """Download a public face dataset (needs the internet) as person folders."""
+    """Download a public face dataset (needs the internet) as person folders; demo: what
+    make demo needs on a machine without the face data (WIDER FACE photos, LFW people,
+    face_recognition's test photos). FACETAG_FETCH_MIRROR=DIR reads the archives from DIR."""
     from facetag.data.fetch import fetch
 
     try:
-        out = fetch(name.value, to)
+        out = fetch(name.value, to, max_images=max_images, seed=seed)
     except FacetagError as e:
         raise fail(e) from None
     typer.echo(str(out))
 
 
-def format_crops(summary: dict[str, object], merged: dict[str, list[str]]) -> str:
-    joined = ", ".join(f"{k} ({' + '.join(v)})" for k, v in merged.items()) or "none"
+def format_crops(report: CropReport) -> str:
+    summary = report.summary()
+    joined = ", ".join(f"{k} ({' + '.join(v)})" for k, v in report.merged.items()) or "none"
+    few = len(report.too_few)
     return (
         f"{summary['crops']} crops of {summary['people']} people in {summary['out']} "
         f"({summary['written']} new, {summary['kept']} kept); no face found in "
         f"{summary['no_face']} photos; merged: {joined}"
+        + (f"; {few} people with too few crops left out" if few else "")
     )
 
 
@@ -69,6 +83,10 @@ def data_crops(
     detector: Annotated[
         str | None, typer.Option(help="Detector (default: the shipped one).")
     ] = None,
+    min_photos: Annotated[
+        int,
+        typer.Option(min=1, help="Leave out people with fewer crops (a split needs 2 each)."),
+    ] = 1,
     as_json: JsonOpt = False,
 ) -> None:
     """Cut the face of every photo the way tagging does, into OUT/<person>/ for training.
@@ -87,13 +105,13 @@ def data_crops(
                 det,
                 size=size,
                 aligned=aligned,
+                min_photos=min_photos,
                 on_message=bar.message,
                 progress=bar.update,
             )
     except FacetagError as e:
         raise fail(e) from None
-    summary = report.summary()
-    typer.echo(json.dumps(summary, indent=2) if as_json else format_crops(summary, report.merged))
+    typer.echo(json.dumps(report.summary(), indent=2) if as_json else format_crops(report))
 
 
 @data_app.command("landmarks")

@@ -28,6 +28,10 @@ def train(
     lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
     batch_size: Annotated[int | None, typer.Option(min=1, help="Images per step.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for split, init and order.")] = None,
+    split: Annotated[
+        str | None,
+        typer.Option(help="Train/test split: 5/5 (images per person) or a fraction, e.g. 0.8."),
+    ] = None,
     device: Annotated[Device | None, typer.Option(help="auto: CUDA when available.")] = None,
     resume: Annotated[
         str | None, typer.Option(help="Continue the run with this MLflow run id.")
@@ -53,6 +57,8 @@ def train(
         device=device,
         init=init.resolve() if init else None,
     )
+    if split is not None:
+        overrides["data.split"] = split
     try:
         with ProgressBar() as bar:
             result = run_training(

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import csv
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,9 +101,20 @@ def _face(p: Path, line_no: int, x: str, y: str, w: str, h: str, invalid: bool) 
 
 
 def _read_wider(p: Path, text: str) -> BoxFile:
+    boxes: BoxFile = {}
+    for image, faces, _ in wider_records(p, text):
+        boxes.setdefault(image, []).extend(faces)
+    return boxes
+
+
+def wider_records(p: Path, text: str) -> Iterator[tuple[str, list[FaceBox], str]]:
+    """(image, its faces, its lines as written) for each record of a WIDER box file.
+
+    The lines are kept so that a subset of the file can be written back unchanged
+    (facetag data fetch wider). ``p`` names the file in errors.
+    """
     lines = [(i + 1, line.strip()) for i, line in enumerate(text.splitlines())]
     lines = [(n, line) for n, line in lines if line]
-    boxes: BoxFile = {}
     i = 0
     while i < len(lines):
         n, image = lines[i]
@@ -138,9 +149,8 @@ def _read_wider(p: Path, text: str) -> BoxFile:
             invalid = len(fields) >= 8 and fields[7] == "1"
             x, y, w, h = fields[:4]
             faces.append(_face(p, line_no, x, y, w, h, invalid))
-        boxes.setdefault(image, []).extend(faces)
+        yield image, faces, "".join(line + "\n" for _, line in lines[i : i + 2 + rows])
         i += 2 + rows
-    return boxes
 
 
 def _all_numbers(row: str) -> bool:

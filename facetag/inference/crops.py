@@ -54,13 +54,14 @@ class CropReport:
     """What cut_crops did: counts per source and the people merged across sources."""
 
     out: Path
-    people: int = 0
+    people: int = 0  # with at least one crop (and min_photos)
     written: int = 0
     kept: int = 0  # already in OUT from an earlier run with the same settings
     padded: int = 0  # found only after padding the photo with grey
     missed: list[str] = field(default_factory=list)  # photos without a face
     merged: dict[str, list[str]] = field(default_factory=dict)  # person -> sources
     per_source: dict[str, int] = field(default_factory=dict)  # crops per source
+    too_few: list[str] = field(default_factory=list)  # people left out: < min_photos crops
 
     def summary(self) -> dict[str, object]:
         return {
@@ -73,6 +74,7 @@ class CropReport:
             "no_face": len(self.missed),
             "merged": self.merged,
             "per_source": self.per_source,
+            "too_few": self.too_few,
         }
 
 
@@ -184,12 +186,14 @@ def cut_crops(
     margin: float = DEFAULT_MARGIN,
     pad: float = 0.25,
     aligned: bool = False,
+    min_photos: int = 1,
     on_message: MessageFn | None = None,
     progress: ProgressFn | None = None,
 ) -> CropReport:
     """Detect and crop every photo of ``sources`` into OUT/<person>/ (see the module doc);
     ``aligned``: landmark-aligned chips (align.face_chip, for the dlib-resnet) instead of
-    squares around the box.
+    squares around the box. A person with fewer than ``min_photos`` crops is left out
+    (a train/test split needs 2 of each), named in ``too_few`` and one message.
 
     Re-running with the same settings keeps crops already written (OUT/.crops.json
     records the settings; other settings rewrite everything). Each PNG is written
@@ -208,23 +212,41 @@ def cut_crops(
     stamp = out / ".crops.json"
     same = stamp.is_file() and json.loads(stamp.read_text()).get("settings") == settings
     out.mkdir(parents=True, exist_ok=True)
-    report = CropReport(out=out, people=len(people))
+    report = CropReport(out=out)
     meter = Meter("photos", sum(len(v) for v in people.values()), progress, "photos/s")
     made: set[Path] = set()
     for person, photos in people.items():
         srcs = sorted({s.name for s, _ in photos})
         if len(srcs) > 1:
             report.merged[person] = srcs
+        theirs: list[tuple[str, Path, bool]] = []  # (source, crop, kept from an earlier run)
         for src, photo in photos:
             target = out / person / f"{src.name}__{photo.stem}.png"
-            made.add(target)
             if same and target.is_file():
-                report.kept += 1
-                report.per_source[src.name] = report.per_source.get(src.name, 0) + 1
+                theirs.append((src.name, target, True))
             elif _cut_one(detector, photo, target, size, margin, pad, report, say, aligned):
-                report.written += 1
-                report.per_source[src.name] = report.per_source.get(src.name, 0) + 1
+                theirs.append((src.name, target, False))
             meter.step()
+        if not theirs:
+            continue  # no face in any photo: each one was reported
+        if len(theirs) < min_photos:
+            report.too_few.append(person)
+            for _, target, _ in theirs:
+                target.unlink()
+            if (out / person).is_dir() and not any((out / person).iterdir()):
+                (out / person).rmdir()
+            continue
+        report.people += 1
+        for src_name, target, kept in theirs:
+            made.add(target)
+            report.kept += kept
+            report.written += not kept
+            report.per_source[src_name] = report.per_source.get(src_name, 0) + 1
+    if report.too_few:
+        say(
+            f"{len(report.too_few)} people left out with fewer than {min_photos} crops: "
+            f"{', '.join(report.too_few[:5])}{', ...' if len(report.too_few) > 5 else ''}"
+        )
     if stamp.is_file():  # OUT is a crops folder: drop crops of photos no longer there
         for old in out.glob("*/*__*.png"):
             if old not in made:

@@ -127,6 +127,26 @@ def test_cut_crops_pads_tight_crops_and_reports_photos_without_faces(tmp_path: P
     assert messages == [f"{src / 'Ann' / '1.png'}: expected a face, got none; left out"]
 
 
+def test_cut_crops_leaves_out_people_with_too_few_crops(tmp_path: Path):
+    a, b = _sources(tmp_path)
+    save(a / "Keanu_Reeves" / "2.jpg", pattern(7, 40))
+    out = tmp_path / "crops"
+    messages: list[str] = []
+    det = FakeDetector([(0.25, 0.25, 0.75, 0.75)])
+    report = cut_crops([a, b], out, det, size=24, min_photos=2, on_message=messages.append)
+    # Halle_Berry has 2 (lfw + celeba), Keanu_Reeves 2; celeba_7201 has 1: left out.
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["Halle_Berry", "Keanu_Reeves"]
+    assert report.too_few == ["celeba_7201"]
+    assert report.people == 2
+    assert report.written == 4
+    assert report.per_source == {"lfw": 3, "celeba": 1}
+    assert messages == ["1 people left out with fewer than 2 crops: celeba_7201"]
+    # Run again: the kept crops stay, the person left out is still out.
+    again = cut_crops([a, b], out, det, size=24, min_photos=2)
+    assert (again.kept, again.written, again.too_few) == (4, 0, ["celeba_7201"])
+    assert not (out / "celeba_7201").exists()
+
+
 def test_cut_crops_refuses_a_missing_source(tmp_path: Path):
     with pytest.raises(
         DataError,

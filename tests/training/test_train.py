@@ -71,6 +71,18 @@ def test_train_cli_json_records_run_in_mlflow(env):
     assert out["registered_model"] == "facetag-embedder"
 
 
+def test_train_split_flag_overrides_the_config(env):
+    args = ["train", "--config", str(SMOKE), "--data", str(env["data"]), "--epochs", "1"]
+    result = _cli([*args, "--split", "4/2", "--json"])
+    assert result.exit_code == 0, result.output
+    run = MlflowClient(env["uri"]).get_run(json.loads(result.stdout)["run_id"])
+    assert run.data.params["data.split"] == "4/2"  # the config says 0.5
+    bad = _cli([*args, "--split", "5/5"])  # 6 photos each
+    assert bad.exit_code == 1
+    assert "expected at least 10 images for split 5/5, got 6" in bad.output
+    assert "Traceback" not in bad.output
+
+
 def _history(run_id: str, root: Path) -> list[dict]:
     from facetag.checkpoint import load_checkpoint
 
