@@ -140,33 +140,43 @@ knn: $(STAMP)
 # import dlib's public-domain ResNet; cut aligned chips with the new detector and fine-tune
 # the ResNet on them with our backprop (MLflow records both trainings); enrol
 # knn_examples/train and tag knn_examples/test with them; then the same with the shipped
-# models. The data: FACETAG_DATA_DIR (default ../shared/data), see data/README.md.
+# models. The data: FACETAG_DATA_DIR (default ../shared/data, see data/README.md); where
+# it is missing, `facetag data fetch demo` first downloads what the demo needs into
+# data/demo (WIDER FACE photos, LFW people, face_recognition's test photos from PyPI;
+# FACETAG_FETCH_MIRROR=DIR reads the archives from a local mirror instead).
 DEMO := out/demo
-DEMO_SETS := johns glint_celebs
+FETCHED := $(if $(wildcard $(FACETAG_DATA_DIR)/knn_examples),,data/demo)
+DEMO_DATA := $(or $(FETCHED),$(FACETAG_DATA_DIR))
+DEMO_KNN := $(DEMO_DATA)/knn_examples
+DEMO_SETS := $(if $(FETCHED),lfw,johns glint_celebs)
+# LFW's people have 8 photos here (johns' 11, glint_celebs' ~23): a 0.9 split would leave
+# one test chip each, and evaluate needs same-person test pairs.
+DEMO_SPLIT := $(if $(FETCHED),--split 0.6)
+# make landmarks labels the shared data; fetched data gets its own labels.
+DEMO_LANDMARKS := $(if $(FETCHED),$(DEMO)/landmarks-fetched.json,$(if $(wildcard $(LANDMARKS)),$(LANDMARKS),$(DEMO)/landmarks.json))
 demo: $(STAMP)
-	@test -d $(KNN) || { echo "error: $(KNN): expected the face data, got no such folder; set FACETAG_DATA_DIR to a local copy (see data/README.md)"; exit 1; }
+	test -f $(DEMO_KNN)/expected.csv || $(BIN)/facetag data fetch demo --to $(DEMO_DATA)
 	$(BIN)/facetag gradcheck
-	test -f $(LANDMARKS) || test -f $(DEMO)/landmarks.json || $(BIN)/facetag data landmarks \
-		$(FACETAG_DATA_DIR) $(addprefix --set ,$(DEMO_SETS)) --out $(DEMO)/landmarks.json
+	test -f $(DEMO_LANDMARKS) || $(BIN)/facetag data landmarks \
+		$(DEMO_DATA) $(addprefix --set ,$(DEMO_SETS)) --out $(DEMO_LANDMARKS)
 	$(BIN)/facetag train-detector --config experiments/configs/detector-fast.toml \
-		--data $(FACETAG_DATA_DIR) --out $(DEMO)/detector.pt \
-		--landmarks $$(test -f $(LANDMARKS) && echo $(LANDMARKS) || echo $(DEMO)/landmarks.json)
+		--data $(DEMO_DATA) --out $(DEMO)/detector.pt --landmarks $(DEMO_LANDMARKS)
 	$(BIN)/facetag import dlib --out $(DEMO)/dlib-resnet.pt
 	$(BIN)/facetag data crops --aligned --size 150 --detector $(DEMO)/detector.pt \
-		$(addprefix $(FACETAG_DATA_DIR)/,$(DEMO_SETS)) --out $(DEMO)/chips
+		--min-photos 2 $(addprefix $(DEMO_DATA)/,$(DEMO_SETS)) --out $(DEMO)/chips
 	$(BIN)/facetag train --config experiments/configs/resnet-fast.toml --data $(DEMO)/chips \
-		--init $(DEMO)/dlib-resnet.pt --out $(DEMO)/embedder.pt
+		--init $(DEMO)/dlib-resnet.pt --out $(DEMO)/embedder.pt $(DEMO_SPLIT)
 	$(BIN)/facetag evaluate --model $(DEMO)/embedder.pt --far 1e-2
-	$(BIN)/facetag enroll $(KNN)/train --gallery $(DEMO)/gallery.json \
+	$(BIN)/facetag enroll $(DEMO_KNN)/train --gallery $(DEMO)/gallery.json \
 		--model $(DEMO)/embedder.pt --detector $(DEMO)/detector.pt
-	$(BIN)/facetag tag $(KNN)/test --gallery $(DEMO)/gallery.json --model $(DEMO)/embedder.pt \
-		--detector $(DEMO)/detector.pt --expected $(KNN)/expected.csv \
+	$(BIN)/facetag tag $(DEMO_KNN)/test --gallery $(DEMO)/gallery.json --model $(DEMO)/embedder.pt \
+		--detector $(DEMO)/detector.pt --expected $(DEMO_KNN)/expected.csv \
 		--csv $(DEMO)/tags.csv --annotate $(DEMO)/annotated
 	@echo "Tags: $(DEMO)/tags.csv, annotated photos: $(DEMO)/annotated/"
 	@echo "The same photos with the shipped models (make weights):"
-	$(BIN)/facetag enroll $(KNN)/train --gallery $(DEMO)/shipped/gallery.json
-	$(BIN)/facetag tag $(KNN)/test --gallery $(DEMO)/shipped/gallery.json \
-		--expected $(KNN)/expected.csv --csv $(DEMO)/shipped/tags.csv
+	$(BIN)/facetag enroll $(DEMO_KNN)/train --gallery $(DEMO)/shipped/gallery.json
+	$(BIN)/facetag tag $(DEMO_KNN)/test --gallery $(DEMO)/shipped/gallery.json \
+		--expected $(DEMO_KNN)/expected.csv --csv $(DEMO)/shipped/tags.csv
 	@echo "MLflow dashboard: make ui  (or .venv/bin/facetag ui), then open http://127.0.0.1:5000"
 
 clean:
