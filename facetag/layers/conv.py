@@ -39,6 +39,7 @@ from facetag.layers._util import (
     weight_and_bias,
 )
 from facetag.layers.conv_fast import (
+    IM2COL_BLOCK_BYTES,
     WINOGRAD_MIN_C,
     grad_weight_im2col,
     grad_weight_winograd,
@@ -135,12 +136,15 @@ def conv2d_grad_weight(
     - "corr": one convolution with the batch as the reduced channel axis. On CPU oneDNN
       must first transpose and re-block grad_out as a kernel, which costs more than the
       convolution; on CUDA cuDNN takes it directly and a loop over blocks would be slow.
-    "auto": "corr" on CUDA; on CPU "winograd" where it applies and C >= WINOGRAD_MIN_C
-    (enough channels that its (C, tiles) @ (tiles, F) matmuls run at full speed), else
-    "im2col".
+    "auto": "corr" on CUDA; on CPU "corr" too when x is at most IM2COL_BLOCK_BYTES (the
+    blocked paths split a big x into cache-sized blocks; an x that is one block already
+    gains nothing from that and pays their per-block calls: the dlib ResNet's 17x17 and
+    smaller layers, 2-8x faster this way), else "winograd" where it applies and C >=
+    WINOGRAD_MIN_C (enough channels that its (C, tiles) @ (tiles, F) matmuls run at full
+    speed), else "im2col".
     """
     if method == "auto":
-        if grad_out.is_cuda:
+        if grad_out.is_cuda or x.numel() * x.element_size() <= IM2COL_BLOCK_BYTES:
             method = "corr"
         elif x.shape[1] >= WINOGRAD_MIN_C and winograd_applies(
             weight_shape, stride, dilation, groups

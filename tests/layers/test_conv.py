@@ -102,30 +102,22 @@ def test_conv2d_winograd_in_the_backward_matches_torch(
     torch.testing.assert_close(gw_ours, gw_torch, rtol=1e-4, atol=1e-4)
 
 
-def test_conv2d_grad_weight_picks_winograd_from_64_channels(monkeypatch):
+def test_conv2d_grad_weight_picks_corr_for_small_x_then_winograd_from_64_channels(monkeypatch):
     calls = []
     monkeypatch.setattr(conv, "grad_weight_winograd", lambda *a: calls.append(a[1].shape[1]))
     monkeypatch.setattr(conv, "grad_weight_im2col", lambda *a: calls.append("im2col"))
-    for C in (32, 64):
-        conv2d_grad_weight(
-            torch.zeros(1, 4, 5, 5),
-            torch.zeros(1, C, 5, 5),
-            (4, C, 3, 3),
-            (1, 1),
-            (1, 1),
-            (1, 1),
-            1,
-        )
-    conv2d_grad_weight(
-        torch.zeros(1, 4, 3, 3),
-        torch.zeros(1, 64, 5, 5),
-        (4, 64, 3, 3),
-        (2, 2),
-        (1, 1),
-        (1, 1),
-        1,
-    )
-    assert calls == ["im2col", 64, "im2col"]
+    monkeypatch.setattr(conv, "grad_weight_corr", lambda *a: calls.append("corr"))
+
+    def pick(C: int, side: int, stride: int) -> None:
+        out = (side - 1) // stride + 1
+        conv2d_grad_weight(torch.zeros(1, 4, out, out), torch.zeros(1, C, side, side),
+                           (4, C, 3, 3), (stride, stride), (1, 1), (1, 1), 1)  # fmt: skip
+
+    big = 200  # x of 32 x 200 x 200 floats: 5.1 MB, more than one im2col block (4 MiB)
+    for C, side, stride in [(32, big, 1), (64, big, 1), (64, big, 2), (256, 60, 1), (256, 66, 1)]:
+        pick(C, side, stride)
+    # 256 x 60 x 60 floats are 3.7 MB: one block, so one correlation; 256 x 66 x 66 are 4.5 MB.
+    assert calls == ["im2col", 64, "im2col", "corr", 256]
 
 
 def test_conv2d_grad_weight_rejects_winograd_for_strided_conv():
