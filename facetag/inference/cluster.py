@@ -4,9 +4,10 @@ named once (``facetag name CLUSTER_ID NAME``).
     photos -> every face embedded (facetag.inference.embed) -> matched against the gallery
     (the faces an enrolled person takes leave) -> the unknown faces:
       a face already in a cluster (same photo bytes, same box) keeps its cluster;
-      a new face within ``distance`` of a cluster's member joins the nearest cluster
-      (incrementally, as Immich does); the rest are grouped by scikit-learn's average-
-      linkage agglomerative clustering at ``distance`` (cosine) and get new ids
+      a new face within ``distance`` of a cluster, on average over its members, joins the
+      nearest such cluster (incrementally, as Immich does); the rest are grouped by
+      scikit-learn's average-linkage agglomerative clustering at ``distance`` (cosine)
+      and get new ids
     -> the clusters, stored in the gallery with stable ids (c1, c2, ...): re-running on a
        grown library keeps every old id and adds new ones
 
@@ -56,20 +57,29 @@ def _next_id(clusters: dict[str, list[ClusterFace]]) -> int:
 def group(
     vectors: np.ndarray, clusters: dict[str, list[ClusterFace]], distance: float
 ) -> list[str | None]:
-    """The cluster of each new unknown face (N, D) (unit vectors): the nearest existing
-    cluster within ``distance``, else a new cluster from agglomerative grouping."""
+    """The cluster of each new unknown face (N, D) (unit vectors): the existing cluster
+    whose members are nearest on average, within ``distance``, else a new cluster from
+    agglomerative grouping.
+
+    The average cosine distance from v to a cluster's members m_1..m_k is
+    mean_j (1 - v . m_j) = 1 - v . mean_j m_j: the average-linkage distance between v and
+    the cluster, which is how the clusters were grouped in the first place. (The nearest
+    single member instead, single linkage, chained people together as the library grew.)
+    """
     from sklearn.cluster import AgglomerativeClustering
 
     N = vectors.shape[0]
     out: list[str | None] = [None] * N
-    members = [(cid, f.embedding.numpy()) for cid, fs in clusters.items() for f in fs]
-    if members:
-        M = np.stack([m for _, m in members])  # (M, D)
-        d = 1.0 - vectors @ M.T  # (N, M)
+    ids = [cid for cid, fs in clusters.items() if fs]
+    if ids:
+        means = np.stack(
+            [np.mean([f.embedding.numpy() for f in clusters[c]], axis=0) for c in ids]
+        )  # (K, D), not unit: the mean of the members
+        d = 1.0 - vectors @ means.T  # (N, K): average distance to each cluster's members
         for i in range(N):
             j = int(d[i].argmin())
             if d[i, j] < distance:
-                out[i] = members[j][0]
+                out[i] = ids[j]
     rest = [i for i in range(N) if out[i] is None]
     if len(rest) == 1:
         labels = np.zeros(1, dtype=int)

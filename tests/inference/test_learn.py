@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from facetag.inference.align import WholePhotoDetector
-from facetag.inference.cluster import cluster_photos, name_cluster
+from facetag.inference.cluster import cluster_photos, group, name_cluster
 from facetag.inference.enroll import enroll
-from facetag.inference.gallery import load_gallery
+from facetag.inference.gallery import ClusterFace, load_gallery
 from facetag.inference.learn import learn
 from facetag.inference.tag import TagOptions, tag_photos
 from facetag.inference.xmp import sidecar_path
@@ -122,6 +124,27 @@ def test_clusters_keep_their_ids_as_the_library_grows_and_name_enrols_them(
         for im in tagged.doc["images"]
         if Path(im["path"]).name.startswith("x")
     )
+
+
+def _unit(degrees: float) -> np.ndarray:
+    a = np.radians(degrees)
+    return np.array([np.cos(a), np.sin(a)], np.float32)
+
+
+def test_a_new_face_joins_the_cluster_nearest_on_average_not_by_one_member():
+    # Cluster c1: faces at 0 and 40 degrees; c2: faces at 58 and 60. A new face at 45
+    # degrees lies 5 degrees from c1's member at 40 (cosine distance 0.004) but 22.5 from
+    # c1's middle; c2's members are 13 and 15 degrees away: c2 is nearer on average.
+    def face(deg: float) -> ClusterFace:
+        return ClusterFace("/p.png", "00", [0.0, 0.0, 1.0, 1.0], torch.from_numpy(_unit(deg)))
+
+    clusters = {"c1": [face(0), face(40)], "c2": [face(58), face(60)]}
+    new = np.stack([_unit(45), _unit(20), _unit(180), _unit(179)])
+    d = 1 - np.cos(np.radians(25))  # cosine distance of 25 degrees
+    out = group(new, clusters, d)
+    assert out[0] == "c2"  # average linkage; the nearest single member would say c1
+    assert out[1] == "c1"  # 20 degrees from both of c1's members
+    assert out[2] == out[3] == "c3"  # far from both: a new cluster of the two of them
 
 
 def _tiny_start(tmp_path: Path) -> Path:
