@@ -10,8 +10,9 @@ MLflow); the CLI calls it as it calls any library function.
          (people not in the gallery stay where they were), logged to MLflow, registered
       -> the check: one face in five of each person with two or more (at least one, seed)
          is held out of training; both models name those faces against the rest
-         (open-set, at the starting model's threshold, unknown cluster faces as
-         strangers). Only a tuned model with a higher F1 is kept:
+         (open-set, unknown cluster faces as strangers), the tuned one at the starting
+         threshold scaled as tuning moved the distances between different people
+         (distance_scale). Only a tuned model with a higher F1 is kept:
       -> the gallery re-embedded with the tuned model, which it records (model_file):
          tag, learn and cluster use it from then on. Otherwise the gallery keeps its model
          and its history says why ("tune kept"), as LFW's learning curve asks
@@ -124,11 +125,14 @@ def tune(
         out_dir.mkdir(parents=True, exist_ok=True)
         target = out_dir / f"tuned-{time.strftime('%Y%m%d-%H%M%S')}.pt"
         trained = run_training(None, overrides, progress=progress, track=track, out_path=target)
-    _inherit_threshold(target, models)
     tuned = load_models(ModelRef(target, str(target)), None, models.device)
     tuned.detector = models.detector  # the same faces, only the embedder changed
-    tuned.threshold, tuned.threshold_source = models.threshold, models.threshold_source
-    check = _check(train, held, gallery, models, tuned)
+    G_new = embed_stored_faces([(f[1], f[2], f[3]) for f in train], tuned)
+    scale = distance_scale(train, G_new)
+    tuned.threshold = models.threshold * scale
+    tuned.threshold_source = f"scaled x{scale:.3f} from {models.embedder.version}"
+    _store_threshold(target, models, tuned.threshold, scale)
+    check = _check(train, held, gallery, models, tuned, G_new)
     kept = check is None or check["f1_after"] <= check["f1_before"]
     if not kept:
         _reembed(gallery, tuned, on_message)
@@ -182,27 +186,63 @@ def _hold_out(faces: list[Face], seed: int) -> tuple[list[Face], list[Face]]:
     return [f for k, f in enumerate(faces) if k not in held], [faces[k] for k in sorted(held)]
 
 
-def _inherit_threshold(target: Path, models: Models) -> None:
-    """The tuned file carries the starting model's threshold (it is tuned to stay near
-    that network), so tagging with it never falls back to the default threshold."""
+def distance_scale(train: list[Face], tuned_vectors: Any) -> float:
+    """How much tuning moved the distances between different people: the median cosine
+    distance over the pairs of training faces of two different people, by the tuned
+    network (tuned_vectors, (N, D)) over the same by the starting one (the gallery's
+    embeddings). 1.0 with no such pair.
+
+    Fine-tuning on a few faces per person pulls faces together (LOG: under the starting
+    threshold the tuned ResNet named many more probes, strangers among them), so the
+    threshold moves with the distances: the starting threshold times this ratio.
+    """
+    import torch
+
+    old = torch.stack([f[4] for f in train]).float()  # (N, D)
+    new = tuned_vectors.float()
+    ok = ~new.isnan().any(dim=1)
+    names = sorted({f[0] for f in train})
+    person = torch.tensor([names.index(f[0]) for f in train])  # (N,)
+    i, j = torch.triu_indices(len(train), len(train), offset=1)  # every pair once
+    pick = (person[i] != person[j]) & ok[i] & ok[j]
+    if not bool(pick.any()):
+        return 1.0
+    i, j = i[pick], j[pick]
+    d_old = 1.0 - (old[i] * old[j]).sum(dim=1)
+    d_new = 1.0 - (new[i] * new[j]).sum(dim=1)
+    median_old = float(d_old.median())
+    return float(d_new.median()) / median_old if median_old > 0 else 1.0
+
+
+def _store_threshold(target: Path, models: Models, threshold: float, scale: float) -> None:
+    """The tuned file carries its threshold (the starting one, scaled with the distances:
+    distance_scale), so tagging with it never falls back to the default threshold."""
     from facetag.checkpoint import load_checkpoint, save_checkpoint
 
     state = load_checkpoint(target)
-    state["threshold"] = float(models.threshold)
+    state["threshold"] = float(threshold)
     state["calibration"] = {
-        "threshold_rule": "inherited",
+        "threshold_rule": "scaled",
+        "scale": scale,
         "from": models.embedder.version,
+        "from_threshold": float(models.threshold),
         "source": models.threshold_source,
     }
     save_checkpoint(target, state)
 
 
 def _check(
-    train: list[Face], held: list[Face], gallery: Any, models: Models, tuned: Models
+    train: list[Face],
+    held: list[Face],
+    gallery: Any,
+    models: Models,
+    tuned: Models,
+    tuned_train: Any,
 ) -> dict[str, Any] | None:
     """Open-set F1 of naming the held-out faces against the training faces, by the
-    starting model (the gallery's own embeddings) and by the tuned one (cut and embedded
-    again); unknown cluster faces are strangers. None when nothing was held out."""
+    starting model (the gallery's own embeddings) and by the tuned one (``tuned_train``:
+    the training faces by it; the probes cut and embedded again), each at its own
+    threshold; unknown cluster faces are strangers. None when nothing was held out."""
     import torch
 
     if not held:
@@ -216,11 +256,7 @@ def _check(
     probes += [(Path(f.path), f.box, f.landmarks) for f in strangers]
     runs = {
         "before": (torch.stack([f[4] for f in train]), torch.stack(old_probes), models),
-        "after": (
-            embed_stored_faces([(f[1], f[2], f[3]) for f in train], tuned),
-            embed_stored_faces(probes, tuned),
-            tuned,
-        ),
+        "after": (tuned_train, embed_stored_faces(probes, tuned), tuned),
     }
     out: dict[str, Any] = {"held_out": len(held), "strangers": len(strangers)}
     for when, (G, P, m) in runs.items():
@@ -402,7 +438,7 @@ def _tuned_on(
     every = replace(settings or TuneSettings(), hold_out=False)
     r = tune(gallery, models, every, on_message=say, progress=progress)
     tuned = load_models(ModelRef(Path(r["model_file"]), r["model_file"]), None, models.device)
-    tuned.detector, tuned.threshold = models.detector, models.threshold
+    tuned.detector = models.detector  # its threshold: the scaled one tune stored
     return tuned, r, tmp
 
 
@@ -440,7 +476,7 @@ def learning_curve(
             Ek = embed_all(tuned)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        before, after = point.f1(E0, t), point.f1(Ek, t)
+        before, after = point.f1(E0, t), point.f1(Ek, tuned.threshold)
         table.append(
             {
                 "shots": k,
@@ -450,6 +486,7 @@ def learning_curve(
                 **{f"{key}_after": v for key, v in after.items()},
                 "strangers_pairs_accuracy_after": _strangers_accuracy(Ek, labels, known),
                 "tuned_model": r["model"],
+                "tuned_threshold": tuned.threshold,
                 "run_id": r["run_id"],
             }
         )

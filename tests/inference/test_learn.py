@@ -190,7 +190,30 @@ def test_tune_with_nothing_to_check_on_keeps_the_old_model(
         e.embedding.tolist() for e in before.people["Alice"]
     ]
     tuned = load_embedder(Path(r["model_file"]))  # written all the same, for the record
-    assert tuned.threshold == pytest.approx(1e-3)  # the starting model's, not the default
+    calibration = tuned.state["calibration"]
+    assert calibration["threshold_rule"] == "scaled"
+    assert calibration["from_threshold"] == pytest.approx(1e-3)
+    assert calibration["scale"] > 0
+    # The starting model's threshold moved with the distances, not the default one.
+    assert tuned.threshold == pytest.approx(1e-3 * calibration["scale"])
+
+
+def test_distance_scale_is_how_tuning_moved_the_distances_between_people():
+    from facetag.tune import distance_scale
+
+    def face(who: str, x: float, y: float) -> tuple:
+        return (who, Path("p.png"), [0.0, 0.0, 1.0, 1.0], None, torch.tensor([x, y]))
+
+    train = [face("A", 1, 0), face("A", 1, 0), face("B", 0, 1), face("C", 0, 1)]
+    half = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.5, 0.75**0.5], [0.5, 0.75**0.5]])
+    # A-B and A-C pairs: cosine distance 1 -> 0.5; B-C (two people, distance 0 either way)
+    # and A-A (one person) change nothing: the median over different people halves.
+    assert distance_scale(train, half) == pytest.approx(0.5)
+    assert distance_scale(train, torch.stack([f[4] for f in train])) == pytest.approx(1.0)
+    lost = half.clone()
+    lost[2] = float("nan")  # a face the tuned model no longer finds: its pairs left out
+    assert distance_scale(train, lost) == pytest.approx(0.5)
+    assert distance_scale(train[:2], half[:2]) == 1.0  # one person: no pair to scale by
 
 
 def test_tune_adopts_a_better_model_and_tagging_uses_it(tmp_path: Path, people: Path, monkeypatch):
@@ -206,7 +229,7 @@ def test_tune_adopts_a_better_model_and_tagging_uses_it(tmp_path: Path, people: 
     before = load_gallery(gallery)
     seen = {}
 
-    def better(train, held, gallery_, old, new):
+    def better(train, held, gallery_, old, new, new_train):
         seen["split"] = (len(train), len(held))
         return {"held_out": len(held), "strangers": 0, "f1_before": 0.5, "f1_after": 0.75}
 
@@ -244,7 +267,8 @@ def test_tune_check_names_held_out_faces_against_the_rest(tmp_path: Path, people
     faces = [(who, photo, box, None, v) for (who, photo), v in zip(photos, stored, strict=True)]
     train, held = faces[:2], faces[2:]
     gallery = type("G", (), {"clusters": {}})()
-    r = _check(train, held, gallery, models, models)  # stored embeddings vs cut again
+    again = embed_stored_faces([(photo, box, None) for _, photo in photos[:2]], models)
+    r = _check(train, held, gallery, models, models, again)  # stored vs cut again
     assert r is not None
     assert (r["held_out"], r["strangers"]) == (2, 0)
     assert r["f1_before"] == r["f1_after"]  # the same network: no better, so not adopted
