@@ -71,6 +71,25 @@ def _check_pool_args(
     return K, S, P, D, out
 
 
+def max_pool_2x2(x: Tensor, ceil_mode: bool = False) -> Tensor:
+    """2x2 max pooling with stride 2 and no indices: x (N, C, H, W) -> (N, C, H//2, W//2),
+    or with ``ceil_mode`` (N, C, ceil(H/2), ceil(W/2)).
+
+    y[n, c, i, j] = max(x[n, c, 2i + u, 2j + v] for u, v in {0, 1}): the elementwise
+    maximum of the four strided quarters of x, in two passes. An odd last row or column
+    is dropped, or with ``ceil_mode`` padded with -inf (its window is the row alone).
+    Speed: on the CPU, F.max_pool2d in NCHW always computes the argmax too
+    (max_pool2d_with_indices) and took 65 ms for a 64x32x96x96 batch where this takes 8
+    (experiments/LOG.md); inference needs no argmax. NaN propagates as in F.max_pool2d.
+    """
+    H, W = x.shape[2], x.shape[3]
+    if ceil_mode and (H % 2 or W % 2):
+        x = F.pad(x, (0, W % 2, 0, H % 2), value=float("-inf"))
+    x = x[:, :, : x.shape[2] // 2 * 2, : x.shape[3] // 2 * 2]
+    top = torch.maximum(x[:, :, 0::2, 0::2], x[:, :, 0::2, 1::2])  # (N, C, H//2, W//2)
+    return torch.maximum(top, torch.maximum(x[:, :, 1::2, 0::2], x[:, :, 1::2, 1::2]), out=top)
+
+
 class MaxPool2dFn(torch.autograd.Function):
     """x (N, C, H, W) -> y (N, C, H_out, W_out), and the argmax indices if asked for.
 
@@ -92,6 +111,9 @@ class MaxPool2dFn(torch.autograd.Function):
         ctx.x_shape = tuple(x.shape)
         ctx.args = (kernel_size, stride, padding, dilation)
         if not ctx.needs_input_grad[0] and not return_indices:
+            plain = kernel_size == stride == (2, 2) and padding == (0, 0) and dilation == (1, 1)
+            if plain:
+                return max_pool_2x2(x, ceil_mode)  # inference: no argmax, 3-8x faster on CPU
             return F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
         y, idx = F.max_pool2d(
             x, kernel_size, stride, padding, dilation, ceil_mode, return_indices=True
