@@ -165,6 +165,9 @@ def _place(t: Tensor, spec: BenchSpec) -> Tensor:
 
 def _compile(model: nn.Module) -> nn.Module:
     """torch.compile in its default mode (inductor): the twin a user who wants speed runs."""
+    from facetag.layers.compile import quiet_cpp_extension
+
+    quiet_cpp_extension()  # no "No CUDA runtime is found" line in the figures on a CPU box
     return torch.compile(model)  # type: ignore[return-value]  # an OptimizedModule
 
 

@@ -27,7 +27,7 @@ def _own_code_copy(fn: Callable[..., Any], tag: str) -> Callable[..., Any]:
     return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
 
 
-def _quiet_cpp_extension() -> None:
+def quiet_cpp_extension() -> None:
     """Keep torch's "No CUDA runtime is found, using CUDA_HOME=..." off users' stderr.
 
     NOTE: torch.compile's CPU backend imports torch.utils.cpp_extension, which logs that
@@ -57,7 +57,7 @@ class MaybeCompiled:
         from torch._dynamo.exc import FailOnRecompileLimitHit, TorchDynamoException
 
         if key not in self.compiled:
-            _quiet_cpp_extension()
+            quiet_cpp_extension()
             fn = _own_code_copy(self.fn, key)
             self.compiled[key] = torch.compile(fn, dynamic=True, fullgraph=True)
         try:

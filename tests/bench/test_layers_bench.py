@@ -199,3 +199,15 @@ def test_resnet_twin_gives_our_gradients():
 def test_twin_zero_pad_add_matches_ours(a, b):
     x, skip = torch.randn(a), torch.randn(b)
     torch.testing.assert_close(twin_zero_pad_add(x, skip), zero_pad_add(x, skip))
+
+
+def test_compiled_twin_keeps_torchs_cuda_home_warning_off_stderr(monkeypatch):
+    import logging
+
+    log = logging.getLogger("torch.utils.cpp_extension")
+    monkeypatch.setattr(log, "level", logging.NOTSET)
+    monkeypatch.setattr(torch, "compile", lambda model: model)
+    bench._compile(torch.nn.Linear(1, 1))
+    # "No CUDA runtime is found, using CUDA_HOME=..." is a WARNING: on a CPU box it is noise.
+    assert not log.isEnabledFor(logging.WARNING)
+    assert log.isEnabledFor(logging.ERROR)
