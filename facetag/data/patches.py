@@ -28,9 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import roi_align
 
 from facetag.data.boxes import FaceBox, iou_matrix
+from facetag.vision_ops import roi_align
 
 NEG, POS, PART, POS_NO_BOX = 0, 1, 2, 3
 POS_IOU, PART_IOU, NEG_IOU = 0.65, 0.4, 0.3
@@ -124,12 +124,7 @@ def crop_windows(image: Tensor | list[Tensor], windows: Tensor, size: int) -> Te
         rois = torch.cat([windows.new_zeros(idx.numel(), 1), windows[idx]], dim=1)  # (k, 5)
         # sampling_ratio=-1: ceil(side / 2^k / size) samples per output pixel and direction
         out[idx] = roi_align(
-            levels[k][None],
-            rois,
-            output_size=size,
-            spatial_scale=0.5**k,
-            sampling_ratio=-1,
-            aligned=True,
+            levels[k][None], rois, size, spatial_scale=0.5**k, sampling_ratio=-1, aligned=True
         )  # (k, C, size, size)
     return out
 

@@ -30,7 +30,7 @@ into its conv for inference, leaving Conv2d(bias) -> PReLU.
       -> ONet (when the model has one) on 48x48 crops -> prob >= threshold, regression
       -> NMS over the final boxes, boxes nested in a better one dropped
 
-NMS and the crops use torchvision.ops (inference and patch cutting only).
+NMS and the crops are torchvision's kernels (facetag.vision_ops says how they are loaded).
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import nms
 
 from facetag.checkpoint import load_checkpoint
 from facetag.data.patches import crop_windows, halvings
@@ -54,6 +53,7 @@ from facetag.layers.conv import Conv2d
 from facetag.layers.fused import BatchNormAct2d
 from facetag.layers.pool import MaxPool2d
 from facetag.models.io import Words, load_weights, shipped_file
+from facetag.vision_ops import nms
 
 DETECTOR_FORMAT = "facetag-detector/1"
 MAX_CANDIDATES = 2000  # windows kept per pyramid level and per stage (by score)
