@@ -360,13 +360,13 @@ def _download(remote: Remote, part: Path, name: str, on_progress: Progress | Non
             part.unlink(missing_ok=True)
             error = e
     assert error is not None
-    raise DataError(_offline_message(name, error, remote))
+    raise DataError(_offline_message(name, error, f"{remote.filename} in {part.parent}"))
 
 
-def _offline_message(name: str, e: BaseException, remote: Remote | None = None) -> str:
+def _offline_message(name: str, e: BaseException, put_file: str = "") -> str:
     reason = " ".join(str(getattr(e, "reason", None) or e).split()) or type(e).__name__
     local = _LOCAL_COPY[name]
-    put = f" (or put {remote.filename} in <to>/.cache)" if remote is not None else ""
+    put = f" (or put {put_file})" if put_file else ""
     return (
         f"fetch {name}: cannot download ({reason}; no network?); point facetag at a "
         f"local copy instead, e.g. --data {local} or FACETAG_DATA_DIR=../shared/data{put}"

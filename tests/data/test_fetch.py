@@ -143,8 +143,9 @@ def test_fetch_lfw_offline_is_one_line_with_the_fix(tmp_path, monkeypatch):
         DataError,
         match=r"^fetch lfw: cannot download \(.*no network\?\); "
         r"point facetag at a local copy instead, e.g. --data ../shared/data/lfw",
-    ):
+    ) as err:
         fetch("lfw", tmp_path)
+    assert str(err.value).endswith(f"(or put lfw-funneled.tgz in {tmp_path / '.cache'})")
     assert _no_tmp_files(tmp_path)
     assert not (tmp_path / ".cache" / "lfw-funneled.tgz").exists()
 
