@@ -64,7 +64,7 @@ SDIST_LAYOUT = {
     "obama_partial_face2.jpg": ("test/obama_partial_face2.jpg", "obama"),
     "32bit.png": ("test/32bit.png", "obama"),
 }
-WIDER_PHOTOS = 1000  # of 12,880: as many as our local copy holds (931), about
+WIDER_PHOTOS = 1000  # of 12,880: about as many as our local copy holds (931)
 TRAIN_PEOPLE = 60  # LFW A-M people for training: ~480 photos, like johns + glint_celebs
 TRAIN_PHOTOS = 8  # the first 8 of each, as in our local copy of LFW
 KNOWN, STRANGERS = 4, 2  # LFW N-Z people enrolled with 2 photos, and not enrolled
@@ -83,6 +83,12 @@ def fetch_demo(to: Path, on_progress: Progress | None = None) -> Path:
     rng = random.Random(SEED)
     train = [p for p, ms in people.items() if not held_out("lfw", p) and len(ms) >= TRAIN_PHOTOS]
     held = [p for p, ms in people.items() if held_out("lfw", p) and len(ms) >= 4]
+    if not train or len(held) < KNOWN + STRANGERS:
+        raise DataError(
+            f"fetch demo: expected LFW people A-M with {TRAIN_PHOTOS} photos and "
+            f"{KNOWN + STRANGERS} people N-Z with 4 in {lfw}, got {len(train)} and "
+            f"{len(held)}; delete it and run fetch again"
+        )
     chosen = rng.sample(held, KNOWN + STRANGERS)
     dest: dict[tarfile.TarInfo, Path] = {}
     for person in sorted(rng.sample(train, min(TRAIN_PEOPLE, len(train)))):

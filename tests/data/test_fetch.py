@@ -347,3 +347,18 @@ def test_fetch_demo_lays_out_training_sets_and_a_tagging_test(tmp_path, monkeypa
     assert len(read_boxes(to / "wider_train" / "wider_face_train_bbx_gt.txt")) == 4
     assert "face_recognition-1.3.0.tar.gz" in (to / "SOURCES.txt").read_text()
     assert _no_tmp_files(to)
+
+
+def test_fetch_demo_with_too_few_lfw_people_is_one_line(tmp_path, monkeypatch):
+    lfw = {f"lfw_funneled/Al_A/Al_A_{i:04d}.jpg": _jpeg_bytes(i) for i in range(1, 9)}
+    sdist = _tar({"face_recognition-1.3.0/tests/test_images/obama.jpg": _jpeg_bytes(1)})
+    files = {"lfw-funneled.tgz": _tar(lfw), "face_recognition-1.3.0.tar.gz": sdist}
+    monkeypatch.setenv(fetch_mod.MIRROR_ENV, str(_mirror(tmp_path, files)))
+    _no_network(monkeypatch)
+    with pytest.raises(DataError) as err:
+        fetch("demo", tmp_path / "demo")
+    assert str(err.value).startswith(
+        "fetch demo: expected LFW people A-M with 8 photos and 6 people N-Z with 4 in "
+    )
+    assert str(err.value).endswith("got 1 and 0; delete it and run fetch again")
+    assert not (tmp_path / "demo" / "knn_examples").exists()
