@@ -71,23 +71,41 @@ def _check_pool_args(
     return K, S, P, D, out
 
 
-def max_pool_2x2(x: Tensor, ceil_mode: bool = False) -> Tensor:
-    """2x2 max pooling with stride 2 and no indices: x (N, C, H, W) -> (N, C, H//2, W//2),
-    or with ``ceil_mode`` (N, C, ceil(H/2), ceil(W/2)).
+def max_pool_no_argmax(
+    x: Tensor,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    ceil_mode: bool,
+) -> Tensor:
+    """Max pooling (dilation 1) without indices: x (N, C, H, W) -> (N, C, H_out, W_out).
 
-    y[n, c, i, j] = max(x[n, c, 2i + u, 2j + v] for u, v in {0, 1}): the elementwise
-    maximum of the four strided quarters of x, in two passes. An odd last row or column
-    is dropped, or with ``ceil_mode`` padded with -inf (its window is the row alone).
-    Speed: on the CPU, F.max_pool2d in NCHW always computes the argmax too
-    (max_pool2d_with_indices) and took 65 ms for a 64x32x96x96 batch where this takes 8
-    (experiments/LOG.md); inference needs no argmax. NaN propagates as in F.max_pool2d.
+    The window max is separable: y[i, j] = max over u < KH of (max over v < KW of
+    x_pad[i*SH + u, j*SW + v]), so a pass along W (KW - 1 elementwise maxima of strided
+    views) then one along H (KH - 1) give it, with x_pad x padded with -inf (torch's padding,
+    and the right/bottom windows that ceil_mode keeps). Speed: on the CPU, F.max_pool2d in
+    NCHW always computes the argmax too (max_pool2d_with_indices) and took 65 ms for a
+    64x32x96x96 2x2 batch where this takes 8 (experiments/LOG.md); inference needs no
+    argmax. NaN propagates as in F.max_pool2d.
     """
     H, W = x.shape[2], x.shape[3]
-    if ceil_mode and (H % 2 or W % 2):
-        x = F.pad(x, (0, W % 2, 0, H % 2), value=float("-inf"))
-    x = x[:, :, : x.shape[2] // 2 * 2, : x.shape[3] // 2 * 2]
-    top = torch.maximum(x[:, :, 0::2, 0::2], x[:, :, 0::2, 1::2])  # (N, C, H//2, W//2)
-    return torch.maximum(top, torch.maximum(x[:, :, 1::2, 0::2], x[:, :, 1::2, 1::2]), out=top)
+    (KH, KW), (SH, SW), (PH, PW) = kernel_size, stride, padding
+    H_out = pool_output_size(H, KH, SH, PH, 1, ceil_mode)
+    W_out = pool_output_size(W, KW, SW, PW, 1, ceil_mode)
+    extra_h = max(0, (H_out - 1) * SH + KH - (H + 2 * PH))  # ceil_mode's partial windows
+    extra_w = max(0, (W_out - 1) * SW + KW - (W + 2 * PW))
+    if PH or PW or extra_h or extra_w:
+        x = F.pad(x, (PW, PW + extra_w, PH, PH + extra_h), value=float("-inf"))
+
+    def along(t: Tensor, dim: int, K: int, S: int, n: int) -> Tensor:
+        view = [t.narrow(dim, v, (n - 1) * S + 1) for v in range(K)]  # window offset v
+        picked = [v[:, :, :, ::S] if dim == 3 else v[:, :, ::S] for v in view]
+        out = picked[0].clone() if K == 1 else torch.maximum(picked[0], picked[1])
+        for v in picked[2:]:
+            torch.maximum(out, v, out=out)
+        return out
+
+    return along(along(x, 3, KW, SW, W_out), 2, KH, SH, H_out)  # (N, C, H_out, W_out)
 
 
 class MaxPool2dFn(torch.autograd.Function):
@@ -111,9 +129,8 @@ class MaxPool2dFn(torch.autograd.Function):
         ctx.x_shape = tuple(x.shape)
         ctx.args = (kernel_size, stride, padding, dilation)
         if not ctx.needs_input_grad[0] and not return_indices:
-            plain = kernel_size == stride == (2, 2) and padding == (0, 0) and dilation == (1, 1)
-            if plain:
-                return max_pool_2x2(x, ceil_mode)  # inference: no argmax, 3-8x faster on CPU
+            if dilation == (1, 1):  # inference: no argmax, 3-8x faster on the CPU
+                return max_pool_no_argmax(x, kernel_size, stride, padding, ceil_mode)
             return F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
         y, idx = F.max_pool2d(
             x, kernel_size, stride, padding, dilation, ceil_mode, return_indices=True

@@ -113,26 +113,32 @@ def test_max_pool2d_without_grad_matches_torch():
 
 
 @pytest.mark.parametrize("memory_format", LAYOUTS)
+@pytest.mark.parametrize(("H", "W"), [(8, 6), (9, 7), (1, 4)])
 @pytest.mark.parametrize(
-    ("H", "W", "ceil_mode"),
-    [(8, 6, False), (9, 7, False), (8, 6, True), (9, 7, True), (1, 4, True)],
+    ("kernel_size", "stride", "padding"), [(2, 2, 0), (3, 2, 0), (3, 2, 1), (3, 1, 1), (2, 1, 0)]
 )
-def test_max_pool2d_2x2_without_grad_matches_torch(memory_format, H, W, ceil_mode):
+@pytest.mark.parametrize("ceil_mode", [False, True])
+def test_max_pool2d_without_grad_needs_no_argmax_and_matches_torch(
+    memory_format, H, W, kernel_size, stride, padding, ceil_mode
+):
+    if min(H, W) + 2 * padding < kernel_size:
+        pytest.skip("no window fits")
     x = torch.randn(2, 3, H, W).contiguous(memory_format=memory_format)
-    x[0, 0, 0, 0] = float("nan")  # NaN wins its window, as in torch
-    x[1, 2, 2:4, 2:4] = 5.0  # a tie
+    x[0, 0, 0, 0] = float("nan")  # NaN wins its windows, as in torch
+    x[1, 2, :2, :2] = 5.0  # a tie
     calls = []
-    real = pool.max_pool_2x2
+    real = pool.max_pool_no_argmax
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pool, "max_pool_2x2", lambda t, c: calls.append(1) or real(t, c))
-        y = max_pool2d(x, 2, 2, ceil_mode=ceil_mode)
+        mp.setattr(pool, "max_pool_no_argmax", lambda *a: calls.append(1) or real(*a))
+        y = max_pool2d(x, kernel_size, stride, padding, ceil_mode=ceil_mode)
     assert calls == [1]  # the argmax-free path ran
-    torch.testing.assert_close(y, F.max_pool2d(x, 2, 2, ceil_mode=ceil_mode), equal_nan=True)
+    ref = F.max_pool2d(x, kernel_size, stride, padding, ceil_mode=ceil_mode)
+    torch.testing.assert_close(y, ref, equal_nan=True)
     assert y.is_contiguous(memory_format=memory_format)
 
 
 def test_max_pool2d_with_grad_keeps_torch_pooling(monkeypatch):
-    monkeypatch.setattr(pool, "max_pool_2x2", lambda *a: pytest.fail("the argmax is needed"))
+    monkeypatch.setattr(pool, "max_pool_no_argmax", lambda *a: pytest.fail("argmax needed"))
     x = torch.randn(1, 2, 7, 7, requires_grad=True)
     max_pool2d(x, 2, 2, ceil_mode=True).sum().backward()
     assert x.grad is not None
