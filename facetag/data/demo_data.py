@@ -34,7 +34,7 @@ from facetag.data.fetch import (
     WIDER_TRAIN,
     Progress,
     Remote,
-    damaged,
+    archive_files,
     fetch_wider,
     lfw_people,
     obtain,
@@ -107,11 +107,7 @@ def fetch_demo(to: Path, on_progress: Progress | None = None) -> Path:
             expected[f"test/{Path(m.name).name}"] = [person if k < KNOWN else "unknown"]
     write_members(lfw, dest, "demo", on_progress)
 
-    try:
-        with tarfile.open(sdist, "r:gz") as tar:
-            photos = {m.name.removeprefix(_SDIST_PHOTOS): m for m in tar.getmembers() if m.isfile()}
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise damaged("demo", sdist, e) from None
+    photos = {m.name.removeprefix(_SDIST_PHOTOS): m for m in archive_files(sdist, "demo")}
     missing = sorted(set(SDIST_LAYOUT) - set(photos))
     if missing:
         raise DataError(

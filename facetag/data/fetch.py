@@ -170,7 +170,7 @@ def _fetch_lfw(to: Path, min_images: int, on_progress: Progress | None) -> Path:
     archive = obtain(LFW_FUNNELED, to / ".cache", "lfw", on_progress)
     out = to / "lfw"
     people = lfw_people(archive, "lfw")
-    keep = {m: out / person / m.name.rsplit("/", 1)[1]
+    keep = {m: out / person / PurePosixPath(m.name).name
             for person, photos in people.items() if len(photos) >= min_images
             for m in photos}  # fmt: skip
     if not keep:
@@ -182,17 +182,22 @@ def _fetch_lfw(to: Path, min_images: int, on_progress: Progress | None) -> Path:
     return out
 
 
+def archive_files(archive: Path, name: str) -> list[tarfile.TarInfo]:
+    """The regular files of a .tar.gz, listed without extracting anything."""
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            return [m for m in tar.getmembers() if m.isfile()]
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+        raise damaged(name, archive, e) from None
+
+
 def lfw_people(archive: Path, name: str) -> dict[str, list[tarfile.TarInfo]]:
     """{person: their photo entries, by file name} of an LFW archive, read without extracting."""
     people: dict[str, list[tarfile.TarInfo]] = {}
-    try:
-        with tarfile.open(archive, "r:gz") as tar:
-            for m in tar.getmembers():
-                pf = _person_file(m)
-                if pf is not None:
-                    people.setdefault(pf[0], []).append(m)
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-        raise damaged(name, archive, e) from None
+    for m in archive_files(archive, name):
+        pf = _person_file(m)
+        if pf is not None:
+            people.setdefault(pf[0], []).append(m)
     return {p: sorted(ms, key=lambda m: m.name) for p, ms in sorted(people.items())}
 
 
