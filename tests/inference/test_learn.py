@@ -216,6 +216,22 @@ def test_distance_scale_is_how_tuning_moved_the_distances_between_people():
     assert distance_scale(train[:2], half[:2]) == 1.0  # one person: no pair to scale by
 
 
+def test_distance_scale_samples_faces_on_a_big_gallery(monkeypatch):
+    import facetag.tune
+    from facetag.tune import distance_scale
+
+    monkeypatch.setattr(facetag.tune, "SCALE_FACES", 6)
+    g = torch.Generator().manual_seed(0)
+    old = torch.nn.functional.normalize(torch.randn(40, 8, generator=g), dim=1)
+    train = [(f"p{k % 10}", Path("p.png"), [0.0, 0.0, 1.0, 1.0], None, v) for k, v in
+             enumerate(old)]  # fmt: skip
+    assert distance_scale(train, old) == pytest.approx(1.0)  # 6 faces' pairs, all unmoved
+    # Every pair pulled together (a shared extra coordinate): any sample sees it shrink.
+    squeezed = torch.nn.functional.normalize(torch.cat([old * 0.7**0.5, torch.full((40, 1),
+                                             1.0)], dim=1), dim=1)  # fmt: skip
+    assert 0.0 < distance_scale(train, squeezed) < 1.0
+
+
 def test_tune_adopts_a_better_model_and_tagging_uses_it(tmp_path: Path, people: Path, monkeypatch):
     import facetag.tune
     from facetag.tune import TuneSettings, tune
