@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from facetag.layers._util import IntPair, pair
+from facetag.layers._util import IntPair, memory_format, pair
 
 
 def pool_output_size(
@@ -77,35 +77,78 @@ def max_pool_no_argmax(
     stride: tuple[int, int],
     padding: tuple[int, int],
     ceil_mode: bool,
+    scratch: bool = False,
+    out: Tensor | None = None,
 ) -> Tensor:
-    """Max pooling (dilation 1) without indices: x (N, C, H, W) -> (N, C, H_out, W_out).
+    """Max pooling (dilation 1) without indices: x (N, C, H, W) -> (N, C, H_out, W_out),
+    in x's memory format.
 
     The window max is separable: y[i, j] = max over u < KH of (max over v < KW of
-    x_pad[i*SH + u, j*SW + v]), so a pass along W (KW - 1 elementwise maxima of strided
-    views) then one along H (KH - 1) give it, with x_pad x padded with -inf (torch's padding,
-    and the right/bottom windows that ceil_mode keeps). Speed: on the CPU, F.max_pool2d in
-    NCHW always computes the argmax too (max_pool2d_with_indices) and took 65 ms for a
-    64x32x96x96 2x2 batch where this takes 8 (experiments/LOG.md); inference needs no
-    argmax. NaN propagates as in F.max_pool2d.
+    x_pad[i*SH + u, j*SW + v]), so a pass along H (KH - 1 elementwise maxima of strided
+    views) then one along W (KW - 1) give it; padding counts as -inf, as in torch, and the
+    right/bottom windows that ceil_mode keeps are clipped to x. NaN propagates as in
+    F.max_pool2d. Speed: on the CPU, F.max_pool2d in NCHW always computes the argmax too
+    (max_pool2d_with_indices) and took 65 ms for a 64x32x96x96 2x2 batch where this takes
+    3-8 (experiments/LOG.md); inference needs no argmax.
+
+    ``scratch``: x is a temporary nobody reads afterwards (a convolution's output inside
+    ConvPoolAct). Where the windows along H do not overlap (KH <= SH), the H pass then
+    writes each window's maximum into its first row of x instead of a new tensor: no
+    allocation (and no page faults) for the largest intermediate, and one read of x.
+    ``out``: where to write y (N, C, H_out, W_out), e.g. a slice of a larger batch.
     """
     H, W = x.shape[2], x.shape[3]
     (KH, KW), (SH, SW), (PH, PW) = kernel_size, stride, padding
     H_out = pool_output_size(H, KH, SH, PH, 1, ceil_mode)
     W_out = pool_output_size(W, KW, SW, PW, 1, ceil_mode)
-    extra_h = max(0, (H_out - 1) * SH + KH - (H + 2 * PH))  # ceil_mode's partial windows
-    extra_w = max(0, (W_out - 1) * SW + KW - (W + 2 * PW))
-    if PH or PW or extra_h or extra_w:
-        x = F.pad(x, (PW, PW + extra_w, PH, PH + extra_h), value=float("-inf"))
+    layout = memory_format(x)
+    if PH or PW:  # rare (the networks here pool unpadded): pad, and the copy is ours
+        x, scratch = F.pad(x, (PW, PW, PH, PH), value=float("-inf")), True
+    rows = _max_along(x, 2, KH, SH, H_out, in_place=scratch and KH <= SH, layout=layout)
+    return _max_along(rows, 3, KW, SW, W_out, in_place=False, layout=layout, out=out)
 
-    def along(t: Tensor, dim: int, K: int, S: int, n: int) -> Tensor:
-        view = [t.narrow(dim, v, (n - 1) * S + 1) for v in range(K)]  # window offset v
-        picked = [v[:, :, :, ::S] if dim == 3 else v[:, :, ::S] for v in view]
-        out = picked[0].clone() if K == 1 else torch.maximum(picked[0], picked[1])
-        for v in picked[2:]:
-            torch.maximum(out, v, out=out)
-        return out
 
-    return along(along(x, 3, KW, SW, W_out), 2, KH, SH, H_out)  # (N, C, H_out, W_out)
+def _max_along(
+    t: Tensor,
+    dim: int,
+    K: int,
+    S: int,
+    n: int,
+    in_place: bool,
+    layout: torch.memory_format,
+    out: Tensor | None = None,
+) -> Tensor:
+    """The n window maxima of t along ``dim`` (2 or 3): window j covers [j*S, j*S + K),
+    clipped to t (ceil_mode's last windows). in_place: written into each window's first
+    element of t (needs K <= S, so that no window reads an element already written)."""
+    size = t.shape[dim]
+    full = min(n, (size - K) // S + 1) if size >= K else 0  # windows that fit whole
+
+    def taps(v: int, first: int, count: int) -> Tensor:  # element v of windows first..
+        index: list[slice] = [slice(None)] * 4
+        index[dim] = slice(first * S + v, (first + count - 1) * S + v + 1, S)
+        return t[tuple(index)]
+
+    if in_place:
+        out = taps(0, 0, n)  # each window's first element
+    elif out is None:
+        shape = list(t.shape)
+        shape[dim] = n
+        out = torch.empty(shape, dtype=t.dtype, device=t.device, memory_format=layout)
+    head = out.narrow(dim, 0, full)
+    if full and K == 1 and not in_place:
+        head.copy_(taps(0, 0, full))
+    elif full and K > 1:
+        torch.maximum(taps(0, 0, full), taps(1, 0, full), out=head)
+        for v in range(2, K):
+            torch.maximum(head, taps(v, 0, full), out=head)
+    for j in range(full, n):  # clipped windows: at most ceil((K - 1) / S) of them
+        cell = out.narrow(dim, j, 1)
+        if not in_place:
+            cell.copy_(t.narrow(dim, j * S, 1))
+        for v in range(1, min(K, size - j * S)):
+            torch.maximum(cell, t.narrow(dim, j * S + v, 1), out=cell)
+    return out
 
 
 class MaxPool2dFn(torch.autograd.Function):

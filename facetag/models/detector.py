@@ -52,6 +52,7 @@ from facetag.layers.activation import PReLU
 from facetag.layers.conv import Conv2d
 from facetag.layers.fused import BatchNormAct2d
 from facetag.layers.pool import MaxPool2d
+from facetag.models.fold import conv_pool_act
 from facetag.models.io import Words, load_weights, shipped_file
 from facetag.vision_ops import nms
 
@@ -172,11 +173,23 @@ class StageNet(nn.Module):
         return self.face(z), self.box(z), marks
 
     def fuse(self) -> StageNet:
-        """Fold every batch norm into its conv (in place, eval mode); returns self."""
+        """Fold every batch norm into its conv (in place, eval mode), and pool before the
+        activation where it is non-decreasing (facetag.models.fold.ConvPoolAct); returns
+        self."""
         self.eval()
         for m in self.modules():
             if isinstance(m, ConvBlock):
                 m.fuse()
+        body: list[nn.Module] = []
+        for m in self.body:
+            fused = None
+            if isinstance(m, MaxPool2d) and body and isinstance(body[-1], ConvBlock):
+                fused = conv_pool_act(body[-1].conv, body[-1].act, m)
+            if fused is not None:
+                body[-1] = fused
+            else:
+                body.append(m)
+        self.body = nn.Sequential(*body)
         return self
 
 

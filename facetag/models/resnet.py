@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from facetag import layers
+from facetag.models.fold import conv_pool_act
 
 ARCHITECTURE = "dlib-resnet"
 CHIP_SIZE = 150
@@ -136,9 +137,10 @@ class DlibResNet(nn.Module):
         mean = torch.tensor(DLIB_MEAN_RGB, dtype=torch.float32)
         self.register_buffer("input_scale", torch.full((3,), 1.0 / DLIB_INPUT_SCALE))
         self.register_buffer("input_shift", -mean / DLIB_INPUT_SCALE)
-        self.stem = ConvAffine(3, 32, 7, stride=2, padding=0)
-        self.stem_relu = layers.ReLU(inplace=True)
-        self.stem_pool = layers.MaxPool2d(3, 2)
+        # nn.Module: folded() makes them one ConvPoolAct and two nn.Identity
+        self.stem: nn.Module = ConvAffine(3, 32, 7, stride=2, padding=0)
+        self.stem_relu: nn.Module = layers.ReLU(inplace=True)
+        self.stem_pool: nn.Module = layers.MaxPool2d(3, 2)
         blocks = []
         C = 32
         for F, n, down in STAGES:
@@ -187,6 +189,12 @@ class DlibResNet(nn.Module):
         for module in net.modules():
             if isinstance(module, ConvAffine):
                 module.fold_()
+        # pool, then relu on the 35x35 map rather than the 72x72 one (a folded net's
+        # stem is a ConvPoolAct already)
+        if isinstance(net.stem, ConvAffine):
+            stem = conv_pool_act(net.stem.conv, net.stem_relu, net.stem_pool)
+            if stem is not None:
+                net.stem, net.stem_relu, net.stem_pool = stem, nn.Identity(), nn.Identity()
         layout = torch.channels_last if channels_last else torch.contiguous_format
         return net.to(memory_format=layout)
 

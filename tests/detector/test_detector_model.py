@@ -6,8 +6,9 @@ import torch.nn.functional as F
 
 from facetag import layers
 from facetag.data.patches import NEG, PART, POS, POS_NO_BOX
-from facetag.layers import fused
+from facetag.layers import MaxPool2d, fused
 from facetag.models.detector import DEFAULT_WIDTHS, STAGE_SIZES, Cascade, StageNet
+from facetag.models.fold import ConvPoolAct
 from facetag.training.detector_losses import MIRROR, augment, detector_losses, landmark_error
 
 
@@ -201,6 +202,10 @@ def test_fuse_keeps_eval_outputs(kind):
     for a, b in zip(before, after, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert not any(isinstance(m, fused.BatchNormAct2d) for m in net.modules())
+    # every pool follows a PReLU with slopes 0.25 (non-decreasing): pooled first
+    pools = {"pnet": 1, "rnet": 2, "onet": 3}[kind]
+    assert sum(isinstance(m, ConvPoolAct) for m in net.body) == pools
+    assert not any(isinstance(m, MaxPool2d) for m in net.body)
 
 
 def test_stage_and_cascade_reject_bad_arguments():

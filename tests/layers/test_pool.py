@@ -135,6 +135,15 @@ def test_max_pool2d_without_grad_needs_no_argmax_and_matches_torch(
     ref = F.max_pool2d(x, kernel_size, stride, padding, ceil_mode=ceil_mode)
     torch.testing.assert_close(y, ref, equal_nan=True)
     assert y.is_contiguous(memory_format=memory_format)
+    # scratch: x may be written over (only where windows do not overlap along H), into out
+    K, S, P = (kernel_size,) * 2, (stride,) * 2, (padding,) * 2
+    scratch = x.clone()
+    out = torch.full((3, *ref.shape), 7.0)[1]  # a slice of a larger buffer
+    got = real(scratch, K, S, P, ceil_mode, scratch=True, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out, ref, equal_nan=True)
+    if kernel_size > stride or padding:
+        torch.testing.assert_close(scratch, x, equal_nan=True)  # a copy was used instead
 
 
 def test_max_pool2d_with_grad_keeps_torch_pooling(monkeypatch):

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from facetag import layers
+from facetag.models.fold import ConvPoolAct
 from facetag.models.resnet import (
     DLIB_MEAN_RGB,
     ConvAffine,
@@ -105,6 +106,7 @@ def test_resnet_folded_matches_unfolded(channels_last):
         got = folded(chips)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     assert len(list(folded.parameters())) == 29 * 2 + 1  # conv weight and bias, fc weight
+    assert isinstance(folded.stem, ConvPoolAct)  # stem conv -> pool -> relu
 
 
 def test_resnet_channels_last_matches_contiguous():
