@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from facetag.data.boxes import FaceBox, iou_matrix
@@ -94,10 +93,20 @@ class PatchSet:
 
 
 def halvings(image: Tensor, levels: int = 4) -> list[Tensor]:
-    """image (3, H, W) and up to levels - 1 successive 2x2-averaged halvings of it."""
+    """image (3, H, W) and up to levels - 1 successive 2x2-averaged halvings of it
+    (F.avg_pool2d(x, 2): an odd last row or column is dropped).
+
+    Written as two strided sums: F.avg_pool2d took 7 ms for a 1540x1024 photo's three
+    halvings (single image, 3 channels: little for its threads to share) where this takes
+    under 1. On 0..255 pixels it is bit-identical to it: every sum is of multiples of 4^-k
+    below 2^24 * 4^-k, exact in float32, in whatever order they are added.
+    """
     out = [image]
     while len(out) < levels and min(out[-1].shape[1:]) >= 2:
-        out.append(F.avg_pool2d(out[-1][None], 2)[0])  # (3, H / 2^k, W / 2^k)
+        x = out[-1]
+        H, W = x.shape[1] // 2 * 2, x.shape[2] // 2 * 2
+        rows = x[:, 0:H:2] + x[:, 1:H:2]  # (3, H / 2, W)
+        out.append((rows[:, :, 0:W:2] + rows[:, :, 1:W:2]).mul_(0.25))  # (3, H / 2, W / 2)
     return out
 
 

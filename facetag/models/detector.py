@@ -160,6 +160,7 @@ class StageNet(nn.Module):
         self.face = Conv2d(W[-1], 1, 1)  # face logit
         self.box = Conv2d(W[-1], 4, 1)  # box offsets
         self.landmarks: Conv2d | None = Conv2d(W[-1], 10, 1) if kind == "onet" else None
+        self.takes_pixels = False  # True after fold_normalization(): 0..255 pixels in
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x (N, 3, H, W) -> (face logits (N, 1, h, w), box offsets (N, 4, h, w))."""
@@ -171,6 +172,27 @@ class StageNet(nn.Module):
         z = self.body(x)  # (N, F, h, w)
         marks = self.landmarks(z) if self.landmarks is not None else None
         return self.face(z), self.box(z), marks
+
+    @torch.no_grad()
+    def fold_normalization(self) -> StageNet:
+        """Take 0..255 pixels instead of normalize_patches' output (in place; fused nets).
+
+        The first conv is unpadded, so conv(W, (x - 127.5) / 128) + b equals
+        conv(W / 128, x) + b - (127.5 / 128) * sum over (c, u, v) of W[f, c, u, v]
+        everywhere: the detector then skips two passes over every level and crop.
+        """
+        if self.takes_pixels:
+            return self
+        conv = getattr(self.body[0], "conv", None)
+        if not isinstance(conv, Conv2d) or conv.bias is None or conv.padding not in (0, (0, 0)):
+            raise ValueError(
+                f"StageNet.fold_normalization: expected a fused net whose first conv has a "
+                f"bias and no padding, got {self.body[0]}; call fuse() first"
+            )
+        conv.bias.sub_(conv.weight.sum(dim=(1, 2, 3)) * (127.5 / 128.0))
+        conv.weight.mul_(1.0 / 128.0)
+        self.takes_pixels = True
+        return self
 
     def fuse(self) -> StageNet:
         """Fold every batch norm into its conv (in place, eval mode), and pool before the
@@ -263,7 +285,7 @@ class Detector:
             image, stages=len(self.cascade.kinds), min_face=min_face, threshold=threshold
         )
         if windows.numel() == 0:
-            return image.new_zeros(0, 15).cpu()
+            return torch.zeros(0, 15)
         keep = nms(windows, scores, s.nms_final)
         keep = keep[drop_nested(windows[keep], s.nested_final)]
         boxes, scores, marks = windows[keep], scores[keep], marks[keep]
@@ -299,7 +321,7 @@ class Detector:
             thresholds = (*s.stage_thresholds[: n - 1], last)[:stages]
         boxes, scores = self._pnet(image, min_face or s.min_face, thresholds[0])
         marks = boxes.new_full((boxes.shape[0], 10), math.nan)
-        levels = halvings(image) if len(kinds) > 1 else [image]
+        levels = halvings(image) if len(kinds) > 1 else []
         for kind, t in zip(kinds[1:], thresholds[1:], strict=True):
             if boxes.numel() == 0:
                 break
@@ -325,7 +347,7 @@ class Detector:
                 antialias=h < previous.shape[2],
             )  # (1, 3, h, w)
             previous = x
-            logit, offsets = pnet(_channels_last(normalize_patches(x)))  # (1, 1|4, h', w')
+            logit, offsets = pnet(stage_input(pnet, x))  # (1, 1|4, h', w')
             prob = torch.sigmoid(logit[0, 0])  # (h', w')
             ys, xs = torch.nonzero(prob > t, as_tuple=True)
             if ys.numel():
@@ -362,7 +384,7 @@ class Detector:
         # In chunks: 2000 RNet crops at once would hold ~100 MB of activations.
         for chunk in windows.split(REFINE_CHUNK):
             crops = crop_windows(levels, chunk, net.size)  # (k, 3, S, S)
-            logit, offsets, lm = net.outputs(_channels_last(normalize_patches(crops)))
+            logit, offsets, lm = net.outputs(stage_input(net, crops))
             probs.append(torch.sigmoid(logit[:, 0, 0, 0]))  # (k,)
             regs.append(offsets[:, :, 0, 0])  # (k, 4)
             marks.append(
@@ -398,9 +420,14 @@ def drop_nested(boxes: Tensor, limit: float) -> Tensor:
     return torch.tensor(kept, dtype=torch.long)
 
 
-def _channels_last(x: Tensor) -> Tensor:
-    # NOTE: on the CPU, max-pooling (and oneDNN's convolutions) run about 3x faster on
-    # (N, H, W, C) memory than on (N, C, H, W): measured 7 vs 22 ms for PNet's first pool.
+def stage_input(net: StageNet, x: Tensor) -> Tensor:
+    """0..255 pixels (N, 3, H, W), uint8 or float -> what ``net`` takes, float32 in
+    channels_last: the pixels themselves after fold_normalization, else normalize_patches.
+
+    NOTE: on the CPU, max-pooling (and oneDNN's convolutions) run about 3x faster on
+    (N, H, W, C) memory than on (N, C, H, W): measured 7 vs 22 ms for PNet's first pool.
+    """
+    x = x.float() if net.takes_pixels else normalize_patches(x)
     return x.contiguous(memory_format=torch.channels_last)
 
 
@@ -441,7 +468,7 @@ def detector_from_state(state: dict[str, Any], name: str, device: str = "cpu") -
         )
     load_weights(Path(name), cascade, weights, "weights")
     for kind in cascade.kinds:
-        cascade.stage(kind).fuse()
+        cascade.stage(kind).fuse().fold_normalization()
     cascade.to(device).eval()
     settings = _settings(state.get("settings", {}), name)
 

@@ -7,7 +7,13 @@ import torch.nn.functional as F
 from facetag import layers
 from facetag.data.patches import NEG, PART, POS, POS_NO_BOX
 from facetag.layers import MaxPool2d, fused
-from facetag.models.detector import DEFAULT_WIDTHS, STAGE_SIZES, Cascade, StageNet
+from facetag.models.detector import (
+    DEFAULT_WIDTHS,
+    STAGE_SIZES,
+    Cascade,
+    StageNet,
+    stage_input,
+)
 from facetag.models.fold import ConvPoolAct
 from facetag.training.detector_losses import MIRROR, augment, detector_losses, landmark_error
 
@@ -215,3 +221,26 @@ def test_stage_and_cascade_reject_bad_arguments():
         StageNet("pnet", (8, 8))
     with pytest.raises(ValueError, match="expected stages starting with 'pnet'"):
         Cascade(DEFAULT_WIDTHS, ["rnet"])
+
+
+@pytest.mark.parametrize("kind", list(STAGE_SIZES))
+def test_fold_normalization_takes_pixels(kind):
+    torch.manual_seed(0)
+    net = StageNet(kind).train()
+    S = STAGE_SIZES[kind]
+    net(torch.randn(16, 3, S, S))  # running statistics away from their initial values
+    net.fuse()
+    pixels = torch.randint(0, 256, (4, 3, S + 4, S + 4)).float()
+    with torch.no_grad():
+        before = net.outputs(stage_input(net, pixels))
+        net.fold_normalization()
+        assert net.takes_pixels
+        after = net.outputs(stage_input(net, pixels))  # the pixels as they are
+    for a, b in zip(before, after, strict=True):
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_fold_normalization_needs_a_fused_net():
+    with pytest.raises(ValueError, match="call fuse\\(\\) first"):
+        StageNet("pnet").fold_normalization()

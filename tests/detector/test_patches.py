@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from facetag.data.boxes import FaceBox
 from facetag.data.patches import (
@@ -13,6 +14,7 @@ from facetag.data.patches import (
     balance,
     box_offsets,
     crop_windows,
+    halvings,
     label_windows,
     patches_from_windows,
     random_windows,
@@ -141,3 +143,17 @@ def test_crop_size_matches_stage(size):
         size,
         size,
     )
+
+
+@pytest.mark.parametrize(("H", "W"), [(37, 50), (64, 31), (2, 3)])
+def test_halvings_equal_avg_pool_bit_for_bit(H, W):
+    g = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (3, H, W), generator=g).float()
+    image = image.permute(1, 2, 0).contiguous().permute(2, 0, 1)  # a photo's (H, W, C) memory
+    levels = halvings(image)
+    expected = [image]
+    while len(expected) < 4 and min(expected[-1].shape[1:]) >= 2:
+        expected.append(F.avg_pool2d(expected[-1][None], 2)[0])
+    assert len(levels) == len(expected)
+    for got, want in zip(levels, expected, strict=True):
+        assert torch.equal(got, want)
