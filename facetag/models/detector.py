@@ -258,6 +258,10 @@ class DetectSettings:
     # Larger photos are shrunk to this before detection: a 100-megapixel photo then peaks
     # at ~165 MB above the loaded model (2048 px: ~265 MB, the process going over 0.9 GB).
     max_side: int = 1600
+    # ONet passes over each reported face, on a window centred on the face found in the
+    # pass before, its mirror image averaged in (Detector.refine_landmarks): the cascade's
+    # own landmarks come from the RNet's window, which is off-centre and off-size.
+    landmark_rounds: int = 2
 
 
 @dataclass
@@ -281,14 +285,22 @@ class Detector:
         the photo is moved to its edge, the face kept), sorted by decreasing score.
         """
         s = self.settings
+        image = image.to(self.device, torch.float32)
+        levels = halvings(image)
         windows, scores, marks = self.propose(
-            image, stages=len(self.cascade.kinds), min_face=min_face, threshold=threshold
+            image,
+            stages=len(self.cascade.kinds),
+            min_face=min_face,
+            threshold=threshold,
+            levels=levels,
         )
         if windows.numel() == 0:
             return torch.zeros(0, 15)
         keep = nms(windows, scores, s.nms_final)
         keep = keep[drop_nested(windows[keep], s.nested_final)]
         boxes, scores, marks = windows[keep], scores[keep], marks[keep]
+        if "onet" in self.cascade.kinds and s.landmark_rounds:
+            marks = self.refine_landmarks(levels, boxes, s.landmark_rounds)
         H, W = image.shape[1:]
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, W)
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, H)
@@ -305,12 +317,14 @@ class Detector:
         min_face: float | None = None,
         threshold: float | None = None,
         thresholds: tuple[float, ...] | None = None,
+        levels: list[Tensor] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Run the first ``stages`` stages: (boxes (K, 4) regressed, not squared; probs (K,);
         landmarks (K, 10) in image pixels, NaN unless the last stage run is an ONet).
 
         Training uses this to mine the windows a partly trained cascade gets wrong.
-        ``thresholds`` overrides the prob thresholds of the stages run (all of them).
+        ``thresholds`` overrides the prob thresholds of the stages run (all of them);
+        ``levels``: the image's halvings when the caller has them already.
         """
         s = self.settings
         image = image.to(self.device, torch.float32)
@@ -321,7 +335,8 @@ class Detector:
             thresholds = (*s.stage_thresholds[: n - 1], last)[:stages]
         boxes, scores = self._pnet(image, min_face or s.min_face, thresholds[0])
         marks = boxes.new_full((boxes.shape[0], 10), math.nan)
-        levels = halvings(image) if len(kinds) > 1 else []
+        if levels is None:
+            levels = halvings(image) if len(kinds) > 1 else []
         for kind, t in zip(kinds[1:], thresholds[1:], strict=True):
             if boxes.numel() == 0:
                 break
@@ -396,6 +411,49 @@ class Detector:
         keep = nms(windows, prob, self.settings.nms_stage)[:MAX_CANDIDATES]
         windows = windows[keep]
         return regress(windows, reg[keep]), prob[keep], place_landmarks(windows, mark[keep])
+
+    def refine_landmarks(self, levels: list[Tensor], boxes: Tensor, rounds: int) -> Tensor:
+        """Five landmarks (K, 10) of the faces in ``boxes`` (K, 4), from ``rounds`` more ONet
+        passes: each on the square window around the box the pass before regressed (the
+        first around ``boxes``), its mirror image run alongside and averaged in.
+
+        Why: the cascade's landmarks are read on the RNet's window, which is off-centre
+        and off-size by what the ONet then regresses; on a window centred on the face,
+        and averaged with the mirror's (the ONet was trained on flipped patches too), the
+        five points land closer (dlib_faces, experiments/LOG.md). The faces themselves
+        (boxes, scores) are not changed. ``levels``: the image's halvings.
+        """
+        onet = self.cascade.stage("onet")
+        K = boxes.shape[0]
+        marks = boxes.new_full((K, 10), math.nan)
+        for _ in range(rounds):
+            windows = square(boxes)  # (K, 4)
+            crops = crop_windows(levels, windows, onet.size)  # (K, 3, 48, 48)
+            _, offsets, lm = onet.outputs(stage_input(onet, torch.cat([crops, crops.flip(3)])))
+            assert lm is not None
+            offsets, lm = offsets[:, :, 0, 0], lm[:, :, 0, 0]  # (2K, 4), (2K, 10)
+            offsets = (offsets[:K] + mirror_offsets(offsets[K:])) / 2
+            marks = place_landmarks(windows, (lm[:K] + mirror_landmarks(lm[K:])) / 2)
+            boxes = regress(windows, offsets)
+        return marks
+
+
+# A mirrored face swaps its left and right points: (eye, eye, nose, mouth, mouth).
+MIRROR = (1, 0, 2, 4, 3)
+
+
+def mirror_offsets(offsets: Tensor) -> Tensor:
+    """Box offsets (K, 4) of a window's mirror image -> the window's own: the new x1 offset
+    is -(the old x2 offset), the new x2 offset -(the old x1 offset); y is unchanged."""
+    return torch.stack([-offsets[:, 2], offsets[:, 1], -offsets[:, 0], offsets[:, 3]], 1)
+
+
+def mirror_landmarks(marks: Tensor) -> Tensor:
+    """Landmarks (K, 10) in window units of a window's mirror image -> the window's own:
+    x -> 1 - x, and the left and right points trade places (MIRROR)."""
+    K = marks.shape[0]
+    pts = marks.view(K, 5, 2)[:, list(MIRROR)]  # (K, 5, 2)
+    return torch.stack([1.0 - pts[..., 0], pts[..., 1]], dim=2).reshape(K, 10)
 
 
 def drop_nested(boxes: Tensor, limit: float) -> Tensor:
@@ -512,6 +570,7 @@ def _cascade_fields(
 # 0-px face would silently find nothing in every photo.
 _SETTING_RANGES: dict[str, tuple[float, float]] = {
     "min_face": (4.0, 10_000.0),
+    "landmark_rounds": (0, 5),
     "scale_factor": (0.1, 0.95),
     "threshold": (0.0, 1.0),
     "nms_per_scale": (0.05, 1.0),
@@ -541,8 +600,9 @@ def _settings(raw: Any, name: str) -> DetectSettings:
             stored[key] = tuple(float(v) for v in value)
             continue
         lo, hi = _SETTING_RANGES[key]
-        if not _number_in(value, lo, hi) or (key == "max_side" and not isinstance(value, int)):
-            kind = "an integer" if key == "max_side" else "a number"
+        integer = key in ("max_side", "landmark_rounds")
+        if not _number_in(value, lo, hi) or (integer and not isinstance(value, int)):
+            kind = "an integer" if integer else "a number"
             raise _bad(name, field, f"{kind} in [{lo:g}, {hi:g}]", value)
         stored[key] = value
     return DetectSettings(**stored)

@@ -24,10 +24,12 @@ from torch import Tensor
 
 from facetag.data.patches import PART, POS, POS_NO_BOX, PatchSet
 from facetag.layers.loss import binary_cross_entropy_with_logits, smooth_l1_loss
-from facetag.models.detector import StageNet, normalize_patches
-
-# A mirrored face swaps its left and right points: (eye, eye, nose, mouth, mouth).
-MIRROR = (1, 0, 2, 4, 3)
+from facetag.models.detector import (
+    StageNet,
+    mirror_landmarks,
+    mirror_offsets,
+    normalize_patches,
+)
 
 
 @dataclass
@@ -124,13 +126,9 @@ def augment(
     N = x.shape[0]
     flip = torch.rand(N, generator=g) < 0.5
     x = torch.where(flip.view(N, 1, 1, 1), x.flip(3), x)
-    # A mirrored window: new x1 offset = -(old x2 offset), new x2 offset = -(old x1 offset).
-    mirrored = torch.stack([-offsets[:, 2], offsets[:, 1], -offsets[:, 0], offsets[:, 3]], 1)
-    offsets = torch.where(flip.view(N, 1), mirrored, offsets)
+    offsets = torch.where(flip.view(N, 1), mirror_offsets(offsets), offsets)
     if marks is not None:
-        pts = marks.view(N, 5, 2)[:, list(MIRROR)]  # left and right swap places
-        pts = torch.stack([1.0 - pts[..., 0], pts[..., 1]], dim=2)  # x -> 1 - x in the window
-        marks = torch.where(flip.view(N, 1), pts.reshape(N, 10), marks)
+        marks = torch.where(flip.view(N, 1), mirror_landmarks(marks), marks)
     contrast = torch.empty(N, 1, 1, 1).uniform_(0.7, 1.3, generator=g)
     brightness = torch.empty(N, 1, 1, 1).uniform_(-25, 25, generator=g)
     mean = x.mean(dim=(1, 2, 3), keepdim=True)

@@ -9,13 +9,14 @@ from facetag.data.patches import NEG, PART, POS, POS_NO_BOX
 from facetag.layers import MaxPool2d, fused
 from facetag.models.detector import (
     DEFAULT_WIDTHS,
+    MIRROR,
     STAGE_SIZES,
     Cascade,
     StageNet,
     stage_input,
 )
 from facetag.models.fold import ConvPoolAct
-from facetag.training.detector_losses import MIRROR, augment, detector_losses, landmark_error
+from facetag.training.detector_losses import augment, detector_losses, landmark_error
 
 
 def _graph_nodes(*roots: torch.Tensor) -> set[str]:

@@ -1,16 +1,23 @@
 """The weights shipped in the package: they find a real face and its landmarks, and reach
 the dlib_faces targets."""
 
+import dataclasses
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from facetag.inference.detect import detect_photo
 from facetag.metrics.ap import iou_matrix
-from facetag.models.detector import load_detector, shipped_detector
+from facetag.models.detector import (
+    load_detector,
+    mirror_landmarks,
+    mirror_offsets,
+    shipped_detector,
+)
 from facetag.training.evaluate_detector import evaluate_boxes
 
 # Eileen Collins' face in skimage's astronaut photo (512x512), forehead to chin, by eye.
@@ -44,5 +51,31 @@ def test_shipped_weights_reach_the_dlib_faces_target():
     assert (r["faces"], r["images"]) == (43, 9)
     assert r["ap50"] >= 0.977, r  # MTCNN's on the same scorer
     assert r["false_positives_at_threshold"] <= 1, r
-    assert r["landmark_error"] <= 0.071, r  # MTCNN's (the issue asks 0.06: not reached)
+    # 0.0601 with two refining ONet passes (0.0676 without; MTCNN 0.071; the issue asks 0.06)
+    assert r["landmark_error"] <= 0.061, r
     assert r["landmark_missed"] == 0, r
+
+
+def test_refining_landmarks_moves_only_the_landmarks(tmp_path):
+    skimage_data = pytest.importorskip("skimage.data")
+    image = torch.from_numpy(skimage_data.astronaut()).permute(2, 0, 1).float()
+    detector = load_detector()
+    rows = {}
+    for rounds in (0, 1, 2):
+        detector.settings = dataclasses.replace(detector.settings, landmark_rounds=rounds)
+        rows[rounds] = detector.detect(image)
+    for rounds in (1, 2):
+        assert torch.equal(rows[rounds][:, :5], rows[0][:, :5])  # boxes and scores
+        moved = (rows[rounds][0, 5:] - rows[0][0, 5:]).abs().max()
+        assert 0.0 < moved < 5.0  # px, on a face 86 px wide
+    assert not torch.equal(rows[1][:, 5:], rows[2][:, 5:])  # the second pass re-centres
+
+
+def test_mirroring_twice_is_the_identity():
+    g = torch.Generator().manual_seed(0)
+    marks, offsets = torch.rand(3, 10, generator=g), torch.randn(3, 4, generator=g)
+    assert torch.allclose(mirror_landmarks(mirror_landmarks(marks)), marks)
+    assert torch.equal(mirror_offsets(mirror_offsets(offsets)), offsets)
+    # the image-left eye (0.3, 0.4) of a mirrored window is the image-right eye at 0.7
+    one = torch.tensor([[0.3, 0.4, 0.6, 0.4, 0.5, 0.6, 0.35, 0.8, 0.7, 0.8]])
+    assert torch.allclose(mirror_landmarks(one)[0, :4], torch.tensor([0.4, 0.4, 0.7, 0.4]))

@@ -88,6 +88,7 @@ def test_nan_weights_are_refused(tmp_path: Path):
         (_set("settings", "threshold", value=math.nan), "settings.threshold"),
         (_set("settings", "min_face", value=0.0), "settings.min_face"),
         (_set("settings", "max_side", value=10**9), "settings.max_side"),
+        (_set("settings", "landmark_rounds", value=1.5), "settings.landmark_rounds"),
         (_set("settings", "stage_thresholds", value=[math.nan]), "settings.stage_thresholds"),
         (_set("widths", "pnet", value=[10, 16]), "widths.pnet"),
         (_set("widths", "rnet", value=[28, 48, 64, 129]), "weights\\['stages.rnet"),
