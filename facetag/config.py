@@ -38,6 +38,7 @@ Optimizer = Literal["adamw", "sgd"]
 Schedule = Literal["onecycle", "cosine", "constant"]
 Device = Literal["auto", "cpu", "cuda"]
 Architecture = Literal["embedding-net", "dlib-resnet"]
+Trainable = Literal["all", "head"]
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,10 @@ class TrainConfig:
     # frozen init network's on the same augmented image, so a fine-tuned metric (and its
     # threshold) stays near the one it started from. 0 = off.
     distill_weight: float = 0.0
+    # What trains: "all", or "head": the embedder's last linear layer (the embedding
+    # itself) and the classifier, the rest frozen as init left it (few faces per person:
+    # the features a big network learnt stay, only how they map to the embedding moves).
+    trainable: Trainable = "all"
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from PIL import Image
 
 from facetag.errors import DataError
 from facetag.inference.gallery import load_gallery, save_gallery
+from facetag.inference.match import person_distances
 from facetag.inference.models import Models, load_models
 from facetag.inference.pipeline import embed_stored_faces, stored_face_crops
 from facetag.models.io import ModelRef
@@ -50,6 +51,7 @@ class TuneSettings:
     arcface_margin: float = 0.3
     seed: int = 0
     hold_out: bool = True  # keep faces back to check the tuned model (module doc)
+    trainable: str = "all"  # [train] trainable: "all", or "head" (the embedding layer)
 
 
 SCALE_FACES = 2000  # distance_scale's faces at most: 2M pairs, 16 MB per distance matrix
@@ -113,6 +115,7 @@ def tune(
             "train.label_smoothing": 0.0,
             "train.distill_weight": s.distill_weight,
             "train.seed": s.seed,
+            "train.trainable": s.trainable,
             "train.warmup_fraction": 0.1,
             "init": str(models.embedder.path),
         }
@@ -351,14 +354,13 @@ def _open_set_f1(
     threshold: float,
 ) -> dict[str, float]:
     """Open-set naming of probes (N, D) (NaN rows: no face found) by the nearest enrolled
-    person under ``threshold``; probe label -1 is a stranger. Precision = correct names /
+    person under ``threshold``, as tagging names (facetag.inference.match.person_distances);
+    probe label -1 is a stranger. Precision = correct names /
     names given, recall = correct names / probes of enrolled people, F1 of the two."""
     import torch
 
-    sims = probes.nan_to_num() @ gallery_vectors.T  # (N, M)
     P = int(gallery_labels.max()) + 1
-    d = torch.full((probes.shape[0], P), float("inf"))
-    d = d.scatter_reduce(1, gallery_labels.expand(probes.shape[0], -1), 1.0 - sims, "amin")
+    d = person_distances(probes.nan_to_num(), gallery_vectors, gallery_labels, P)  # (N, P)
     best, who = d.min(dim=1)
     named = (best < threshold) & ~probes.isnan().any(dim=1)
     truth = torch.tensor(probe_labels)

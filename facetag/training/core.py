@@ -103,9 +103,10 @@ def resolve_config(
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on weight matrices and kernels only: decaying a batch-norm scale, a
     PReLU slope or a bias towards 0 fights the normalisation instead of regularising."""
+    trained = [p for p in model.parameters() if p.requires_grad]  # frozen ones left out
     return [
-        {"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": weight_decay},
-        {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0},
+        {"params": [p for p in trained if p.ndim > 1], "weight_decay": weight_decay},
+        {"params": [p for p in trained if p.ndim <= 1], "weight_decay": 0.0},
     ]
 
 

@@ -114,6 +114,26 @@ def build_classifier(config: Config, num_classes: int, in_channels: int) -> Face
     )
 
 
+def freeze(model: FaceClassifier, trainable: str) -> None:
+    """[train] trainable: "all" trains everything; "head" only the embedder's last linear
+    layer (its ``fc``: the embedding) and the classifier. Frozen parameters get no
+    gradient, so backpropagation stops at that layer: no backward through the body."""
+    if trainable == "all":
+        return
+    if trainable != "head":
+        raise ConfigError(f"[train] trainable: expected 'all' or 'head', got {trainable!r}")
+    fc = getattr(model.embedder, "fc", None)
+    if not isinstance(fc, nn.Module):
+        raise ConfigError(
+            f"[train] trainable = 'head': expected an embedder with a last linear layer fc, "
+            f"got {type(model.embedder).__name__}; use 'all'"
+        )
+    for p in model.embedder.parameters():
+        p.requires_grad_(False)
+    for p in fc.parameters():
+        p.requires_grad_(True)
+
+
 def init_network(path: str) -> DlibResNet:
     """The trainable (unfolded) dlib-resnet of model file ``path`` ([train] init)."""
     state = read_embedder_state(path)
@@ -355,6 +375,7 @@ def train(
     sp, train_set, test_set, in_channels = d.split, d.train_set, d.test_set, d.in_channels
     _seed_everything(config.train.seed)
     model = build_classifier(config, len(sp.people), in_channels).to(device)
+    freeze(model, config.train.trainable)
     opt = _make_optimizer(config, model)
     steps_per_epoch = math.ceil(len(train_set) / (config.train.batch_size * dist.world_size))
     sched = _make_scheduler(config, opt, steps_per_epoch * config.train.epochs)

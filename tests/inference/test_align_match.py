@@ -53,8 +53,31 @@ def test_embed_crops_rejects_float_input():
 def test_person_distances_take_each_persons_nearest_photo():
     e = torch.tensor([[1.0, 0.0]])
     g = torch.tensor([[0.0, 1.0], [1.0, 0.0], [-1.0, 0.0]])  # person 0 twice, person 1
-    d = person_distances(e, g, torch.tensor([0, 0, 1]), 2)
+    d = person_distances(e, g, torch.tensor([0, 0, 1]), 2, nearest=1)
     torch.testing.assert_close(d, torch.tensor([[0.0, 2.0]]))
+
+
+def test_person_distances_average_all_of_a_persons_photos_but_one_up_to_three():
+    angles = torch.tensor([0.1, 0.5, 0.2, 0.9, 0.3, 1.2, 0.4, 0.7, 0.6, 0.05, 1.5, 1.0])
+    g = torch.stack([angles.cos(), angles.sin()], dim=1)  # (12, 2) unit vectors
+    # person 0: 5 photos; 1: one; 2: none; 3: one; 4: three; 5: two
+    labels = torch.tensor([0, 0, 0, 0, 0, 1, 3, 4, 4, 4, 5, 5])
+    d = person_distances(torch.tensor([[1.0, 0.0]]), g, labels, 6)  # (1, 6)
+    dist = 1.0 - angles.cos()
+    expected = [
+        dist[[0, 2, 4]].mean(),  # the 3 nearest of 5
+        dist[5],
+        float("inf"),
+        dist[6],
+        dist[[9, 8]].mean(),  # 2 of 3: the odd one out (0.7 rad) left aside
+        dist[11],  # 1 of 2: the nearest, as with one photo
+    ]
+    torch.testing.assert_close(d[0], torch.tensor(expected))
+    # rows in any order, the same answer
+    perm = torch.tensor([6, 3, 11, 0, 8, 5, 2, 10, 4, 1, 9, 7])
+    torch.testing.assert_close(
+        person_distances(torch.tensor([[1.0, 0.0]]), g[perm], labels[perm], 4), d
+    )
 
 
 def test_assign_gives_a_contested_person_to_the_closer_face():
