@@ -65,3 +65,27 @@ def test_resnet_without_init_is_a_config_error(tmp_path):
     config.write_text('[data]\nimage_size = [112, 112]\n[model]\narchitecture = "dlib-resnet"\n')
     with pytest.raises(ConfigError, match=r"expected image_size = \[150, 150\] and channels = 3"):
         run_training(config, {"data": str(tmp_path)}, track=False)
+
+
+def test_fine_tune_only_the_head_moves_only_the_embedding_layer(tmp_path, monkeypatch):
+    monkeypatch.setenv("FACETAG_RUNS_DIR", str(tmp_path / "runs"))
+    data = write_faces(tmp_path / "faces", ["ann", "bob"], 3, size=150)
+    init = resnet_file(tmp_path / "dlib.pt")
+    config = tmp_path / "ft.toml"
+    config.write_text(
+        '[data]\nimage_size = [150, 150]\nchannels = 3\nsplit = "2/1"\n'
+        '[model]\narchitecture = "dlib-resnet"\nhead = "arcface"\n'
+        '[train]\nepochs = 1\nbatch_size = 2\nlr = 1e-2\ntrainable = "head"\n'
+    )
+    out = run_training(config, {"data": str(data), "init": str(init)}, track=False)
+    before = load_embedder(init).net.state_dict()
+    after = load_embedder(out["model_path"], fold=False).net.state_dict()
+    moved = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    assert moved == ["fc.weight"]
+
+
+def test_trainable_must_be_all_or_head(tmp_path):
+    config = tmp_path / "ft.toml"
+    config.write_text('[train]\ntrainable = "body"\n')
+    with pytest.raises(ConfigError, match="trainable"):
+        run_training(config, {"data": str(tmp_path)}, track=False)
