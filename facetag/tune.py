@@ -5,7 +5,8 @@ MLflow); the CLI calls it as it calls any library function.
 
     gallery: every confirmed face (enrolled, learnt, named clusters) -> cut again from its
     photo as tagging cuts it -> a person-folder dataset in a temporary folder
-      -> facetag train: the current embedder as [train] init, a margin loss on the user's
+      -> facetag train: the current embedder as [train] init, its embedding layer trained
+         (the rest frozen: [train] trainable = "head") with a margin loss on the user's
          people plus distillation towards the frozen starting network on the same chips
          (people not in the gallery stay where they were), logged to MLflow, registered
       -> the check: one face in five of each person with two or more (at least one, seed)
@@ -45,13 +46,16 @@ MessageFn = Callable[[str], None]
 @dataclass(frozen=True)
 class TuneSettings:
     epochs: int = 8
-    lr: float = 2e-6  # AdamW moves each weight ~lr a step: 5e-5 wrecked the ResNet (LOG)
+    # Only the embedding layer trains ("head"): tuning the whole ResNet (at lr 2e-6; AdamW
+    # moves each weight ~lr a step, 5e-5 wrecked it) cost LFW S-Z verification 0.23-0.46
+    # points, over the 0.2 allowed; the head alone at 3e-5 keeps it within 0.2 (LOG).
+    lr: float = 3e-5
     batch_size: int = 16
     distill_weight: float = 10.0  # pulls every embedding towards the starting network's
     arcface_margin: float = 0.3
     seed: int = 0
     hold_out: bool = True  # keep faces back to check the tuned model (module doc)
-    trainable: str = "all"  # [train] trainable: "all", or "head" (the embedding layer)
+    trainable: str = "head"  # [train] trainable: "head" (the embedding layer) or "all"
 
 
 SCALE_FACES = 2000  # distance_scale's faces at most: 2M pairs, 16 MB per distance matrix

@@ -4,6 +4,7 @@ learns from its user."""
 from __future__ import annotations
 
 import json
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,6 +15,12 @@ from facetag.cli._common import Device, DeviceOpt, JsonOpt, distance, fail
 from facetag.cli.progress import ProgressBar
 from facetag.cli.tag import EmbedderOpt, FaceDetectorOpt, WorkersOpt, load_for_gallery
 from facetag.errors import FacetagError
+
+
+class Trainable(str, Enum):
+    head = "head"  # the embedding layer; the rest of the network stays as it was
+    all = "all"
+
 
 GalleryOpt = Annotated[Path, typer.Option(dir_okay=False, help="The gallery file (enroll).")]
 
@@ -165,7 +172,10 @@ def name(
 def tune(
     gallery: GalleryOpt,
     epochs: Annotated[int, typer.Option(min=1, help="Passes over the confirmed faces.")] = 8,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (a trained net: small).")] = 2e-6,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (a trained net: small).")] = 3e-5,
+    trainable: Annotated[
+        Trainable, typer.Option(help="head: the embedding layer only; all: the whole network.")
+    ] = Trainable.head,
     distill_weight: Annotated[
         float, typer.Option(min=0.0, help="Pull towards the starting network (0: off).")
     ] = 10.0,
@@ -181,7 +191,9 @@ def tune(
 
     try:
         models = load_for_gallery(gallery, model, detector, device)
-        settings = TuneSettings(epochs=epochs, lr=lr, distill_weight=distill_weight)
+        settings = TuneSettings(
+            epochs=epochs, lr=lr, distill_weight=distill_weight, trainable=trainable.value
+        )
         with ProgressBar("warning") as bar:
             r = run_tune(gallery, models, settings, on_message=bar.message, progress=bar.update)
     except FacetagError as e:
