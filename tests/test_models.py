@@ -55,3 +55,17 @@ def test_classifier_output_shapes():
         emb = model.embedder.embed(x)
     assert emb.shape == (2, 16)
     torch.testing.assert_close(emb.norm(dim=1), torch.ones(2))
+
+
+def test_training_layout_is_channels_last_on_the_cpu_only():
+    from facetag.models.embedder import EmbeddingNet, training_layout
+
+    net = training_layout(EmbeddingNet(3, widths=(8, 16, 16, 16)), "cpu")
+    conv = net.stages[0].conv.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    assert not conv.is_contiguous()
+    y = net.stages[0](torch.randn(2, 3, 16, 16))  # an (N, C, H, W) batch as loaders give it
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    other = EmbeddingNet(3, widths=(8, 16, 16, 16))
+    assert training_layout(other, "cuda") is other  # left as it is off the CPU
+    assert other.stages[0].conv.weight.is_contiguous()

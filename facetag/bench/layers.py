@@ -40,7 +40,7 @@ from facetag import layers
 from facetag.bench.load import MAX_LOAD, busy_load
 from facetag.bench.memory import current_rss_mb, hwm_rss_mb, reset_peak_rss
 from facetag.bench.resnet_twin import TwinDlibResNet
-from facetag.models.embedder import OURS, EmbeddingNet, FaceClassifier, Ops
+from facetag.models.embedder import OURS, EmbeddingNet, FaceClassifier, Ops, training_layout
 from facetag.models.resnet import CHIP_SIZE, DlibResNet
 
 MODES = ("train", "infer")
@@ -152,10 +152,15 @@ def build_nets(spec: BenchSpec) -> dict[str, nn.Module]:
     return nets
 
 
-def _to_device(module: nn.Module, spec: BenchSpec) -> nn.Module:
+def _to_device(module: nn.Module, spec: BenchSpec, which: str = "torch") -> nn.Module:
+    """The network on the bench's device; ``spec.channels_last`` puts every network in
+    channels_last, and our CNN trains in facetag's own layout (training_layout) whatever
+    the twins use: the twins run as a PyTorch user writes them."""
     module = module.to(spec.device)
     if spec.channels_last:
         module = module.to(memory_format=torch.channels_last)
+    elif which == "ours" and spec.mode == "train" and spec.model == "cnn":
+        module = training_layout(module, spec.device)
     return module
 
 
@@ -269,7 +274,7 @@ def time_nets(spec: BenchSpec, load: int = 0) -> dict[str, float]:
     its median step) and the 1-minute load average at the start and end of the timing."""
     nets = build_nets(spec)
     x, y = _batch(spec)
-    steps = {name: _step_fn(_to_device(m, spec), spec, name) for name, m in nets.items()}
+    steps = {name: _step_fn(_to_device(m, spec, name), spec, name) for name, m in nets.items()}
     out: dict[str, float] = {}
     first_ms = _timed(steps["compiled"], x, y, spec.device) if "compiled" in steps else 0.0
     times: dict[str, list[float]] = {name: [] for name in steps}
@@ -295,7 +300,7 @@ def memory_probe(spec: BenchSpec, which: str) -> float:
     Runs in the current process: call it in a fresh subprocess (``peak_memory``).
     """
     nets = build_nets(BenchSpec(**{**asdict(spec), "compiled": which == "compiled"}))
-    model = _to_device(nets[which], spec)
+    model = _to_device(nets[which], spec, which)
     del nets  # only the measured network stays alive
     x, y = _batch(spec)
     step = _step_fn(model, spec, which)
@@ -347,7 +352,7 @@ def profile_nets(spec: BenchSpec, rows: int = 15) -> dict[str, str]:
     x, y = _batch(spec)
     tables = {}
     for name, model in nets.items():
-        step = _step_fn(_to_device(model, spec), spec, name)
+        step = _step_fn(_to_device(model, spec, name), spec, name)
         for _ in range(2):
             step(x, y)
         activities = [ProfilerActivity.CPU]

@@ -29,7 +29,7 @@ from facetag.data.folders import FaceDataset, FaceFolder, Split, content_hash, s
 from facetag.data.transforms import AugmentConfig
 from facetag.device import resolve_device
 from facetag.errors import ConfigError, DataError, TrainingError
-from facetag.models.embedder import EmbeddingNet, FaceClassifier
+from facetag.models.embedder import EmbeddingNet, FaceClassifier, training_layout
 from facetag.models.io import EMBEDDER_FORMAT as MODEL_FORMAT
 from facetag.models.io import load_embedder, read_embedder_state, weights_id
 from facetag.models.resnet import ARCHITECTURE as DLIB_RESNET
@@ -375,6 +375,8 @@ def train(
     sp, train_set, test_set, in_channels = d.split, d.train_set, d.test_set, d.in_channels
     _seed_everything(config.train.seed)
     model = build_classifier(config, len(sp.people), in_channels).to(device)
+    if config.model.architecture != "dlib-resnet":
+        model = training_layout(model, device)  # type: ignore[assignment]  # the same model
     freeze(model, config.train.trainable)
     opt = _make_optimizer(config, model)
     steps_per_epoch = math.ceil(len(train_set) / (config.train.batch_size * dist.world_size))

@@ -136,7 +136,7 @@ def test_cuda_code_paths_with_torch_cuda_mocked(eager_compile, monkeypatch, mode
     # around each timed step, the device's name, the memory counters) runs against mocks.
     calls = {"sync": 0, "reset": 0}
     monkeypatch.setattr(bench, "_place", lambda t, spec: t)
-    monkeypatch.setattr(bench, "_to_device", lambda m, spec: m)
+    monkeypatch.setattr(bench, "_to_device", lambda m, spec, which="torch": m)
     monkeypatch.setattr(
         torch.cuda, "synchronize", lambda *a: calls.__setitem__("sync", calls["sync"] + 1)
     )
