@@ -37,17 +37,22 @@ def resnet_file(path: Path) -> Path:
     )
 
 
-def test_fine_tune_resnet_with_distillation_writes_a_loadable_model(tmp_path, monkeypatch):
-    monkeypatch.setenv("FACETAG_RUNS_DIR", str(tmp_path / "runs"))
+def fine_tune(tmp_path: Path, train: str) -> tuple[dict, Path]:
+    """One epoch of facetag train --init on 2 generated people; (its result, the init)."""
     data = write_faces(tmp_path / "faces", ["ann", "bob"], 3, size=150)
     init = resnet_file(tmp_path / "dlib.pt")
     config = tmp_path / "ft.toml"
     config.write_text(
         '[data]\nimage_size = [150, 150]\nchannels = 3\nsplit = "2/1"\n'
         '[model]\narchitecture = "dlib-resnet"\nhead = "arcface"\n'
-        "[train]\nepochs = 1\nbatch_size = 2\nlr = 1e-5\ndistill_weight = 1.0\n"
+        f"[train]\nepochs = 1\nbatch_size = 2\n{train}\n"
     )
-    out = run_training(config, {"data": str(data), "init": str(init)}, track=False)
+    return run_training(config, {"data": str(data), "init": str(init)}, track=False), init
+
+
+def test_fine_tune_resnet_with_distillation_writes_a_loadable_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("FACETAG_RUNS_DIR", str(tmp_path / "runs"))
+    out, init = fine_tune(tmp_path, "lr = 1e-5\ndistill_weight = 1.0")
     assert out["epochs"] == 1
     model = load_embedder(out["model_path"])
     assert model.aligned
@@ -69,15 +74,7 @@ def test_resnet_without_init_is_a_config_error(tmp_path):
 
 def test_fine_tune_only_the_head_moves_only_the_embedding_layer(tmp_path, monkeypatch):
     monkeypatch.setenv("FACETAG_RUNS_DIR", str(tmp_path / "runs"))
-    data = write_faces(tmp_path / "faces", ["ann", "bob"], 3, size=150)
-    init = resnet_file(tmp_path / "dlib.pt")
-    config = tmp_path / "ft.toml"
-    config.write_text(
-        '[data]\nimage_size = [150, 150]\nchannels = 3\nsplit = "2/1"\n'
-        '[model]\narchitecture = "dlib-resnet"\nhead = "arcface"\n'
-        '[train]\nepochs = 1\nbatch_size = 2\nlr = 1e-2\ntrainable = "head"\n'
-    )
-    out = run_training(config, {"data": str(data), "init": str(init)}, track=False)
+    out, init = fine_tune(tmp_path, 'lr = 1e-2\ntrainable = "head"')
     before = load_embedder(init).net.state_dict()
     after = load_embedder(out["model_path"], fold=False).net.state_dict()
     moved = sorted(k for k in before if not torch.equal(before[k], after[k]))
