@@ -27,6 +27,7 @@ from torch import Tensor
 
 _BIG = 1e6  # cost of an assignment that is not allowed (a person over the threshold)
 NEAREST_K = 3  # at most this many of a person's photos are averaged over
+GATHER_LIMIT = 1 << 24  # distances gathered at once in person_distances (64 MiB of float32)
 
 
 @dataclass(frozen=True)
@@ -57,12 +58,15 @@ def person_distances(
     slot = torch.arange(n_max)  # (n_max,)
     valid = slot[None, :] < counts[:, None]  # (P, n_max)
     cols = order[(starts[:, None] + slot[None, :]).clamp(max=M - 1)]  # (P, n_max)
-    padded = dist[:, cols].masked_fill_(~valid, float("inf"))  # (K, P, n_max)
     k = max(1, min(nearest, n_max - 1))
-    near = padded.topk(k, dim=2, largest=False).values  # (K, P, k), ascending
     used = (counts - 1).clamp(min=1, max=k)  # (P,) k_p
     take = torch.arange(k)[None, :] < used[:, None]  # (P, k): each person's k_p nearest
-    total = near.masked_fill(~take, 0.0).sum(dim=2)  # (K, P)
+    total = dist.new_empty(K, P)
+    rows = max(1, GATHER_LIMIT // (P * n_max))  # faces at a time: (rows, P, n_max) bounded
+    for i in range(0, K, rows):
+        padded = dist[i : i + rows, cols].masked_fill_(~valid, float("inf"))  # (r, P, n_max)
+        near = padded.topk(k, dim=2, largest=False).values  # (r, P, k), ascending
+        total[i : i + rows] = near.masked_fill_(~take, 0.0).sum(dim=2)  # (r, P)
     return torch.where(counts > 0, total / used.to(dist.dtype), float("inf"))  # (K, P)
 
 

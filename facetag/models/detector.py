@@ -286,7 +286,7 @@ class Detector:
         """
         s = self.settings
         image = image.to(self.device, torch.float32)
-        levels = halvings(image)
+        levels = halvings(image) if len(self.cascade.kinds) > 1 else []  # the crops' source
         windows, scores, marks = self.propose(
             image,
             stages=len(self.cascade.kinds),

@@ -111,8 +111,8 @@ class ConvPoolAct(nn.Module):
     """conv -> max pool -> act: the inference form of conv -> act -> max pool for a
     non-decreasing act (module docstring). x (N, C, H, W) -> (N, F, H_out, W_out).
 
-    Without autograd recording, the batch runs in blocks of about BLOCK_BYTES of conv
-    output, and the pool writes into that output, a temporary nobody else reads
+    Without autograd recording, the batch runs (on the CPU) in blocks of about BLOCK_BYTES
+    of conv output, and the pool writes into that output, a temporary nobody else reads
     (facetag.layers.pool.max_pool_no_argmax's scratch): the largest map of the network is
     never allocated whole.
     """
@@ -145,7 +145,8 @@ class ConvPoolAct(nn.Module):
         )
         N, _, H, W = x.shape
         per_image = self.conv.out_channels * H * W * x.element_size()  # about, before pooling
-        step = max(1, BLOCK_BYTES // per_image)
+        # Blocks are for a CPU's caches; a GPU wants the whole batch in one call.
+        step = max(1, BLOCK_BYTES // per_image) if x.device.type == "cpu" else N
         pooled = max_pool_no_argmax(self.conv(x[:step]), *window, scratch=True)
         if step < N:
             first = pooled

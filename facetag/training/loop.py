@@ -116,8 +116,9 @@ def build_classifier(config: Config, num_classes: int, in_channels: int) -> Face
 
 def freeze(model: FaceClassifier, trainable: str) -> None:
     """[train] trainable: "all" trains everything; "head" only the embedder's last linear
-    layer (its ``fc``: the embedding) and the classifier. Frozen parameters get no
-    gradient, so backpropagation stops at that layer: no backward through the body."""
+    layer (its ``fc``, and the embedding-net's ``bn`` after it: the embedding) and the
+    classifier. Frozen parameters get no gradient, so backpropagation stops at that layer:
+    no backward through the body."""
     if trainable == "all":
         return
     if trainable != "head":
@@ -130,8 +131,10 @@ def freeze(model: FaceClassifier, trainable: str) -> None:
         )
     for p in model.embedder.parameters():
         p.requires_grad_(False)
-    for p in fc.parameters():
-        p.requires_grad_(True)
+    bn = getattr(model.embedder, "bn", None)
+    for part in (fc, bn) if isinstance(bn, nn.Module) else (fc,):
+        for p in part.parameters():
+            p.requires_grad_(True)
 
 
 def init_network(path: str) -> DlibResNet:

@@ -7,8 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
+from facetag.inference import match
 from facetag.inference.align import crop_face, crop_faces, embed_crops, face_square
 from facetag.inference.match import assign, person_distances
 
@@ -76,7 +78,7 @@ def test_person_distances_average_all_of_a_persons_photos_but_one_up_to_three():
     # rows in any order, the same answer
     perm = torch.tensor([6, 3, 11, 0, 8, 5, 2, 10, 4, 1, 9, 7])
     torch.testing.assert_close(
-        person_distances(torch.tensor([[1.0, 0.0]]), g[perm], labels[perm], 4), d
+        person_distances(torch.tensor([[1.0, 0.0]]), g[perm], labels[perm], 6), d
     )
 
 
@@ -115,3 +117,13 @@ def test_assign_no_faces_and_bad_threshold():
     assert assign(torch.zeros(0, 3), 0.5) == []
     with pytest.raises(ValueError, match="assign: expected threshold > 0"):
         assign(torch.zeros(1, 1), 0.0)
+
+
+def test_person_distances_in_row_blocks_equal_one_gather(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    faces = F.normalize(torch.randn(7, 8, generator=g), dim=1)
+    gallery = F.normalize(torch.randn(20, 8, generator=g), dim=1)
+    labels = torch.randint(0, 5, (20,), generator=g)
+    whole = person_distances(faces, gallery, labels, 6)
+    monkeypatch.setattr(match, "GATHER_LIMIT", 1)  # one face at a time
+    torch.testing.assert_close(person_distances(faces, gallery, labels, 6), whole)
