@@ -124,7 +124,7 @@ class ConvPoolAct(nn.Module):
                 f"ConvPoolAct: expected a non-decreasing activation (ReLU, or LeakyReLU or "
                 f"PReLU with slopes >= 0), got {act}; keep the activation before the pool"
             )
-        if pair(pool.dilation, "ConvPoolAct", "dilation") != (1, 1) or pool.return_indices:
+        if not _plain_max_pool(pool):
             raise ValueError(
                 f"ConvPoolAct: expected a max pool with dilation 1 and no indices, got {pool}"
             )
@@ -166,8 +166,13 @@ class ConvPoolAct(nn.Module):
 
 def conv_pool_act(conv: nn.Module, act: nn.Module, pool: nn.Module) -> ConvPoolAct | None:
     """ConvPoolAct for ``pool(act(conv(x)))`` when the activation allows it, else None."""
-    if not (isinstance(conv, Conv2d) and isinstance(pool, MaxPool2d) and nondecreasing(act)):
+    if not (isinstance(conv, Conv2d) and isinstance(pool, MaxPool2d)):
         return None
-    if pair(pool.dilation, "conv_pool_act", "dilation") != (1, 1) or pool.return_indices:
+    if not (nondecreasing(act) and _plain_max_pool(pool)):
         return None
     return ConvPoolAct(conv, pool, act)
+
+
+def _plain_max_pool(pool: MaxPool2d) -> bool:
+    """A max pool ConvPoolAct can run without the argmax: dilation 1, no indices."""
+    return pair(pool.dilation, "ConvPoolAct", "dilation") == (1, 1) and not pool.return_indices
