@@ -104,7 +104,7 @@ def cluster(
         typer.Option(
             "--distance",
             callback=distance,
-            help="Cosine distance within which faces group [the model's threshold].",
+            help="Cosine distance within which faces group [0.7 x the model's threshold].",
         ),
     ] = None,
     annotate: Annotated[

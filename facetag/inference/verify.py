@@ -232,7 +232,7 @@ def evaluate_clusters(
     two people, and a second run on the same photos keeping every cluster id."""
     import tempfile
 
-    from facetag.inference.cluster import cluster_photos
+    from facetag.inference.cluster import CLUSTER_SCALE, cluster_photos
     from facetag.metrics.verification import bcubed
 
     paths, labels, names = _photos(root, people)
@@ -275,7 +275,7 @@ def evaluate_clusters(
         "people": len(names),
         "photos": len(paths),
         "no_face": missing,
-        "distance": models.threshold if distance is None else distance,
+        "distance": models.threshold * CLUSTER_SCALE if distance is None else distance,
         "clusters": run.clusters,
         "bcubed_precision": P,
         "bcubed_recall": R,

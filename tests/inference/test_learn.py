@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from facetag.inference.align import WholePhotoDetector
-from facetag.inference.cluster import cluster_photos, group, name_cluster
+from facetag.inference.cluster import (
+    SHARED_K,
+    SHARED_WEIGHT,
+    cluster_photos,
+    group,
+    name_cluster,
+    shared_neighbour_distances,
+)
 from facetag.inference.enroll import enroll
 from facetag.inference.gallery import ClusterFace, load_gallery
 from facetag.inference.learn import learn
@@ -145,6 +152,34 @@ def test_a_new_face_joins_the_cluster_nearest_on_average_not_by_one_member():
     assert out[0] == "c2"  # average linkage; the nearest single member would say c1
     assert out[1] == "c1"  # 20 degrees from both of c1's members
     assert out[2] == out[3] == "c3"  # far from both: a new cluster of the two of them
+
+
+def test_faces_that_share_their_neighbours_come_closer_and_no_others():
+    # Two crowds of SHARED_K faces: 0..4 degrees and 30..34 degrees. Within a crowd every
+    # face has the same SHARED_K nearest neighbours (the crowd): Jaccard 1, the distance
+    # shrinks by SHARED_WEIGHT. Across crowds no neighbour is shared: unchanged.
+    degrees = [0, 1, 2, 3, 4, 30, 31, 32, 33, 34]
+    assert SHARED_K == 5
+    X = np.stack([_unit(a) for a in degrees])
+    d = np.clip(1 - X @ X.T, 0, None)
+    got = shared_neighbour_distances(X)
+    same = np.equal.outer(np.arange(10) // 5, np.arange(10) // 5)
+    np.testing.assert_allclose(got[same], (d * (1 - SHARED_WEIGHT))[same], atol=1e-7)
+    np.testing.assert_allclose(got[~same], d[~same], rtol=1e-6)
+    assert np.all(np.diag(got) == 0)
+    assert np.array_equal(got, got.T)
+
+
+def test_new_faces_between_two_clusters_join_the_nearer_and_the_clusters_stay_apart():
+    def face(deg: float) -> ClusterFace:
+        return ClusterFace("/p.png", "00", [0.0, 0.0, 1.0, 1.0], torch.from_numpy(_unit(deg)))
+
+    clusters = {"c1": [face(0), face(2)], "c7": [face(10), face(12)]}
+    new = np.stack([_unit(5), _unit(7), _unit(90), _unit(91)])
+    far = 1 - np.cos(np.radians(30))  # everything within 12 degrees groups together
+    assert group(new, clusters, far) == ["c1", "c7", "c8", "c8"]
+    # Nothing new near: the old clusters are left out of the grouping, new ids follow on.
+    assert group(np.stack([_unit(90), _unit(170)]), clusters, 1e-3) == ["c8", "c9"]
 
 
 def _tiny_start(tmp_path: Path) -> Path:
