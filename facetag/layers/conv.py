@@ -12,9 +12,11 @@ forward is F.conv2d (autograd is off inside Function.forward). The backward is o
 - grad_x is a transposed convolution of grad_out with the same weight
   (``conv2d_grad_x``): every x element receives grad_out times each weight it met;
 - grad_weight is a correlation of x with grad_out, summed over the batch
-  (``conv2d_grad_weight``): on CPU by blocked im2col + matmul, or for 3x3 stride-1 layers
-  with many channels by Winograd F(2x2, 3x3) (fewer multiply-adds); on CUDA by a
-  convolution with the batch and channel axes swapped (that function says why);
+  (``conv2d_grad_weight``). The formula is ours and written out three ways (one
+  convolution with batch and channels swapped; blocked im2col + matmul; Winograd
+  F(2x2, 3x3)); on the CPU it is evaluated by torch's kernel for exactly this
+  correlation (oneDNN's weight-gradient primitive), 2-4x faster than any of the three,
+  and on CUDA by the swapped convolution (that function says why);
 - grad_bias sums grad_out over (N, H_out, W_out).
 
 Both gradient functions are plain functions so that a fused op (conv + batch norm) can
@@ -39,14 +41,12 @@ from facetag.layers._util import (
     weight_and_bias,
 )
 from facetag.layers.conv_fast import (
-    IM2COL_BLOCK_BYTES,
-    WINOGRAD_MIN_C,
     grad_weight_im2col,
     grad_weight_winograd,
     winograd_applies,
 )
 
-GRAD_WEIGHT_METHODS = ("auto", "im2col", "winograd", "corr")
+GRAD_WEIGHT_METHODS = ("auto", "kernel", "im2col", "winograd", "corr")
 
 
 def conv2d_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
@@ -116,6 +116,26 @@ def grad_weight_corr(
     return out[:, :, :KH, :KW].transpose(0, 1).contiguous()  # (F, Cg, KH, KW)
 
 
+def grad_weight_kernel(
+    grad_out: Tensor,
+    x: Tensor,
+    weight_shape: tuple[int, ...],
+    stride: Pair,
+    padding: Pair,
+    dilation: Pair,
+    groups: int,
+) -> Tensor:
+    """The same correlation (grad_weight_corr's formula) evaluated by torch's kernel for it,
+    torch.nn.grad.conv2d_weight: oneDNN's weight-gradient primitive on the CPU, which
+    reduces over (n, i, j) in its own blocked layouts with one call's threads, where
+    grad_weight_corr must first re-block grad_out as a kernel and our blocked paths issue
+    a call per block (experiments/LOG.md: 2-4x faster, and no stalls on a busy machine).
+    """
+    from torch.nn.grad import conv2d_weight
+
+    return conv2d_weight(x, weight_shape, grad_out, stride, padding, dilation, groups)
+
+
 def conv2d_grad_weight(
     grad_out: Tensor,
     x: Tensor,
@@ -130,28 +150,22 @@ def conv2d_grad_weight(
     -> grad_weight (F, C/groups, KH, KW) = weight_shape.
 
     Methods (all exact up to float rounding; experiments/bench_conv.py times them):
+    - "kernel": torch's weight-gradient kernel for the correlation (grad_weight_kernel);
     - "im2col": receptive fields built a block at a time, then one matmul per block;
     - "winograd": F(2x2, 3x3) Winograd, 16/36 of the multiply-adds for a few elementwise
       passes (3x3 kernels, stride 1, dilation 1, groups 1 only);
     - "corr": one convolution with the batch as the reduced channel axis. On CPU oneDNN
       must first transpose and re-block grad_out as a kernel, which costs more than the
       convolution; on CUDA cuDNN takes it directly and a loop over blocks would be slow.
-    "auto": "corr" on CUDA; on CPU "corr" too when x is at most IM2COL_BLOCK_BYTES (the
-    blocked paths split a big x into cache-sized blocks; an x that is one block already
-    gains nothing from that and pays their per-block calls: the dlib ResNet's 17x17 and
-    smaller layers, 2-8x faster this way), else "winograd" where it applies and C >=
-    WINOGRAD_MIN_C (enough channels that its (C, tiles) @ (tiles, F) matmuls run at full
-    speed), else "im2col".
+    "auto": "corr" on CUDA, "kernel" on the CPU: 2-4x faster than "im2col" and
+    "winograd" on every layer of both embedders, in either layout (experiments/LOG.md),
+    and one call whose threads do not stall on a busy machine. (The one case measured
+    the other way: a channels-first batch of 3 channels into a 3x3 stride-1 conv, 25 ms
+    against im2col's 10.5, because oneDNN re-blocks such an x per call; facetag trains
+    its CNN channels_last on the CPU, where that layer takes 7.4 ms.)
     """
     if method == "auto":
-        if grad_out.is_cuda or x.numel() * x.element_size() <= IM2COL_BLOCK_BYTES:
-            method = "corr"
-        elif x.shape[1] >= WINOGRAD_MIN_C and winograd_applies(
-            weight_shape, stride, dilation, groups
-        ):
-            method = "winograd"
-        else:
-            method = "im2col"
+        method = "corr" if grad_out.is_cuda else "kernel"
     if method == "winograd":
         if not winograd_applies(weight_shape, stride, dilation, groups):
             raise ValueError(
@@ -164,6 +178,8 @@ def conv2d_grad_weight(
         return grad_weight_im2col(grad_out, x, weight_shape, stride, padding, dilation, groups)
     if method == "corr":
         return grad_weight_corr(grad_out, x, weight_shape, stride, padding, dilation, groups)
+    if method == "kernel":
+        return grad_weight_kernel(grad_out, x, weight_shape, stride, padding, dilation, groups)
     raise ValueError(
         f"conv2d_grad_weight: expected method in {GRAD_WEIGHT_METHODS}, got {method!r}"
     )

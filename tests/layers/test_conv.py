@@ -85,39 +85,46 @@ def test_conv2d_grad_weight_blocks_sum_like_torch(monkeypatch, method, memory_fo
 @pytest.mark.parametrize("memory_format", LAYOUTS)
 @pytest.mark.parametrize("block_bytes", [1, 1 << 20], ids=["image-per-block", "one-block"])
 @pytest.mark.parametrize(("H", "W", "padding"), [(9, 7, 1), (8, 8, 0)])
-def test_conv2d_winograd_in_the_backward_matches_torch(
+def test_conv2d_grad_weight_winograd_matches_torch(
     monkeypatch, memory_format, block_bytes, H, W, padding
 ):
-    # The backward runs without autograd, so Winograd takes its one-pass out= branch here
-    # (the gradchecks differentiate it and take the other). Enough channels for "auto".
+    # Plain tensors (no autograd recording), as in the backward: Winograd takes its
+    # one-pass out= branch here (the gradchecks differentiate it and take the other).
     monkeypatch.setattr(conv_fast, "WINOGRAD_BLOCK_BYTES", block_bytes)
-    torch.manual_seed(0)
-    ours, twin = _pair_of_modules(
-        memory_format, in_channels=64, out_channels=8, kernel_size=3, padding=padding
-    )
-    x = torch.randn(5, 64, H, W).contiguous(memory_format=memory_format)
-    grad_out = torch.randn_like(twin(x))
-    _, _, gw_ours, _ = _step(ours, x, grad_out)
-    _, _, gw_torch, _ = _step(twin, x, grad_out)
-    torch.testing.assert_close(gw_ours, gw_torch, rtol=1e-4, atol=1e-4)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 64, H, W, generator=g).contiguous(memory_format=memory_format)
+    out = H + 2 * padding - 2
+    grad_out = torch.randn(5, 8, out, W + 2 * padding - 2, generator=g)
+    grad_out = grad_out.contiguous(memory_format=memory_format)
+    args = (grad_out, x, (8, 64, 3, 3), (1, 1), (padding, padding), (1, 1), 1)
+    got = conv2d_grad_weight(*args, method="winograd")
+    expected = torch.nn.grad.conv2d_weight(x, (8, 64, 3, 3), grad_out, 1, padding)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_conv2d_grad_weight_picks_corr_for_small_x_then_winograd_from_64_channels(monkeypatch):
+def test_conv2d_grad_weight_auto_takes_torchs_kernel_on_the_cpu(monkeypatch):
     calls = []
-    monkeypatch.setattr(conv, "grad_weight_winograd", lambda *a: calls.append(a[1].shape[1]))
-    monkeypatch.setattr(conv, "grad_weight_im2col", lambda *a: calls.append("im2col"))
-    monkeypatch.setattr(conv, "grad_weight_corr", lambda *a: calls.append("corr"))
-
-    def pick(C: int, side: int, stride: int) -> None:
+    for name in ("grad_weight_kernel", "grad_weight_corr", "grad_weight_im2col"):
+        monkeypatch.setattr(conv, name, lambda *a, name=name: calls.append(name))
+    monkeypatch.setattr(conv, "grad_weight_winograd", lambda *a: calls.append("winograd"))
+    for C, side, stride in [(3, 96, 1), (64, 200, 1), (64, 200, 2), (256, 60, 1)]:
         out = (side - 1) // stride + 1
         conv2d_grad_weight(torch.zeros(1, 4, out, out), torch.zeros(1, C, side, side),
                            (4, C, 3, 3), (stride, stride), (1, 1), (1, 1), 1)  # fmt: skip
+    assert calls == ["grad_weight_kernel"] * 4
 
-    big = 200  # x of 32 x 200 x 200 floats: 5.1 MB, more than one im2col block (4 MiB)
-    for C, side, stride in [(32, big, 1), (64, big, 1), (64, big, 2), (256, 60, 1), (256, 66, 1)]:
-        pick(C, side, stride)
-    # 256 x 60 x 60 floats are 3.7 MB: one block, so one correlation; 256 x 66 x 66 are 4.5 MB.
-    assert calls == ["im2col", 64, "im2col", "corr", 256]
+
+@pytest.mark.parametrize("memory_format", LAYOUTS)
+def test_conv2d_grad_weight_every_method_agrees_with_the_reference_correlation(memory_format):
+    # The kernel evaluates the formula of grad_weight_corr; each formulation must agree.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 16, 10, 9, generator=g).contiguous(memory_format=memory_format)
+    grad_out = torch.randn(4, 8, 10, 9, generator=g).contiguous(memory_format=memory_format)
+    args = (grad_out, x, (8, 16, 3, 3), (1, 1), (1, 1), (1, 1), 1)
+    expected = conv2d_grad_weight(*args, method="corr")
+    for method in ("kernel", "im2col", "winograd", "auto"):
+        got = conv2d_grad_weight(*args, method=method)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4, msg=method)
 
 
 def test_conv2d_grad_weight_rejects_winograd_for_strided_conv():
