@@ -133,7 +133,9 @@ def grad_weight_kernel(
     """
     from torch.nn.grad import conv2d_weight
 
-    grad_weight: Tensor = conv2d_weight(x, weight_shape, grad_out, stride, padding, dilation, groups)
+    grad_weight: Tensor = conv2d_weight(
+        x, weight_shape, grad_out, stride, padding, dilation, groups
+    )
     return grad_weight
 
 
