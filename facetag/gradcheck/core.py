@@ -17,6 +17,7 @@ FAMILIES = (
     "pool",
     "norm",
     "affine",
+    "conv_affine",
     "fused",
     "dropout",
     "shape",

@@ -9,6 +9,7 @@ autograd node in its graph (tests/test_models.py walks it).
 import facetag.layers.activation as _activation
 import facetag.layers.affine as _affine
 import facetag.layers.conv as _conv
+import facetag.layers.conv_affine as _conv_affine
 import facetag.layers.dropout as _dropout
 import facetag.layers.fused as _fused
 import facetag.layers.linear as _linear
@@ -22,6 +23,7 @@ import facetag.layers.shape as _shape
 from facetag.layers.activation import LeakyReLU, PReLU, ReLU, leaky_relu, prelu, relu
 from facetag.layers.affine import ChannelAffine, channel_affine
 from facetag.layers.conv import Conv2d, conv2d
+from facetag.layers.conv_affine import conv_affine
 from facetag.layers.dropout import Dropout, dropout
 from facetag.layers.fused import BatchNormAct2d, batch_norm_act
 from facetag.layers.linear import Linear, linear
@@ -51,6 +53,7 @@ FUNCTIONS = (
     *_activation.FUNCTIONS,
     *_affine.FUNCTIONS,
     *_conv.FUNCTIONS,
+    *_conv_affine.FUNCTIONS,
     *_dropout.FUNCTIONS,
     *_fused.FUNCTIONS,
     *_linear.FUNCTIONS,
@@ -94,6 +97,7 @@ __all__ = [
     "binary_cross_entropy_with_logits",
     "channel_affine",
     "conv2d",
+    "conv_affine",
     "cosine",
     "cross_entropy",
     "dropout",

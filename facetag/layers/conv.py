@@ -251,6 +251,60 @@ def _resolve_padding(padding: IntPair | str, kernel: Pair, dilation: Pair, strid
     return pair(padding, "conv2d", "padding")
 
 
+def check_conv_args(
+    op: str,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: IntPair,
+    padding: IntPair | str,
+    dilation: IntPair,
+    groups: int,
+) -> tuple[Pair, Pair, Pair]:
+    """conv2d's argument checks (ValueError naming ``op``), and (stride, padding, dilation)
+    as pairs with padding resolved."""
+    if x.ndim != 4:
+        raise ValueError(f"{op}: expected x of shape (N, C, H, W), got {tuple(x.shape)}")
+    if weight.ndim != 4:
+        raise ValueError(
+            f"{op}: expected weight of shape (F, C/groups, KH, KW), got {tuple(weight.shape)}"
+        )
+    S = pair(stride, op, "stride")
+    D = pair(dilation, op, "dilation")
+    K = (weight.shape[2], weight.shape[3])
+    if min(S) < 1 or min(D) < 1:
+        raise ValueError(f"{op}: expected stride and dilation >= 1, got stride={S}, dilation={D}")
+    P = _resolve_padding(padding, K, D, S)
+    if min(P) < 0:
+        raise ValueError(f"{op}: expected padding >= 0, got {P}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"{op}: expected groups to be an int >= 1, got {groups!r}")
+    _, C, H, W = x.shape
+    F_ = weight.shape[0]
+    if C % groups or F_ % groups or weight.shape[1] * groups != C:
+        raise ValueError(
+            f"{op}: expected x with weight.shape[1] * groups = {weight.shape[1] * groups} "
+            f"channels and F = {F_} divisible by groups = {groups}, got x of shape "
+            f"{tuple(x.shape)}; check in_channels and groups"
+        )
+    if bias is not None and tuple(bias.shape) != (F_,):
+        raise ValueError(f"{op}: expected bias of shape ({F_},), got {tuple(bias.shape)}")
+    if weight.dtype != x.dtype or weight.device != x.device:
+        raise ValueError(
+            f"{op}: expected weight on x's {x.dtype} {x.device}, got {weight.dtype} "
+            f"{weight.device}; move the module with .to(x)"
+        )
+    H_out = conv2d_output_size(H, K[0], S[0], P[0], D[0])
+    W_out = conv2d_output_size(W, K[1], S[1], P[1], D[1])
+    if H_out < 1 or W_out < 1:
+        raise ValueError(
+            f"{op}: expected an output of at least 1x1, got {H_out}x{W_out} for x of shape "
+            f"{tuple(x.shape)} with kernel_size={K}, stride={S}, padding={P}, dilation={D}; "
+            "use a larger input or more padding"
+        )
+    return S, P, D
+
+
 def conv2d(
     x: Tensor,
     weight: Tensor,
@@ -266,45 +320,7 @@ def conv2d(
     with H_out = (H + 2*padding - dilation*(KH - 1) - 1) // stride + 1 (W_out likewise).
     padding may also be "valid" (0) or "same" (stride 1, odd dilated kernel).
     """
-    if x.ndim != 4:
-        raise ValueError(f"conv2d: expected x of shape (N, C, H, W), got {tuple(x.shape)}")
-    if weight.ndim != 4:
-        raise ValueError(
-            f"conv2d: expected weight of shape (F, C/groups, KH, KW), got {tuple(weight.shape)}"
-        )
-    S = pair(stride, "conv2d", "stride")
-    D = pair(dilation, "conv2d", "dilation")
-    K = (weight.shape[2], weight.shape[3])
-    if min(S) < 1 or min(D) < 1:
-        raise ValueError(f"conv2d: expected stride and dilation >= 1, got stride={S}, dilation={D}")
-    P = _resolve_padding(padding, K, D, S)
-    if min(P) < 0:
-        raise ValueError(f"conv2d: expected padding >= 0, got {P}")
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"conv2d: expected groups to be an int >= 1, got {groups!r}")
-    _, C, H, W = x.shape
-    F_ = weight.shape[0]
-    if C % groups or F_ % groups or weight.shape[1] * groups != C:
-        raise ValueError(
-            f"conv2d: expected x with weight.shape[1] * groups = {weight.shape[1] * groups} "
-            f"channels and F = {F_} divisible by groups = {groups}, got x of shape "
-            f"{tuple(x.shape)}; check in_channels and groups"
-        )
-    if bias is not None and tuple(bias.shape) != (F_,):
-        raise ValueError(f"conv2d: expected bias of shape ({F_},), got {tuple(bias.shape)}")
-    if weight.dtype != x.dtype or weight.device != x.device:
-        raise ValueError(
-            f"conv2d: expected weight on x's {x.dtype} {x.device}, got {weight.dtype} "
-            f"{weight.device}; move the module with .to(x)"
-        )
-    H_out = conv2d_output_size(H, K[0], S[0], P[0], D[0])
-    W_out = conv2d_output_size(W, K[1], S[1], P[1], D[1])
-    if H_out < 1 or W_out < 1:
-        raise ValueError(
-            f"conv2d: expected an output of at least 1x1, got {H_out}x{W_out} for x of shape "
-            f"{tuple(x.shape)} with kernel_size={K}, stride={S}, padding={P}, dilation={D}; "
-            "use a larger input or more padding"
-        )
+    S, P, D = check_conv_args("conv2d", x, weight, bias, stride, padding, dilation, groups)
     return cast(Tensor, Conv2dFn.apply(x, weight, bias, S, P, D, groups))  # .apply is untyped
 
 

@@ -59,7 +59,8 @@ STAGES = ((32, 3, False), (64, 4, True), (128, 3, True), (256, 3, True), (256, 1
 
 
 class ConvAffine(nn.Module):
-    """conv (with bias) -> per-channel affine, or after ``fold_()`` the conv alone.
+    """conv (with bias) -> per-channel affine (one fused op), or after ``fold_()`` the conv
+    alone.
 
     x (N, C, H, W) -> (N, F, H_out, W_out), H_out = (H + 2*padding - K) // stride + 1.
     """
@@ -70,7 +71,20 @@ class ConvAffine(nn.Module):
         self.affine: nn.Module = layers.ChannelAffine(F)
 
     def forward(self, x: Tensor) -> Tensor:
-        y: Tensor = self.affine(self.conv(x))  # (N, F, H_out, W_out)
+        conv = self.conv
+        if isinstance(self.affine, layers.ChannelAffine):  # one op (layers.conv_affine)
+            return layers.conv_affine(
+                x,
+                conv.weight,
+                conv.bias,
+                self.affine.gamma,
+                self.affine.beta,
+                conv.stride,
+                conv.padding,
+                conv.dilation,
+                conv.groups,
+            )  # (N, F, H_out, W_out)
+        y: Tensor = self.affine(conv(x))  # folded: the conv alone
         return y
 
     @torch.no_grad()
@@ -213,10 +227,12 @@ def count_macs(net: DlibResNet) -> int:
     sizes: dict[int, tuple[int, int]] = {}
 
     def record(module: nn.Module, _inputs: object, out: Tensor) -> None:
-        sizes[id(module)] = (out.shape[2], out.shape[3])
+        conv = module.conv if isinstance(module, ConvAffine) else module  # a fused pair's conv
+        sizes[id(conv)] = (out.shape[2], out.shape[3])
 
     convs = conv_layers(net)
-    hooks = [c.register_forward_hook(record) for c in convs]
+    fused = [m for m in net.modules() if isinstance(m, ConvAffine)]
+    hooks = [m.register_forward_hook(record) for m in [*convs, *fused]]
     try:
         with torch.no_grad():
             net(torch.zeros(1, 3, CHIP_SIZE, CHIP_SIZE))
