@@ -10,11 +10,15 @@ step, which is timed apart (``torch_compile_s``) and never counted as a step.
 Steps are timed interleaved (ours, eager, compiled, ours, ...) after a warm-up, so slow
 drifts of a noisy machine hit all alike, and medians are reported with the machine's load
 average. ``load`` runs that many busy-looping processes beside the warm-up and the timed
-steps (facetag.bench.load), so that the contended case is measured on purpose.
+steps (facetag.bench.load), so that the contended case is measured on purpose. Training
+is timed as facetag's training commands run on a CPU, with freed memory kept for reuse
+(facetag.device.keep_freed_memory), which this process's three networks all share.
 
 Peak memory is measured in a fresh subprocess per network, after one warm-up step (which
 compiles what compiles): on CPU the high-water mark of the resident set over the resident
-set after that step, freed heap returned first; on CUDA torch.cuda.max_memory_allocated
+set after that step, freed heap returned first, under glibc's default allocator (the
+peaks comparable with earlier figures; keep_freed_memory's fragmentation is measured
+apart in experiments/LOG.md); on CUDA torch.cuda.max_memory_allocated
 over the memory allocated then.
 """
 
@@ -40,6 +44,7 @@ from facetag import layers
 from facetag.bench.load import MAX_LOAD, busy_load
 from facetag.bench.memory import current_rss_mb, hwm_rss_mb, reset_peak_rss
 from facetag.bench.resnet_twin import TwinDlibResNet
+from facetag.device import keep_freed_memory
 from facetag.models.embedder import OURS, EmbeddingNet, FaceClassifier, Ops, training_layout
 from facetag.models.resnet import CHIP_SIZE, DlibResNet
 
@@ -378,6 +383,8 @@ def run_bench(spec: BenchSpec, memory: bool = True, load: int = 0) -> dict[str, 
     ``load`` busy processes beside the timed steps; the dict ``--json`` prints."""
     if isinstance(load, bool) or not 0 <= load <= MAX_LOAD:
         raise ValueError(f"bench: expected 0 <= load <= {MAX_LOAD}, got {load!r}")
+    if spec.mode == "train" and not spec.is_cuda:
+        keep_freed_memory()  # as facetag's training commands run (every net in this process)
     with intra_op_threads(spec.threads) as threads:
         ms = time_nets(spec, load)
         result: dict[str, object] = {

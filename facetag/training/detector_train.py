@@ -58,7 +58,7 @@ from facetag.detector_config import (
     DETECTOR,
     DetectorConfig,
 )
-from facetag.device import resolve_device
+from facetag.device import keep_freed_memory, resolve_device
 from facetag.errors import ConfigError, DataError, TrainingError
 from facetag.metrics.ap import DetectionScores, score_detector
 from facetag.models.detector import (
@@ -489,6 +489,8 @@ def _start(
 ) -> _Run:
     """Build the cascade; a new tracked run, or the state of the run being resumed."""
     device = resolve_device(config.train.device)
+    if device == "cpu":
+        keep_freed_memory()  # each step reuses the last one's memory (no fresh pages)
     data = prepare_data(config)
     kinds = list(config.model.stages)
     m = config.model

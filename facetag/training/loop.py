@@ -27,7 +27,7 @@ from facetag.checkpoint import load_checkpoint, save_checkpoint
 from facetag.config import Config, config_to_dict, flatten
 from facetag.data.folders import FaceDataset, FaceFolder, Split, content_hash, scan_folder, split
 from facetag.data.transforms import AugmentConfig
-from facetag.device import resolve_device
+from facetag.device import keep_freed_memory, resolve_device
 from facetag.errors import ConfigError, DataError, TrainingError
 from facetag.models.embedder import EmbeddingNet, FaceClassifier, training_layout
 from facetag.models.io import EMBEDDER_FORMAT as MODEL_FORMAT
@@ -374,6 +374,8 @@ def train(
     device = resolve_device(config.train.device)
     if dist.active:
         device = dist.device(device)
+    if device == "cpu":
+        keep_freed_memory()  # each step reuses the last one's memory (no fresh pages)
     config, d = _prepare(config)
     sp, train_set, test_set, in_channels = d.split, d.train_set, d.test_set, d.in_channels
     _seed_everything(config.train.seed)
