@@ -7,9 +7,10 @@ follows). Every timing interleaves ours and torch's (A B A B ...) in one process
 reports medians, so the shared-CPU noise hits both alike; the ratio is ours / torch.
 Columns:
   step     forward + backward of the layer (the first layer's x is the image: no grad_x)
-  bwd_w    the weight gradient alone: torch's backward with only the weight asked for,
-           against conv2d_grad_weight with each method (im2col, winograd, corr); ratio is
-           the best method over torch
+  bwd_w    the weight gradient alone: torch's backward with only the weight asked for
+           (oneDNN's kernel, which conv2d_grad_weight's "auto" takes on the CPU), against
+           our three formulations (im2col, winograd, corr); ratio is the best of ours over
+           torch's
   saved    bytes the forward keeps for the backward (saved_tensors_hooks), ours vs torch
   peak     with --memory: growth of the peak RSS over 3 forward + backward steps, each
            implementation in a fresh process (after the inputs exist), ours vs torch
