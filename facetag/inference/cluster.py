@@ -5,7 +5,7 @@ named once (``facetag name CLUSTER_ID NAME``).
     (the faces an enrolled person takes leave) -> the unknown faces:
       a face already in a cluster (same photo bytes, same box) keeps its cluster;
       the new ones are grouped with the members of the clusters within reach by
-      scikit-learn's average-linkage agglomerative clustering on shared-neighbour cosine
+      SciPy's average-linkage hierarchical clustering on shared-neighbour cosine
       distances, at 0.7 x the model's naming threshold (``group``): a new face grouped
       with a cluster joins it, a group of new faces alone gets a new id
     -> the clusters, stored in the gallery with stable ids (c1, c2, ...): re-running on a
@@ -62,31 +62,56 @@ def _next_id(clusters: dict[str, list[ClusterFace]]) -> int:
 SHARED_K = 5  # nearest neighbours compared (each face counts itself)
 SHARED_WEIGHT = 0.5  # two faces with the same k neighbours are half as far apart
 CLUSTER_SCALE = 0.7  # grouping distance = CLUSTER_SCALE x the model's naming threshold
+_BLOCK_BYTES = 32 << 20  # rows of the (N, N) distances computed at a time
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    """Rows scaled to length 1 (a zero row stays zero: far from everything, not NaN)."""
+    v = np.asarray(v, np.float32)
+    out: np.ndarray = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+    return out
+
+
+def _row_blocks(N: int) -> list[tuple[int, int]]:
+    rows = max(1, _BLOCK_BYTES // (4 * max(N, 1)))
+    return [(i, min(N, i + rows)) for i in range(0, N, rows)]
 
 
 def shared_neighbour_distances(X: np.ndarray) -> np.ndarray:
-    """Cosine distances (N, N) between unit vectors, shrunk where two faces share their
-    nearest neighbours:
+    """Cosine distances between unit vectors X (N, D), shrunk where two faces share their
+    nearest neighbours, as scipy's condensed vector (N * (N - 1) / 2,): d'(i, j) for
+    i < j, row by row (scipy.spatial.distance.squareform gives the (N, N) matrix):
 
         d'(i, j) = d(i, j) * (1 - w * |N_k(i) & N_k(j)| / |N_k(i) | N_k(j)|)
 
-    N_k(i): the k faces nearest i, i included (k = SHARED_K, w = SHARED_WEIGHT). Photos of
-    one person surround each other and share neighbours, so they come closer; two
-    look-alikes sit in different crowds of photos and keep their distance. (The shared
-    neighbourhood idea of rank-order face clustering, Otto et al. 2018, and of k-reciprocal
-    re-ranking, Zhong et al. 2017.) d' <= d, symmetric, zero diagonal.
+    N_k(i): the k faces nearest i (k = SHARED_K, w = SHARED_WEIGHT; i is normally one of
+    them). Photos of one person surround each other and share neighbours, so they come
+    closer; two look-alikes sit in different crowds of photos and keep their distance.
+    (The shared-neighbourhood idea of rank-order face clustering, Otto et al. 2018, and
+    of k-reciprocal re-ranking, Zhong et al. 2017.) d' <= d.
+
+    Memory: the output (4 N^2 bytes) and blocks of rows of about _BLOCK_BYTES; the (N, N)
+    matrix itself is never held (20,000 faces: 1.6 GB).
     """
     from scipy.sparse import csr_matrix
 
     N = X.shape[0]
-    d = np.clip(1.0 - X @ X.T, 0.0, None)
     k = min(SHARED_K, N)
-    nearest = np.argpartition(d, k - 1, axis=1)[:, :k]  # (N, k), i itself among them
+    nearest = np.empty((N, k), np.int64)
+    for i0, i1 in _row_blocks(N):
+        d = 1.0 - X[i0:i1] @ X.T  # (rows, N)
+        nearest[i0:i1] = np.argpartition(d, k - 1, axis=1)[:, :k]
     A = csr_matrix((np.ones(N * k, np.float32), (np.repeat(np.arange(N), k), nearest.ravel())))
-    inter = (A @ A.T).toarray()  # (N, N) shared neighbours
-    d *= 1.0 - SHARED_WEIGHT * inter / (2 * k - inter)
-    np.fill_diagonal(d, 0.0)
-    out: np.ndarray = np.maximum(d, d.T)
+    out = np.empty(N * (N - 1) // 2, np.float64)
+    pos = 0
+    for i0, i1 in _row_blocks(N):
+        d = np.clip(1.0 - X[i0:i1] @ X.T, 0.0, None)  # (rows, N)
+        inter = (A[i0:i1] @ A.T).toarray()  # (rows, N): neighbours shared
+        d *= 1.0 - SHARED_WEIGHT * inter / (2 * k - inter)
+        for r in range(i1 - i0):
+            n = N - (i0 + r) - 1
+            out[pos : pos + n] = d[r, i0 + r + 1 :]
+            pos += n
     return out
 
 
@@ -95,47 +120,49 @@ def group(
 ) -> list[str | None]:
     """The cluster of each new unknown face (N, D) (unit vectors).
 
-    The new faces and the members of the existing clusters within reach are grouped
-    together by scikit-learn's average-linkage agglomerative clustering at ``distance`` on
-    shared-neighbour distances (shared_neighbour_distances). A new face whose group holds
-    members of one existing cluster joins it; of several, the one nearest on average
-    (mean_j (1 - v . m_j) = 1 - v . mean_j m_j); of none, the group is a new cluster. Old
-    faces never move and old clusters never merge: ids stay stable.
+    The new faces and the members of the existing clusters within reach (a member within
+    distance / (1 - SHARED_WEIGHT) of some new face, the farthest a shared neighbourhood
+    can bring two faces together) are grouped together by SciPy's average-linkage
+    hierarchical clustering, cut at ``distance``, on shared-neighbour distances
+    (shared_neighbour_distances). A new face whose group holds members of one existing
+    cluster joins it; of several, the one nearest on average (mean_j (1 - v . m_j) =
+    1 - v . mean_j m_j); of none, the group is a new cluster. Old faces never move and old
+    clusters never merge: ids stay stable.
 
     Grouping old and new faces together, rather than first joining each new face to the
-    nearest cluster and grouping only the rest, is what one run over the whole library
-    would do: on LFW A-M, half the photos then all of them, it made 7 mixed clusters
-    where the greedy join made 9 (experiments/LOG.md).
+    nearest cluster and grouping only the rest, is close to what one run over the whole
+    library would do: on LFW A-M (half the photos, then all of them, at 0.9 x the naming
+    threshold, cosine distances) it made 7 mixed clusters where the greedy join made 9
+    (experiments/LOG.md).
     """
-    from sklearn.cluster import AgglomerativeClustering
+    from scipy.cluster.hierarchy import fcluster, linkage
 
     N = vectors.shape[0]
-    ids = [cid for cid, fs in clusters.items() if fs]
+    vectors = _unit(vectors)
+    members = [
+        (c, _unit(np.stack([f.embedding.numpy() for f in fs]))) for c, fs in clusters.items() if fs
+    ]
     old_ids: list[str] = []
     old = np.zeros((0, vectors.shape[1]), np.float32)
-    if ids and N:
-        means = np.stack(
-            [np.mean([f.embedding.numpy() for f in clusters[c]], axis=0) for c in ids]
-        )  # (K, D), not unit: the mean of the members
-        reach = (1.0 - vectors @ means.T).min(axis=0) < distance / (1.0 - SHARED_WEIGHT)
-        near = [c for c, r in zip(ids, reach.tolist(), strict=True) if r]
-        old_ids = [c for c in near for _ in clusters[c]]
+    if members and N:
+        reach = 1.0 - distance / (1.0 - SHARED_WEIGHT)  # cosine similarity
+        near = [(c, m) for c, m in members if (vectors @ m.T).max() > reach]
+        old_ids = [c for c, m in near for _ in range(len(m))]
         if near:
-            old = np.stack([f.embedding.numpy() for c in near for f in clusters[c]])
-            old /= np.linalg.norm(old, axis=1, keepdims=True)
-    X = np.concatenate([old, vectors.astype(np.float32)])
-    if len(X) == 1:
-        labels = np.zeros(1, dtype=int)
-    elif len(X):
-        labels = AgglomerativeClustering(
-            n_clusters=None, metric="precomputed", linkage="average", distance_threshold=distance
-        ).fit_predict(shared_neighbour_distances(X))
+            old = np.concatenate([m for _, m in near])
+    X = np.concatenate([old, vectors])
+    if len(X) >= 2:
+        tree = linkage(shared_neighbour_distances(X), method="average")
+        # Merged while the average distance is below ``distance``: fcluster keeps merges
+        # at or below its t, so t is the float just under it.
+        labels = fcluster(tree, np.nextafter(distance, 0.0), criterion="distance")
     else:
-        labels = np.zeros(0, dtype=int)
+        labels = np.zeros(len(X), dtype=int)
     n_old = len(old_ids)
     olds_in: dict[int, set[str]] = {}
     for lab, cid in zip(labels[:n_old].tolist(), old_ids, strict=True):
         olds_in.setdefault(lab, set()).add(cid)
+    means = {c: m.mean(axis=0) for c, m in members}  # (D,) each, not unit
     first = _next_id(clusters)
     order: dict[int, str] = {}  # new ids in the order their first face appears
     out: list[str | None] = []
@@ -144,8 +171,7 @@ def group(
         if len(olds) == 1:
             out.append(olds[0])
         elif olds:
-            own = np.array(old_ids)
-            out.append(min(olds, key=lambda c: 1.0 - float(v @ old[own == c].mean(axis=0))))
+            out.append(min(olds, key=lambda c: 1.0 - float(v @ means[c])))
         else:
             if lab not in order:
                 order[lab] = f"c{first + len(order)}"
@@ -188,8 +214,7 @@ def cluster_photos(
     fresh = [(im, face) for im, face in unknown if _key(im, face) not in known_key]
     before = set(gallery.clusters)
     if fresh:
-        V = np.array([face["embedding"] for _, face in fresh], np.float32)
-        V /= np.linalg.norm(V, axis=1, keepdims=True)
+        V = _unit(np.array([face["embedding"] for _, face in fresh], np.float32))
         for (im, face), cid in zip(fresh, group(V, gallery.clusters, t), strict=True):
             assert cid is not None
             gallery.clusters.setdefault(cid, []).append(

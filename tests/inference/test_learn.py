@@ -160,9 +160,14 @@ def test_faces_that_share_their_neighbours_come_closer_and_no_others():
     # shrinks by SHARED_WEIGHT. Across crowds no neighbour is shared: unchanged.
     degrees = [0, 1, 2, 3, 4, 30, 31, 32, 33, 34]
     assert SHARED_K == 5
+    from scipy.spatial.distance import squareform
+
     X = np.stack([_unit(a) for a in degrees])
     d = np.clip(1 - X @ X.T, 0, None)
-    got = shared_neighbour_distances(X)
+    np.fill_diagonal(d, 0.0)
+    condensed = shared_neighbour_distances(X)
+    assert condensed.shape == (10 * 9 // 2,)
+    got = squareform(condensed)
     same = np.equal.outer(np.arange(10) // 5, np.arange(10) // 5)
     np.testing.assert_allclose(got[same], (d * (1 - SHARED_WEIGHT))[same], atol=1e-7)
     np.testing.assert_allclose(got[~same], d[~same], rtol=1e-6)
@@ -180,6 +185,22 @@ def test_new_faces_between_two_clusters_join_the_nearer_and_the_clusters_stay_ap
     assert group(new, clusters, far) == ["c1", "c7", "c8", "c8"]
     # Nothing new near: the old clusters are left out of the grouping, new ids follow on.
     assert group(np.stack([_unit(90), _unit(170)]), clusters, 1e-3) == ["c8", "c9"]
+
+
+def test_a_new_face_beside_one_member_of_a_spread_out_cluster_joins_it():
+    # c1 spans 0..40 degrees (grouped at a larger distance once). A new face 1 degree from
+    # its member at 40 but 21 from its middle: the member is within reach, the two group
+    # together, and the face joins c1 rather than starting a cluster of its own.
+    def face(deg: float) -> ClusterFace:
+        return ClusterFace("/p.png", "00", [0.0, 0.0, 1.0, 1.0], torch.from_numpy(_unit(deg)))
+
+    clusters = {"c1": [face(0), face(40)]}
+    assert group(np.stack([_unit(41)]), clusters, 1 - np.cos(np.radians(10))) == ["c1"]
+
+
+def test_grouping_survives_a_zero_embedding():
+    out = group(np.stack([_unit(0), _unit(1), np.zeros(2, np.float32)]), {}, 0.01)
+    assert out[0] == out[1] != out[2]
 
 
 def _tiny_start(tmp_path: Path) -> Path:
