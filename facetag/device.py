@@ -1,6 +1,9 @@
-"""Which device a command runs on: ``auto`` picks CUDA when there is one."""
+"""Which device a command runs on (``auto`` picks CUDA when there is one), and how a
+training process on the CPU keeps its freed memory (``keep_freed_memory``)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -37,26 +40,35 @@ def keep_freed_memory() -> bool:
     its own mmap and unmaps it when freed, so each step's activations and gradients are
     fresh pages: the kernel zeroes and maps them one 4 KiB fault at a time. Filling a
     fresh 75 MB tensor took 22 ms here, the same tensor reused 0.9 ms; the CNN's training
-    step 273 -> 196 ms (experiments/LOG.md). With mmap off and trimming at 2 GiB, freed
-    blocks stay in the heap and the next step reuses them. The cost: the process keeps
-    its peak heap until it exits, which a training run reaches every step anyway.
-    (PyTorch's CPU tuning guide reaches the same end by preloading jemalloc or tcmalloc.)
+    step 272 -> 201 ms (`facetag bench train`, experiments/LOG.md). With mmap off and
+    trimming at 2 GiB, freed blocks stay in the heap and the next step reuses them. The
+    cost: fragmentation (the CNN bench's peak 355 -> 560 MiB) and the process keeps its
+    peak heap until it exits. (PyTorch's CPU tuning guide reaches the same end by
+    preloading jemalloc or tcmalloc; under such a preload this changes nothing.)
 
-    Called by the training commands only: tagging keeps glibc's defaults and its small
-    footprint. Returns whether it took effect (False off glibc, e.g. macOS or musl).
+    Called by the training commands (the setting lasts for the rest of the process, a
+    command's evaluation after training included); tagging keeps glibc's defaults.
+    Returns whether it took effect: False off glibc (macOS, musl), or when another
+    allocator was preloaded.
     """
     import ctypes
-    import ctypes.util
+    import platform
     import sys
 
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return False
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name or "libc.so.6")
+        libc = ctypes.CDLL("libc.so.6")
         mallopt = libc.mallopt
+        used = ctypes.CDLL(None).malloc  # the malloc the running process resolves
     except (OSError, AttributeError):
         return False
+
+    def address(f: Any) -> int | None:
+        return ctypes.cast(f, ctypes.c_void_p).value
+
+    if address(used) != address(libc.malloc):
+        return False  # jemalloc or tcmalloc preloaded: glibc's settings would not matter
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))

@@ -1,5 +1,6 @@
 """facetag.device: the device choice and the training allocator setting."""
 
+import platform
 import subprocess
 import sys
 
@@ -33,7 +34,7 @@ def _kept_mib(mode: str) -> int:
     return int(out.stdout.strip())
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
 def test_keep_freed_memory_keeps_a_freed_block_resident_for_the_next_step():
     assert _kept_mib("default") < 16  # glibc's default: unmapped when freed
     assert _kept_mib("keep") >= 60  # kept in the heap, ready for reuse

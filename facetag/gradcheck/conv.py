@@ -3,9 +3,10 @@
 conv2d cases cover batch 1, odd sizes, stride with a remainder the stride skips, padding,
 dilation, rectangular kernels, groups (depthwise and channel multipliers), no bias, a
 kernel as large as the input, 1x1, an input that needs no gradient, and channels_last and
-strided inputs. The gradient functions are also checked alone against torch.nn.grad (both
-grad_weight methods (and Winograd where it applies), both memory formats of grad_out and
-x), since a fused conv + batch norm op calls them directly.
+strided inputs. The gradient functions are also checked alone against torch.nn.grad (every
+grad_weight method: torch's kernel, whose float64 finite-difference check is the
+independent one, im2col, the swapped convolution and Winograd where it applies; both
+memory formats of grad_out and x), since the fused ops (conv + affine) call them directly.
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ def _grad_cases(
         )
     ]
     conv = (S, P, D, groups)
-    methods = ["im2col", "corr"]
+    methods = ["kernel", "im2col", "corr"]
     if winograd_applies(w_shape, S, D, groups):
         methods.append("winograd")
     for method in methods:

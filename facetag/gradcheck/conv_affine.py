@@ -1,9 +1,10 @@
 """Gradient checks for the fused convolution + per-channel affine (dlib's con -> affine).
 
 Against torch's F.conv2d followed by x * gamma + beta: with and without the conv's bias,
-stride with a remainder, padding, groups, a 7x7 stride-2 stem, channels_last, an input
-that needs no gradient, and a gamma with a zero in it (its filter then gets no gradient,
-and gamma's own gradient must still be the inner product of W with the correlation).
+stride with a remainder, padding, dilation, groups, a 7x7 stride-2 stem, channels_last,
+an input that needs no gradient, frozen parameters, and a gamma with a zero in it (its
+filter then gets no gradient, and gamma's own gradient must still be the inner product
+of W with the correlation).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def _inputs(
     layout: str,
     x_grad: bool,
     zero_gamma: bool,
+    frozen: tuple[str, ...],
     dtype: torch.dtype,
     g: torch.Generator,
 ) -> tuple[Tensor, ...]:
@@ -39,9 +41,13 @@ def _inputs(
     if zero_gamma:
         gamma[0] = 0.0
     beta = torch.randn(F_, generator=g, dtype=dtype)
-    out = [x.requires_grad_(x_grad), w.requires_grad_()]
-    out += [] if b is None else [b.requires_grad_()]
-    return (*out, gamma.requires_grad_(), beta.requires_grad_())
+    out = [x.requires_grad_(x_grad), w.requires_grad_("w" not in frozen)]
+    out += [] if b is None else [b.requires_grad_("b" not in frozen)]
+    return (
+        *out,
+        gamma.requires_grad_("gamma" not in frozen),
+        beta.requires_grad_("beta" not in frozen),
+    )
 
 
 def _split(
@@ -72,6 +78,7 @@ def _case(
     layout: str = "contiguous",
     x_grad: bool = True,
     zero_gamma: bool = False,
+    frozen: tuple[str, ...] = (),
     **kw: int,
 ) -> OpCase:
     return OpCase(
@@ -79,7 +86,7 @@ def _case(
         name,
         ours=partial(_ours, bias=bias, kw=kw),
         ref=partial(_reference, bias=bias, kw=kw),
-        make_inputs=partial(_inputs, x_shape, w_shape, bias, layout, x_grad, zero_gamma),
+        make_inputs=partial(_inputs, x_shape, w_shape, bias, layout, x_grad, zero_gamma, frozen),
     )
 
 
@@ -92,4 +99,22 @@ CASES: list[OpCase] = [
     _case("channels-last", (2, 3, 5, 6), (4, 3, 3, 3), layout="channels_last", padding=1),
     _case("x-needs-no-grad", (2, 3, 5, 5), (4, 3, 3, 3), x_grad=False, padding=1),
     _case("a-zero-gamma", (2, 3, 5, 5), (4, 3, 3, 3), zero_gamma=True, padding=1),
+    _case("dilation-2", (2, 3, 7, 7), (4, 3, 3, 3), padding=2, dilation=2),
+    # Frozen parameters, as tune's "head" freezes them: only gamma or only W learns.
+    _case(
+        "only-gamma-learns",
+        (2, 3, 5, 5),
+        (4, 3, 3, 3),
+        x_grad=False,
+        frozen=("w", "b", "beta"),
+        padding=1,
+    ),
+    _case(
+        "only-weight-learns",
+        (2, 3, 5, 5),
+        (4, 3, 3, 3),
+        x_grad=False,
+        frozen=("b", "gamma", "beta"),
+        padding=1,
+    ),
 ]

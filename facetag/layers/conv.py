@@ -227,28 +227,30 @@ class Conv2dFn(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None, None, None
 
 
-def _resolve_padding(padding: IntPair | str, kernel: Pair, dilation: Pair, stride: Pair) -> Pair:
+def _resolve_padding(
+    padding: IntPair | str, kernel: Pair, dilation: Pair, stride: Pair, op: str = "conv2d"
+) -> Pair:
     """Padding as a pair; "valid" is 0 and "same" keeps H_out == H (stride 1, even span)."""
     if padding == "valid":
         return (0, 0)
     if padding == "same":
         if stride != (1, 1):
             raise ValueError(
-                f"conv2d: expected stride 1 with padding='same', got stride={stride}; "
+                f"{op}: expected stride 1 with padding='same', got stride={stride}; "
                 "give the padding as numbers"
             )
         spans = [d * (k - 1) for k, d in zip(kernel, dilation, strict=True)]
         if any(s % 2 for s in spans):
             raise ValueError(
-                f"conv2d: expected an odd dilated kernel with padding='same', got "
+                f"{op}: expected an odd dilated kernel with padding='same', got "
                 f"kernel_size={kernel}, dilation={dilation}; pad the input with F.pad instead"
             )
         return (spans[0] // 2, spans[1] // 2)
     if isinstance(padding, str):
         raise ValueError(
-            f"conv2d: expected padding 'same', 'valid', an int or a pair of ints, got {padding!r}"
+            f"{op}: expected padding 'same', 'valid', an int or a pair of ints, got {padding!r}"
         )
-    return pair(padding, "conv2d", "padding")
+    return pair(padding, op, "padding")
 
 
 def check_conv_args(
@@ -274,7 +276,7 @@ def check_conv_args(
     K = (weight.shape[2], weight.shape[3])
     if min(S) < 1 or min(D) < 1:
         raise ValueError(f"{op}: expected stride and dilation >= 1, got stride={S}, dilation={D}")
-    P = _resolve_padding(padding, K, D, S)
+    P = _resolve_padding(padding, K, D, S, op)
     if min(P) < 0:
         raise ValueError(f"{op}: expected padding >= 0, got {P}")
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:

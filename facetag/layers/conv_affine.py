@@ -119,6 +119,12 @@ def conv_affine(
             f"conv_affine: expected gamma and beta of shape ({F_},) to match the {F_} "
             f"filters, got {tuple(gamma.shape)} and {tuple(beta.shape)}"
         )
+    for t in (gamma, beta, *(() if bias is None else (bias,))):
+        if t.dtype != x.dtype or t.device != x.device:
+            raise ValueError(
+                f"conv_affine: expected bias, gamma and beta on x's {x.dtype} {x.device}, "
+                f"got {t.dtype} {t.device}; move the module with .to(x)"
+            )
     return cast(Tensor, ConvAffineFn.apply(x, weight, bias, gamma, beta, S, P, D, groups))
 
 

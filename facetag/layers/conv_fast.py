@@ -1,9 +1,10 @@
-"""The CPU speed paths of the convolution's grad_weight (facetag.layers.conv has the
-reference formula, ``grad_weight_corr``, and chooses between them).
+"""Two more formulations of the convolution's grad_weight (facetag.layers.conv has the
+reference formula, ``grad_weight_corr``, and the kernel its "auto" takes on the CPU:
+oneDNN's weight-gradient primitive, 2-4x faster than either of these).
 
 Both compute exactly grad_weight[f, c, u, v] = sum_{n, i, j} grad_out[n, f, i, j] *
 x_pad[n, c, i*S + u*D, j*S + v*D], the correlation of x with grad_out, in fewer or
-cheaper passes than oneDNN's one big correlation on the CPU:
+cheaper passes than a convolution with batch and channels swapped:
 
 - ``grad_weight_im2col``: receptive fields built a block at a time (a few MiB, still in
   cache when the matmul reads them), one matmul per block;
@@ -190,9 +191,6 @@ _WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, -1
 
 # Bytes of transformed tiles (both operands) built per batched matmul in the Winograd path.
 WINOGRAD_BLOCK_BYTES = 8 << 20
-# "auto" uses Winograd from this many input channels: in experiments/bench_conv.py it beat
-# im2col from the 64 -> 128 layer on (by 10-30%) and lost below (32 -> 64: by 5-10%).
-WINOGRAD_MIN_C = 64
 
 
 def _combine(out: Tensor, a: Tensor, b: Tensor | None = None, alpha: float = 1.0) -> None:

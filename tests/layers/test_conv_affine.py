@@ -57,3 +57,12 @@ def test_conv_affine_checks_the_convolution_like_conv2d():
         conv_affine(
             torch.zeros(3, 5, 5), torch.zeros(4, 3, 3, 3), None, torch.ones(4), torch.zeros(4)
         )
+
+
+def test_conv_affine_rejects_gamma_of_another_dtype():
+    x, w = torch.zeros(1, 3, 5, 5), torch.zeros(4, 3, 3, 3)
+    gamma = torch.ones(4, dtype=torch.float64)
+    with pytest.raises(
+        ValueError, match=r"conv_affine: expected bias, gamma and beta on x's torch.float32"
+    ):
+        conv_affine(x, w, None, gamma, torch.zeros(4))
