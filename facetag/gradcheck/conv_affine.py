@@ -100,21 +100,16 @@ CASES: list[OpCase] = [
     _case("x-needs-no-grad", (2, 3, 5, 5), (4, 3, 3, 3), x_grad=False, padding=1),
     _case("a-zero-gamma", (2, 3, 5, 5), (4, 3, 3, 3), zero_gamma=True, padding=1),
     _case("dilation-2", (2, 3, 7, 7), (4, 3, 3, 3), padding=2, dilation=2),
-    # Frozen parameters, as tune's "head" freezes them: only gamma or only W learns.
-    _case(
-        "only-gamma-learns",
-        (2, 3, 5, 5),
-        (4, 3, 3, 3),
-        x_grad=False,
-        frozen=("w", "b", "beta"),
-        padding=1,
-    ),
-    _case(
-        "only-weight-learns",
-        (2, 3, 5, 5),
-        (4, 3, 3, 3),
-        x_grad=False,
-        frozen=("b", "gamma", "beta"),
-        padding=1,
+    # Frozen parameters, as tune's "head" freezes them: only gamma, or only W, learns.
+    *(
+        _case(
+            f"only-{learns}-learns",
+            (2, 3, 5, 5),
+            (4, 3, 3, 3),
+            x_grad=False,
+            frozen=tuple(p for p in ("w", "b", "gamma", "beta") if p != learns),
+            padding=1,
+        )
+        for learns in ("gamma", "w")
     ),
 ]
